@@ -1,0 +1,184 @@
+"""Evaluate a trained autoencoder: reconstruction plots, metrics.json and a table against a baseline.
+
+    python inference.py checkpoints/<run>/best_model.pt                  # the run's validation files
+    python inference.py checkpoints/<run>/best_model.pt --split all --data_dir /new/events
+
+Model, STFT and normalisation settings come from the checkpoint. The baseline repeats each
+sample's time-averaged spectrum over time: a model that does not beat it has learned little
+more than the average spectral shape of each record.
+"""
+import argparse
+import logging
+import os
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
+from torch.utils.data import DataLoader, Subset
+
+from model import load_checkpoint, masked_errors, model_from_checkpoint, resolve_device
+from stft_dataset import COMPONENTS, SeismicSTFTDataset, SkipLog, STFTConfig, pad_collate, write_json_atomic
+
+log = logging.getLogger("inference")
+
+
+def plot_reconstruction(spectrogram, reconstruction, stft, title):
+    """Figure with one row per component (E, N, Z): input, reconstruction, difference.
+
+    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only.
+    """
+    freqs, times = stft.axes(spectrogram.shape[-1])
+    mse = ((reconstruction - spectrogram) ** 2).mean(axis=(1, 2))
+    figure = Figure(figsize=(13, 8))
+    axes = figure.subplots(3, 3, sharex=True, sharey=True)
+    for row, component in enumerate(COMPONENTS):
+        panels = [(spectrogram[row], "input", "viridis", (0, 1)), (reconstruction[row], "reconstruction", "viridis", (0, 1)),
+                  (reconstruction[row] - spectrogram[row], "difference", "RdBu_r", (-0.5, 0.5))]
+        for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
+            ax = axes[row, col]
+            mesh = ax.imshow(image, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
+                             extent=(times[0], times[-1], freqs[0], freqs[-1]))
+            figure.colorbar(mesh, ax=ax)
+            ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
+            if row == 2:
+                ax.set_xlabel("time (s)")
+            if col == 0:
+                ax.set_ylabel("frequency (Hz)")
+    figure.suptitle(f"{title}   MSE E {mse[0]:.4f}  N {mse[1]:.4f}  Z {mse[2]:.4f}")
+    return figure
+
+
+def baseline(spectrogram, mask):
+    """Each sample's time-averaged spectrum over its valid bins, repeated over time: (B, 3, F, T)."""
+    weights = mask[:, None, None, :].to(spectrogram.dtype)
+    mean_spectrum = (spectrogram * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True)
+    return mean_spectrum.expand_as(spectrogram)
+
+
+def error_table(errors):
+    """(N, 3) per-sample per-component errors -> {"E":, "N":, "Z":, "overall":} means."""
+    table = {c: float(errors[:, i].mean()) for i, c in enumerate(COMPONENTS)}
+    table["overall"] = float(errors.mean())
+    return table
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
+    add("--data_dir", help="directory of miniSEED files (default: the one the model was trained on)")
+    add("--split", choices=("val", "all"), default="val",
+        help="'val': the run's validation files; 'all': every usable file of --data_dir")
+    add("--num_samples", type=int, default=20, help="files drawn at random to evaluate (0 = all)")
+    add("--num_plots", type=int, default=20, help="reconstruction figures saved (of the evaluated files)")
+    add("--output_dir", default="inference_results", help="where PNG files and metrics.json go")
+    add("--batch_size", type=int, default=16, help="spectrograms per forward pass")
+    add("--seed", type=int, default=0, help="seed of the random choice of files")
+    add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "num_plots"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    return parser, args
+
+
+def choose_files(dataset, checkpoint, args):
+    """Positions in `dataset` of the files to evaluate."""
+    if args.split == "val":
+        position = {f: i for i, f in enumerate(dataset.files)}
+        candidates = [position[f] for f in checkpoint["val_files"] if f in position]
+        if len(candidates) < len(checkpoint["val_files"]):
+            log.warning("%d of the run's %d validation files are not usable in %s", len(checkpoint["val_files"]) - len(candidates),
+                        len(checkpoint["val_files"]), dataset.data_dir)
+    else:
+        candidates = list(range(len(dataset)))
+    rng = np.random.default_rng(args.seed)
+    if args.num_samples and args.num_samples < len(candidates):
+        candidates = sorted(rng.choice(candidates, size=args.num_samples, replace=False).tolist())
+    return candidates
+
+
+@torch.no_grad()
+def evaluate_files(model, dataset, positions, args, device, stft, skips):
+    """Per-sample metrics for model and baseline; saves up to --num_plots figures."""
+    loader = DataLoader(Subset(dataset, positions), batch_size=args.batch_size, collate_fn=pad_collate)
+    samples = []
+    for batch in loader:
+        for path, reason, message in batch["skipped"]:
+            skips.add(path, reason, message)
+        if batch["spectrogram"] is None:
+            continue
+        x, mask = batch["spectrogram"].to(device), batch["mask"].to(device)
+        reconstruction, reference = model(x), baseline(x, mask)
+        errors = {("model", "mse"): masked_errors(reconstruction, x, mask, 2), ("model", "mae"): masked_errors(reconstruction, x, mask, 1),
+                  ("baseline", "mse"): masked_errors(reference, x, mask, 2), ("baseline", "mae"): masked_errors(reference, x, mask, 1)}
+        for k, meta in enumerate(batch["meta"]):
+            sample = {"path": os.path.relpath(meta["path"], dataset.data_dir), "trace_id": meta["trace_id"],
+                      "starttime": meta["starttime"], "model": {}, "baseline": {}}
+            for (who, metric), values in errors.items():
+                sample[who][metric] = dict(zip(COMPONENTS, values[k].tolist()))
+            samples.append(sample)
+            if len(samples) <= args.num_plots:
+                n_time = int(mask[k].sum())
+                file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
+                figure = plot_reconstruction(x[k, :, :, :n_time].cpu().numpy(), reconstruction[k, :, :, :n_time].cpu().numpy(),
+                                             stft, file_id)
+                figure.savefig(os.path.join(args.output_dir, f"reconstruction_{len(samples) - 1}_{file_id}.png"), dpi=80)
+    return samples
+
+
+def summarise(samples):
+    summary = {}
+    for who in ("model", "baseline"):
+        summary[who] = {metric: error_table(np.array([[s[who][metric][c] for c in COMPONENTS] for s in samples]))
+                        for metric in ("mse", "mae")}
+    return summary
+
+
+def print_table(summary, n_samples):
+    print(f"mean over {n_samples} samples       E         N         Z   overall")
+    for who in ("model", "baseline"):
+        for metric in ("mse", "mae"):
+            row = summary[who][metric]
+            print(f"{who:>8} {metric.upper()}        " + "  ".join(f"{row[c]:8.5f}" for c in (*COMPONENTS, "overall")))
+
+
+def main(argv=None):
+    """Evaluate; returns the metrics dict written to metrics.json."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser, args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        checkpoint = load_checkpoint(args.checkpoint, device)
+    except FileNotFoundError:
+        parser.exit(2, f"error: checkpoint not found: {args.checkpoint}\n")
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    model = model_from_checkpoint(checkpoint, device).eval()
+    run_args, stft = checkpoint["args"], STFTConfig(**checkpoint["stft_config"])
+    data_dir = args.data_dir or run_args["data_dir"]
+    skips = SkipLog()
+    try:
+        dataset = SeismicSTFTDataset(data_dir, run_args["channels"], stft, run_args["extensions"], skips=skips)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
+    positions = choose_files(dataset, checkpoint, args)
+    if not positions:
+        parser.exit(2, f"error: no usable files of families {' '.join(run_args['channels'])} for --split {args.split} in {data_dir}\n")
+    os.makedirs(args.output_dir, exist_ok=True)
+    samples = evaluate_files(model, dataset, positions, args, device, stft, skips)
+    if not samples:
+        parser.exit(2, f"error: none of the {len(positions)} chosen files could be read (see the warnings above)\n")
+    metrics = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "data_dir": data_dir, "split": args.split,
+               "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(), "samples": samples}
+    write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
+    print_table(metrics, len(samples))
+    print(f"{min(len(samples), args.num_plots)} figures and metrics.json in {args.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Convolutional autoencoder for 3-component spectrograms, shape (batch, component, freq, time)."""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture settings; stored in every checkpoint so no script needs architecture flags."""
+
+    in_channels: int = 3  # E, N, Z
+    features: tuple = (32, 64, 128, 256)  # one stride-2 3x3 conv layer each
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(in_channels=int(values["in_channels"]), features=tuple(values["features"]))
+
+    def to_dict(self):
+        return {**asdict(self), "features": list(self.features)}
+
+
+def conv_block(in_features, out_features):
+    """3x3 stride-2 conv: (H, W) -> (ceil(H/2), ceil(W/2))."""
+    return nn.Sequential(
+        nn.Conv2d(in_features, out_features, 3, stride=2, padding=1),
+        nn.BatchNorm2d(out_features),
+        nn.ReLU(inplace=True),
+    )
+
+
+def deconv_block(in_features, out_features, last=False):
+    """3x3 stride-2 transposed conv: (H, W) -> (2H, 2W); no BatchNorm/ReLU after the last layer."""
+    deconv = nn.ConvTranspose2d(in_features, out_features, 3, stride=2, padding=1, output_padding=1)
+    if last:
+        return deconv
+    return nn.Sequential(deconv, nn.BatchNorm2d(out_features), nn.ReLU(inplace=True))
+
+
+class ConvAutoencoder(nn.Module):
+    """(B, 3, F, T) -> latent (B, 256, ceil(F/16), ceil(T/16)) -> (B, 3, F, T).
+
+    With the default config and a (3, 129, 111) input (70 s at 100 Hz): latent (256, 9, 7);
+    777,987 parameters. The decoder returns (16 * ceil(F/16), 16 * ceil(T/16)), which is
+    interpolated back to the input size.
+    """
+
+    def __init__(self, config=ModelConfig()):
+        super().__init__()
+        self.config = config
+        widths = (config.in_channels, *config.features)
+        self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        pairs = list(zip(widths[::-1][:-1], widths[::-1][1:]))  # (256, 128), ..., (32, 3)
+        self.decoder = nn.Sequential(*[deconv_block(a, b) for a, b in pairs[:-1]], deconv_block(*pairs[-1], last=True))
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, latent, size):
+        """latent -> reconstruction of spatial size `size` = (n_freq, n_time)."""
+        return F.interpolate(self.decoder(latent), size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x):
+        return self.decode(self.encode(x), x.shape[-2:])
+
+
+def masked_errors(reconstruction, target, mask, power=2):
+    """Mean |reconstruction - target| ** power over valid time bins: (B, C).
+
+    mask: (B, T) True on valid time bins (see stft_dataset.pad_collate).
+    """
+    weights = mask[:, None, None, :].to(target.dtype)  # (B, 1, 1, T)
+    error = (reconstruction - target).abs().pow(power) * weights
+    valid = weights.sum(dim=(2, 3)) * target.shape[2]  # (B, 1): valid bins per component
+    return error.sum(dim=(2, 3)) / valid
+
+
+def masked_mse(reconstruction, target, mask):
+    """MSE over all valid bins of the batch (padding excluded), a scalar."""
+    weights = mask[:, None, None, :].to(target.dtype)
+    squared = (reconstruction - target).pow(2) * weights
+    return squared.sum() / (weights.sum() * target.shape[1] * target.shape[2])
+
+
+def resolve_device(name):
+    """--device of both scripts: 'auto' picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) of a checkpoint of this project; ValueError names what is wrong."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
+        raise ValueError(f"{path} is not a checkpoint of this project (needs keys {', '.join(CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    model = ConvAutoencoder(ModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model_state"])
+    return model.to(device)
