@@ -67,7 +67,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
-    add("--data_dir", help="directory of miniSEED files (default: the one the model was trained on)")
+    add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")
     add("--split", choices=("val", "all"), default="val",
         help="'val': the run's validation files; 'all': every usable file of --data_dir")
     add("--num_samples", type=int, default=20, help="files drawn at random to evaluate (0 = all)")

@@ -1,0 +1,82 @@
+import json
+import os
+
+import pytest
+import torch
+
+import inference
+import train
+from conftest import copy_files, shipped_files
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch run on 12 real files: (checkpoint path, data_dir)."""
+    base = tmp_path_factory.mktemp("run")
+    data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
+    summary = train.main(["--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "4", "--num_workers", "0",
+                          "--val_split", "0.5", "--checkpoint_dir", str(base / "checkpoints"), "--log_dir", str(base / "logs")])
+    return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
+
+
+def test_validation_split_outputs_figures_and_metrics(trained, tmp_path):
+    checkpoint, _ = trained
+    out = tmp_path / "results"
+    metrics = inference.main([checkpoint, "--num_samples", "4", "--num_plots", "2", "--output_dir", str(out)])
+    val_files = torch.load(checkpoint, weights_only=True)["val_files"]
+    assert metrics["num_samples"] == 4 and {s["path"] for s in metrics["samples"]} <= set(val_files)
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert len(pngs) == 2 and pngs[0].startswith("reconstruction_0_") and os.path.getsize(out / pngs[0]) > 10_000
+    with open(out / "metrics.json") as f:
+        stored = json.load(f)
+    for who in ("model", "baseline"):
+        for metric in ("mse", "mae"):
+            table = stored[who][metric]
+            assert set(table) == {"E", "N", "Z", "overall"}
+            per_sample = [s[who][metric]["Z"] for s in stored["samples"]]
+            assert table["Z"] == pytest.approx(sum(per_sample) / len(per_sample))
+            assert table["overall"] == pytest.approx((table["E"] + table["N"] + table["Z"]) / 3)
+    assert 0 < stored["baseline"]["mse"]["overall"] < stored["baseline"]["mae"]["overall"] < 1
+
+
+def test_all_split_evaluates_every_file_of_a_new_directory(trained, tmp_path):
+    checkpoint, _ = trained
+    unseen = shipped_files(families=("BH",), per_family=5)[3:]  # the run trained on the first 3 BH files
+    new_dir = copy_files(unseen, tmp_path / "unseen")
+    metrics = inference.main([checkpoint, "--split", "all", "--data_dir", new_dir, "--num_samples", "0",
+                              "--num_plots", "0", "--output_dir", str(tmp_path / "out")])
+    assert sorted(s["path"] for s in metrics["samples"]) == unseen
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".png")]
+
+
+def test_baseline_repeats_the_time_averaged_spectrum():
+    x = torch.rand(2, 3, 129, 10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    reference = inference.baseline(x, mask)
+    assert torch.allclose(reference[1, :, :, 0], x[1, :, :, :6].mean(-1))
+    assert torch.allclose(reference[0, :, :, 9], x[0].mean(-1))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: str(d / "missing.pt"), "checkpoint not found"),
+    (lambda d: (d / "notes.pt").write_text("hello") and str(d / "notes.pt"), "not a loadable checkpoint"),
+    (lambda d: torch.save({"weights": 1}, d / "other.pt") or str(d / "other.pt"), "not a checkpoint of this project"),
+])
+def test_bad_checkpoints_give_a_one_line_error(tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main([make(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_empty_data_directory_and_bad_flags_are_clear_errors(trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main([checkpoint, "--split", "all", "--data_dir", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "no usable files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main([checkpoint, "--num_samples", "-1"])
+    assert exit_info.value.code == 2 and "--num_samples must be >= 0" in capsys.readouterr().err

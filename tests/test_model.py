@@ -1,0 +1,76 @@
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from model import ConvAutoencoder, ModelConfig, load_checkpoint, masked_errors, masked_mse, model_from_checkpoint
+from stft_dataset import STFTConfig
+from train import save_checkpoint
+
+
+def test_parameter_count_matches_specification():
+    assert sum(p.numel() for p in ConvAutoencoder().parameters()) == 777_987
+
+
+@pytest.mark.parametrize("n_time, latent_time", [(48, 3), (111, 7), (142, 9)])  # 30 s, 70 s, 90 s at 100 Hz
+def test_latent_and_output_shapes(n_time, latent_time):
+    model = ConvAutoencoder().eval()
+    x = torch.rand(2, 3, 129, n_time)
+    assert model.encode(x).shape == (2, 256, 9, latent_time)
+    assert model(x).shape == x.shape
+
+
+def test_forward_backward_gives_gradients_everywhere():
+    model = ConvAutoencoder()
+    x = torch.rand(2, 3, 129, 111)
+    masked_mse(model(x), x, torch.ones(2, 111, dtype=torch.bool)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_masked_mse_ignores_padded_bins():
+    target, reconstruction = torch.rand(2, 3, 129, 50), torch.rand(2, 3, 129, 50)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    mask[0, :50], mask[1, :30] = True, True
+    garbage = reconstruction.clone()
+    garbage[1, :, :, 30:] = 1e6  # padding must not count
+    valid = torch.cat([(reconstruction[0] - target[0]).pow(2).flatten(), (reconstruction[1, :, :, :30] - target[1, :, :, :30]).pow(2).flatten()])
+    assert masked_mse(garbage, target, mask).item() == pytest.approx(valid.mean().item(), rel=1e-5)
+
+
+def test_masked_errors_per_sample_and_component():
+    target, reconstruction = torch.rand(2, 3, 129, 40), torch.rand(2, 3, 129, 40)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    mae = masked_errors(reconstruction, target, mask, power=1)
+    assert mae.shape == (2, 3)
+    expected = (reconstruction[1, 2, :, :25] - target[1, 2, :, :25]).abs().mean()
+    assert mae[1, 2].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = ConvAutoencoder(ModelConfig())
+    model.train()
+    model(torch.rand(4, 3, 129, 64))  # move BatchNorm running statistics away from their initial values
+    model.eval()
+    x = torch.rand(2, 3, 129, 111)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint({"model_state": model.state_dict(), "model_config": model.config.to_dict(),
+                     "stft_config": asdict(STFTConfig())}, path)
+    restored = model_from_checkpoint(torch.load(path, weights_only=True)).eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), restored(x).numpy())
+
+
+def test_foreign_checkpoints_are_refused_with_a_reason(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+        load_checkpoint(str(text))
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        load_checkpoint(str(other))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "missing.pt"))
