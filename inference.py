@@ -176,6 +176,7 @@ def main(argv=None):
                "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(), "samples": samples}
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
     print_table(metrics, len(samples))
+    print(f"skipped files: {skips.describe()}")
     print(f"{min(len(samples), args.num_plots)} figures and metrics.json in {args.output_dir}")
     return metrics
 

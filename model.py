@@ -80,9 +80,9 @@ def masked_errors(reconstruction, target, mask, power=2):
 
 def masked_mse(reconstruction, target, mask):
     """MSE over all valid bins of the batch (padding excluded), a scalar."""
-    weights = mask[:, None, None, :].to(target.dtype)
-    squared = (reconstruction - target).pow(2) * weights
-    return squared.sum() / (weights.sum() * target.shape[1] * target.shape[2])
+    valid = mask.sum(dim=1).to(target.dtype)  # (B,) valid time bins per sample
+    per_sample = masked_errors(reconstruction, target, mask).mean(dim=1)
+    return (per_sample * valid).sum() / valid.sum()
 
 
 def resolve_device(name):

@@ -266,6 +266,10 @@ class SkipLog:
     def counts(self):
         return dict(Counter(reason for reason, _ in self.files.values()).most_common())
 
+    def describe(self):
+        """One line for the end of a run: "2 fewer than 3 components, 1 empty file" or "none"."""
+        return ", ".join(f"{n} {reason}" for reason, n in self.counts().items()) or "none"
+
     def summary(self):
         return {"counts": self.counts(), "files": {p: m for p, (_, m) in sorted(self.files.items())}}
 

@@ -305,8 +305,7 @@ def main(argv=None):
 def report(state, run_dir, log_dir, skips, dataset):
     print(f"best validation loss {state['best_val_loss']:.5f} at epoch {state['best_epoch']}")
     print(f"run directory {run_dir}  (TensorBoard: tensorboard --logdir {log_dir})")
-    counts = skips.counts()
-    print("skipped files: " + (", ".join(f"{n} {reason}" for reason, n in counts.items()) if counts else "none"))
+    print(f"skipped files: {skips.describe()}")
     if dataset.excluded:
         print("left out by --channels: " + ", ".join(f"{n} {families}" for families, n in dataset.excluded.items()))
 
