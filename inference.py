@@ -119,7 +119,7 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
             sample = {"path": os.path.relpath(meta["path"], dataset.data_dir), "trace_id": meta["trace_id"],
                       "starttime": meta["starttime"], "model": {}, "baseline": {}}
             for (who, metric), values in errors.items():
-                sample[who][metric] = dict(zip(COMPONENTS, values[k].tolist()))
+                sample[who][metric] = {**dict(zip(COMPONENTS, values[k].tolist())), "overall": values[k].mean().item()}
             samples.append(sample)
             if len(samples) <= args.num_plots:
                 n_time = int(mask[k].sum())
@@ -138,12 +138,15 @@ def summarise(samples):
     return summary
 
 
-def print_table(summary, n_samples):
-    print(f"mean over {n_samples} samples       E         N         Z   overall")
-    for who in ("model", "baseline"):
-        for metric in ("mse", "mae"):
-            row = summary[who][metric]
-            print(f"{who:>8} {metric.upper()}        " + "  ".join(f"{row[c]:8.5f}" for c in (*COMPONENTS, "overall")))
+def print_table(metrics):
+    """Two rows per file (model, baseline), then the means: MSE and MAE per component and overall."""
+    keys = (*COMPONENTS, "overall")
+    print(f"{'file':36} {'':8} " + " ".join(f"{'MSE ' + k:>8}" for k in keys) + "  " + " ".join(f"{'MAE ' + k:>8}" for k in keys))
+    rows = [(s["path"][-36:], s) for s in metrics["samples"]] + [(f"mean of {metrics['num_samples']} files", metrics)]
+    for name, values in rows:
+        for who in ("model", "baseline"):
+            print(f"{name if who == 'model' else '':36} {who:8} " + " ".join(f"{values[who]['mse'][k]:8.5f}" for k in keys)
+                  + "  " + " ".join(f"{values[who]['mae'][k]:8.5f}" for k in keys))
 
 
 def main(argv=None):
@@ -175,7 +178,7 @@ def main(argv=None):
     metrics = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "data_dir": data_dir, "split": args.split,
                "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(), "samples": samples}
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
-    print_table(metrics, len(samples))
+    print_table(metrics)
     print(f"skipped files: {skips.describe()}")
     print(f"{min(len(samples), args.num_plots)} figures and metrics.json in {args.output_dir}")
     return metrics

@@ -27,7 +27,9 @@ COMPONENT_CODES = {"E": "E", "N": "N", "Z": "Z", "1": "N", "2": "E"}
 DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
 MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
-MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
+MAX_GAP_SECONDS = 1.0
+# Below one count in an int32 full scale (1 / 2**31 > 1e-10), so any real variation of integer data counts as alive.
+DEAD_RELATIVE_LEVEL = 1e-10  # gaps up to this long inside one component are interpolated over
 INDEX_VERSION = 1
 
 
@@ -72,9 +74,12 @@ def spectrogram(waveform, stft):
     """(3, n_samples) waveform -> (3, n_freq, n_time) float32 in [0, 1].
 
     Demean, |scipy.signal.stft|, log10(. + eps), then min-max per component. A constant
-    (dead) component has a constant log-spectrum and becomes all zeros, never NaN.
+    (dead) component, also one constant only up to float rounding, becomes all zeros, never NaN.
     """
+    level = np.abs(waveform).max(axis=-1)
     waveform = waveform - waveform.mean(axis=-1, keepdims=True)
+    # Dead: constant up to float rounding (e.g. left by FFT resampling), which min-max would blow up to [0, 1].
+    dead = np.abs(waveform).max(axis=-1) <= DEAD_RELATIVE_LEVEL * level
     _, _, coefficients = scipy.signal.stft(
         waveform, fs=stft.sampling_rate, nperseg=stft.nperseg, noverlap=stft.noverlap, nfft=stft.nfft, axis=-1
     )
@@ -82,6 +87,7 @@ def spectrogram(waveform, stft):
     low = log_magnitude.min(axis=(1, 2), keepdims=True)
     span = log_magnitude.max(axis=(1, 2), keepdims=True) - low
     scaled = (log_magnitude - low) / np.where(span > 0, span, 1.0)
+    scaled[dead] = 0.0
     return scaled.astype(np.float32)
 
 
@@ -197,6 +203,12 @@ def header_record(path):
     return record
 
 
+def is_current(record, stat):
+    """A stored header record still describes the file: same size and mtime, well formed."""
+    return (isinstance(record, dict) and record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+            and (isinstance(record.get("seed_ids"), list) or isinstance(record.get("error"), list)))
+
+
 def build_index(data_dir, extensions=MINISEED_EXTENSIONS, index_path=None):
     """{relative path: header record}, reusing the stored index for files whose size and mtime are unchanged.
 
@@ -209,15 +221,16 @@ def build_index(data_dir, extensions=MINISEED_EXTENSIONS, index_path=None):
         try:
             with open(index_path) as f:
                 content = json.load(f)
-            stored = content["files"] if content.get("version") == INDEX_VERSION else {}
-        except (OSError, ValueError, KeyError):
+            if isinstance(content, dict) and content.get("version") == INDEX_VERSION and isinstance(content.get("files"), dict):
+                stored = content["files"]
+        except (OSError, ValueError):
             log.warning("ignoring unreadable index %s", index_path)
     index, fresh = {}, 0
     for relpath in find_files(data_dir, extensions):
         path = os.path.join(data_dir, relpath)
         stat = os.stat(path)
         old = stored.get(relpath)
-        if old and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+        if is_current(old, stat):
             index[relpath] = old
         else:
             index[relpath] = header_record(path)
@@ -316,6 +329,8 @@ class SeismicSTFTDataset(Dataset):
             waveform, meta = read_waveform(path, self.families, self.stft)
         except UnusableFile as err:
             return None, {"path": path, "skip_reason": err.reason, "message": str(err)}
+        except Exception as err:  # one odd file among 100k must not end a run; it is reported like the others
+            return None, {"path": path, "skip_reason": "unexpected error", "message": f"{type(err).__name__}: {err}"}
         return torch.from_numpy(spectrogram(waveform, self.stft)), {"path": path, **meta}
 
 
