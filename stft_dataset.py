@@ -144,7 +144,7 @@ def choose_components(seed_ids, families):
 
 def merge_component(traces, name, sampling_rate):
     """Traces of one component -> one float64 trace at `sampling_rate`; small gaps interpolated."""
-    stream = obspy.Stream([trace.copy() for trace in traces])
+    stream = obspy.Stream(traces)  # traces of a stream read for this call alone: changed in place
     for trace in stream:
         if not np.all(np.isfinite(trace.data)):
             raise UnusableFile("NaN or infinite samples", name)

@@ -166,6 +166,16 @@ def save_checkpoint(state, path):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def save_epoch_checkpoints(checkpoint_state, run_dir, epoch, improved, args):
+    """best_model.pt when improved, checkpoint_epoch_N.pt every --save_every epochs, last.pt always."""
+    if improved:
+        save_checkpoint(checkpoint_state, os.path.join(run_dir, "best_model.pt"))
+    if epoch % args.save_every == 0:
+        save_checkpoint(checkpoint_state, os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pt"))
+        prune_checkpoints(run_dir, args.keep_checkpoints)
+    save_checkpoint(checkpoint_state, os.path.join(run_dir, "last.pt"))  # written last: resume from here
+
+
 def prune_checkpoints(run_dir, keep):
     """Remove periodic checkpoints beyond the newest `keep` (0 keeps all)."""
     periodic = sorted((int(name[len("checkpoint_epoch_"):-3]), name) for name in os.listdir(run_dir)
@@ -177,6 +187,23 @@ def prune_checkpoints(run_dir, keep):
 def package_versions():
     return {"python": platform.python_version(), "torch": torch.__version__, "obspy": obspy.__version__,
             "scipy": scipy.__version__, "numpy": np.__version__}
+
+
+def plan_run(args, checkpoint, files):
+    """Run name, run folder and split: new, or the checkpoint's (files added since then go to training)."""
+    if checkpoint:
+        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        val_files = checkpoint["val_files"]
+        held_out = set(val_files)
+        train_files = [f for f in files if f not in held_out]
+    else:
+        run_name = new_run_name(args.checkpoint_dir)
+        run_dir = os.path.join(args.checkpoint_dir, run_name)
+        train_files, val_files = split_files(files, args.val_split, args.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "val_files.txt"), "w") as f:
+        f.write("".join(name + "\n" for name in val_files))
+    return run_name, run_dir, train_files, val_files
 
 
 def build_loaders(dataset, train_files, val_files, args, device):
@@ -215,17 +242,7 @@ def main(argv=None):
         parser.exit(2, f"error: {len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
                        "need at least 2 (one to train, one to validate)\n")
 
-    if checkpoint:
-        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
-        val_files = checkpoint["val_files"]
-        train_files = [f for f in dataset.files if f not in set(val_files)]
-    else:
-        run_name = new_run_name(args.checkpoint_dir)
-        run_dir = os.path.join(args.checkpoint_dir, run_name)
-        train_files, val_files = split_files(dataset.files, args.val_split, args.seed)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "val_files.txt"), "w") as f:
-        f.write("".join(name + "\n" for name in val_files))
+    run_name, run_dir, train_files, val_files = plan_run(args, checkpoint, dataset.files)
     train_loader, val_loader, generator = build_loaders(dataset, train_files, val_files, args, device)
 
     model = ConvAutoencoder().to(device)
@@ -276,13 +293,7 @@ def main(argv=None):
                 state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
                 log.info("epoch %d/%d  train %.5f  val %.5f%s", epoch, args.num_epochs, train_loss, val_loss,
                          "  (best)" if improved else "")
-                checkpoint_state = save_run_files(state)
-                if improved:
-                    save_checkpoint(checkpoint_state, os.path.join(run_dir, "best_model.pt"))
-                if epoch % args.save_every == 0:
-                    save_checkpoint(checkpoint_state, os.path.join(run_dir, f"checkpoint_epoch_{epoch}.pt"))
-                    prune_checkpoints(run_dir, args.keep_checkpoints)
-                save_checkpoint(checkpoint_state, os.path.join(run_dir, "last.pt"))
+                save_epoch_checkpoints(save_run_files(state), run_dir, epoch, improved, args)
                 writer.flush()
     except KeyboardInterrupt:
         writer.close()
@@ -290,16 +301,21 @@ def main(argv=None):
                     os.path.join(run_dir, "last.pt"), args.num_epochs)
         sys.exit(130)
 
-    metrics = {"hparam/best_val_loss": state["best_val_loss"], "hparam/best_epoch": state["best_epoch"]}
-    hparam_values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-    for summary in hparams(hparam_values, metrics):
-        writer.file_writer.add_summary(summary)
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, state["epoch"])
+    log_hparams(writer, args, state)
     writer.close()
     save_run_files(state)
     report(state, run_dir, log_dir, skips, dataset)
     return {**state, "run_dir": run_dir, "log_dir": log_dir, "skipped": skips.counts()}
+
+
+def log_hparams(writer, args, state):
+    """Settings and final metrics into the run's own event file (HPARAMS tab), not a new sub-run."""
+    metrics = {"hparam/best_val_loss": state["best_val_loss"], "hparam/best_epoch": state["best_epoch"]}
+    values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+    for summary in hparams(values, metrics):
+        writer.file_writer.add_summary(summary)
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, state["epoch"])
 
 
 def report(state, run_dir, log_dir, skips, dataset):
