@@ -141,7 +141,8 @@ def summarise(samples):
 def print_table(metrics):
     """Two rows per file (model, baseline), then the means: MSE and MAE per component and overall."""
     keys = (*COMPONENTS, "overall")
-    print(f"{'file':36} {'':8} " + " ".join(f"{'MSE ' + k:>8}" for k in keys) + "  " + " ".join(f"{'MAE ' + k:>8}" for k in keys))
+    labels = (*COMPONENTS, "all")
+    print(f"{'file':36} {'':8} " + " ".join(f"{'MSE ' + k:>8}" for k in labels) + "  " + " ".join(f"{'MAE ' + k:>8}" for k in labels))
     rows = [(s["path"][-36:], s) for s in metrics["samples"]] + [(f"mean of {metrics['num_samples']} files", metrics)]
     for name, values in rows:
         for who in ("model", "baseline"):
