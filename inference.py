@@ -55,13 +55,6 @@ def baseline(spectrogram, mask):
     return mean_spectrum.expand_as(spectrogram)
 
 
-def error_table(errors):
-    """(N, 3) per-sample per-component errors -> {"E":, "N":, "Z":, "overall":} means."""
-    table = {c: float(errors[:, i].mean()) for i, c in enumerate(COMPONENTS)}
-    table["overall"] = float(errors.mean())
-    return table
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -107,8 +100,7 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
     loader = DataLoader(Subset(dataset, positions), batch_size=args.batch_size, collate_fn=pad_collate)
     samples = []
     for batch in loader:
-        for path, reason, message in batch["skipped"]:
-            skips.add(path, reason, message)
+        skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
         x, mask = batch["spectrogram"].to(device), batch["mask"].to(device)
@@ -131,11 +123,9 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
 
 
 def summarise(samples):
-    summary = {}
-    for who in ("model", "baseline"):
-        summary[who] = {metric: error_table(np.array([[s[who][metric][c] for c in COMPONENTS] for s in samples]))
-                        for metric in ("mse", "mae")}
-    return summary
+    """Means over files of each per-file figure: {who: {metric: {"E", "N", "Z", "overall"}}}."""
+    return {who: {metric: {key: float(np.mean([s[who][metric][key] for s in samples])) for key in (*COMPONENTS, "overall")}
+                  for metric in ("mse", "mae")} for who in ("model", "baseline")}
 
 
 def print_table(metrics):

@@ -27,9 +27,9 @@ COMPONENT_CODES = {"E": "E", "N": "N", "Z": "Z", "1": "N", "2": "E"}
 DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
 MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
-MAX_GAP_SECONDS = 1.0
+MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
 # Below one count in an int32 full scale (1 / 2**31 > 1e-10), so any real variation of integer data counts as alive.
-DEAD_RELATIVE_LEVEL = 1e-10  # gaps up to this long inside one component are interpolated over
+DEAD_RELATIVE_LEVEL = 1e-10
 INDEX_VERSION = 1
 
 
@@ -275,6 +275,11 @@ class SkipLog:
         if path not in self.files:
             self.files[path] = (reason, message)
             log.warning("skipping %s: %s", path, message)
+
+    def add_batch(self, skipped):
+        """The (path, reason, message) list that pad_collate returns with each batch."""
+        for path, reason, message in skipped:
+            self.add(path, reason, message)
 
     def counts(self):
         return dict(Counter(reason for reason, _ in self.files.values()).most_common())

@@ -106,18 +106,13 @@ def new_run_name(checkpoint_dir):
     return name if suffix == 1 else f"{name}-{suffix}"
 
 
-def record_skips(batch, skips):
-    for path, reason, message in batch["skipped"]:
-        skips.add(path, reason, message)
-
-
 def train_epoch(model, loader, optimizer, device, skips, writer, epoch, step):
     """One pass over the training files; returns (mean loss over valid bins, global step)."""
     model.train()
     total, bins = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True)
     for batch in bar:
-        record_skips(batch, skips)
+        skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
         x = batch["spectrogram"].to(device, non_blocking=True)  # (B, 3, F, T)
@@ -140,7 +135,7 @@ def evaluate(model, loader, device, skips):
     model.eval()
     total, bins = 0.0, 0
     for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True):
-        record_skips(batch, skips)
+        skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
         x, mask = batch["spectrogram"].to(device), batch["mask"].to(device)
