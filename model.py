@@ -111,7 +111,16 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def clean_state_dict(state_dict):
+    """Weights saved from a DDP-wrapped ("module.") or torch.compile'd ("_orig_mod.") model -> plain keys."""
+    def plain(key):
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+    return {plain(key): value for key, value in state_dict.items()}
+
+
 def model_from_checkpoint(checkpoint, device="cpu"):
     model = ConvAutoencoder(ModelConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model_state"])
+    model.load_state_dict(clean_state_dict(checkpoint["model_state"]))
     return model.to(device)

@@ -272,7 +272,7 @@ def test_file_unusable_by_headers_is_skipped_with_reason(tmp_path, caplog, build
     directory = copy_files([KNW], tmp_path / "waveforms")
     path = build(directory)
     dataset = SeismicSTFTDataset(directory)
-    assert dataset.files == [KNW]
+    assert list(dataset.files) == [KNW]
     assert dataset.skips.files[path][0] == reason
     assert f"skipping {path}: {reason}" in caplog.text
     assert dataset[0][0].shape == (3, N_FREQ, 142)
@@ -288,7 +288,7 @@ def test_file_unusable_on_full_read_is_dropped_by_collate(tmp_path, caplog, buil
     path = build(directory)
     dataset = SeismicSTFTDataset(directory)
     assert len(dataset) == 2 and dataset.skips.files == {}  # headers look fine
-    broken = dataset.files.index(os.path.basename(path))
+    broken = list(dataset.files).index(os.path.basename(path))
     spectrogram_or_none, meta = dataset[broken]
     assert spectrogram_or_none is None and meta["skip_reason"] == reason and detail in meta["message"]
     batch = pad_collate([dataset[0], dataset[1]])
@@ -374,7 +374,7 @@ def test_second_construction_reads_no_file(real_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(stft_dataset, "read_stream", refuse)
     monkeypatch.setattr(obspy, "read", refuse)
     second = SeismicSTFTDataset(real_dir, index_path=index_path)
-    assert second.files == first.files and len(second) == 8
+    assert list(second.files) == list(first.files) and len(second) == 8
 
 
 def count_header_reads(monkeypatch):

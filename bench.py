@@ -1,0 +1,316 @@
+"""Measure the pipeline on this machine: samples/s at each stage, start-up time and peak memory.
+
+    python bench.py                                            # shipped data, about a minute on 2 cores
+    python bench.py --make_files 20000 /tmp/bench20k           # write 20,000 files cut from the shipped data
+    python bench.py --data_dir /tmp/bench20k --num_files 2000 --json bench20k.json
+
+Stages, all over the same files with a warm page cache (every file is read once first):
+  limit       bare loop: read (obspy's miniSEED reader, as the dataset calls it) + spectrogram() (STFT and
+              normalisation), one process; also with obspy.read, which looks the reader up on every call
+  loader      SeismicSTFTDataset through a DataLoader with 0, 1, 2 workers (second pass: workers already up);
+              ratio = samples/s / (limit x processes doing the work)
+  cached      the same through --cache_dir's SpectrogramCache; ratio to the uncached loader, same workers
+  bare_step   model forward + backward + Adam step on ready batches; train_loop: train.py's train_epoch on them
+  pipeline    train_epoch fed by the cached DataLoader (what an epoch with --cache_dir costs)
+  startup     a new Python process, launch to first batch: cold (no index) and warm (index stored)
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import numpy as np
+import obspy
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import train
+from model import ConvAutoencoder, masked_mse, resolve_device
+from stft_dataset import (DEFAULT_FAMILIES, SeismicSTFTDataset, SkipLog, STFTConfig, available_cores, pad_collate,
+                          read_miniseed, spectrogram)
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "filtered_waveforms")
+WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
+FILES_PER_FOLDER = 1000
+WORKER_COUNTS = (0, 1, 2)
+REPEATS = 3  # passes per stage; the best one is reported
+STEP_BATCHES = 10  # batches in the training-step stages
+FIRST_BATCH = """
+import sys, time
+from torch.utils.data import DataLoader
+from stft_dataset import SeismicSTFTDataset, pad_collate
+dataset = SeismicSTFTDataset(sys.argv[1])
+next(iter(DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, collate_fn=pad_collate)))
+print(time.time(), len(dataset))
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--data_dir", default="data/filtered_waveforms", help="directory of miniSEED files to measure on")
+    add("--num_files", type=int, default=0, help="files taken for the throughput stages, spread over the "
+                                                 "directory (0 = all)")
+    add("--batch_size", type=int, default=32, help="spectrograms per batch")
+    add("--device", default="auto", help="device of the training-step stages ('auto', 'cpu', 'cuda')")
+    add("--amp", choices=("off", "auto", "bf16", "fp16"), default="off", help="mixed precision of the step stages")
+    add("--json", metavar="PATH", help="also write the figures to this JSON file")
+    add("--make_files", nargs=2, metavar=("N", "DIR"), help=f"write N files of {WINDOW_SECONDS:.0f} s cut from "
+                                                            "the shipped recordings into DIR, then stop")
+    args = parser.parse_args(argv)
+    if args.num_files < 0 or args.batch_size < 1:
+        parser.error("--num_files must be >= 0 and --batch_size >= 1")
+    if args.make_files and not args.make_files[0].isdigit():
+        parser.error("--make_files N DIR: N must be a whole number")
+    return args
+
+
+def make_files(n_files, out_dir, processes=None):
+    """Write n_files real 3-component windows: shipped recordings cut at random offsets, rewritten as miniSEED."""
+    sources = [os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES]
+    chunks = [(sources, out_dir, start, min(start + FILES_PER_FOLDER, n_files)) for start in range(0, n_files, FILES_PER_FOLDER)]
+    with ProcessPoolExecutor(processes or available_cores()) as pool:
+        return sum(pool.map(write_folder, chunks))
+
+
+def write_folder(chunk):
+    """Files start..stop-1 into out_dir/<start // FILES_PER_FOLDER>/; returns how many were written."""
+    sources, out_dir, start, stop = chunk
+    folder = os.path.join(out_dir, f"{start // FILES_PER_FOLDER:03d}")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for k in range(start, stop):
+        stream = obspy.read(sources[k % len(sources)], format="MSEED")
+        first = max(trace.stats.starttime for trace in stream)
+        room = min(trace.stats.endtime for trace in stream) - first - WINDOW_SECONDS
+        begin = first + rng.uniform(0, max(room, 0.0))
+        window = stream.slice(begin, begin + WINDOW_SECONDS)
+        window.write(os.path.join(folder, f"{window[0].stats.network}.{window[0].stats.station}.{k:06d}.mseed"),
+                     format="MSEED")
+    return stop - start
+
+
+def rate(run, n_samples, repeats=REPEATS):
+    """Best samples/s of `repeats` calls of run() (which returns the samples it produced, or None for n_samples).
+
+    The best, not the mean: on a shared machine other load only ever slows a pass down.
+    """
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        produced = run()
+        best = max(best, (n_samples if produced is None else produced) / (time.perf_counter() - started))
+    return best
+
+
+def bare_loop(paths, stft, read=read_miniseed):
+    for path in paths:
+        stream = read(path)
+        n_samples = min(len(trace) for trace in stream[:3])
+        spectrogram(np.stack([trace.data[:n_samples].astype(np.float64) for trace in stream[:3]]), stft)
+
+
+def loader_rate(subset, batch_size, workers):
+    """Best samples/s of REPEATS passes after a first one that starts the workers (kept up, as in train.py)."""
+    extra = dict(num_workers=workers, persistent_workers=True, prefetch_factor=train.PREFETCH_BATCHES) if workers else {}
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, **extra)
+    count = lambda: sum(len(batch["meta"]) + len(batch["skipped"]) for batch in loader)  # noqa: E731
+    count()
+    return rate(count, 0)
+
+
+def step_rates(batches, device, amp):
+    """(bare forward/backward/step, train.train_epoch) samples/s on the same ready batches."""
+    n_samples = sum(len(batch["meta"]) for batch in batches)
+    autocast, scaler, _ = train.mixed_precision(amp, device)
+    model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    ready = [(b["spectrogram"].to(device, memory_format=torch.channels_last), b["mask"].to(device)) for b in batches]
+
+    def bare():
+        for x, mask in ready:
+            with autocast():
+                reconstruction = model(x)
+            loss = masked_mse(reconstruction.float(), x, mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        synchronize(device)
+
+    def own_loop():
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+            train.train_epoch(model, batches, optimizer, scaler, autocast, device, SkipLog(), 1)
+        synchronize(device)
+
+    bare()  # warm-up: allocator, kernels selected
+    return rate(bare, n_samples), rate(own_loop, n_samples)
+
+
+def pipeline_rate(subset, batch_size, device, amp, workers):
+    """train_epoch fed by a DataLoader: samples/s of a whole epoch, second pass."""
+    autocast, scaler, _ = train.mixed_precision(amp, device)
+    model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    extra = dict(num_workers=workers, persistent_workers=True, prefetch_factor=train.PREFETCH_BATCHES) if workers else {}
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **extra)
+    def epoch():
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+            (_, _, samples), _ = train.train_epoch(model, loader, optimizer, scaler, autocast, device, SkipLog(), 1)
+        synchronize(device)
+        return samples
+
+    epoch()  # starts the workers
+    return rate(epoch, 0)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def startup_seconds(data_dir, cold):
+    """Launch of a new Python process to its first batch (index and DataLoader as train.py uses them)."""
+    if cold:
+        with_index = os.path.join(data_dir, ".stft_index.json")
+        if os.path.exists(with_index):
+            os.remove(with_index)
+    launched = time.time()
+    result = subprocess.run([sys.executable, "-c", FIRST_BATCH, data_dir], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    return float(result.stdout.split()[0]) - launched
+
+
+def current_rss_mb():
+    """Resident memory of this process now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except OSError:
+        return None
+
+
+def peak_rss_mb(who):
+    return resource.getrusage(who).ru_maxrss / 1024  # kB on Linux
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    described = f"{cpu}, {available_cores()} cores usable, Python {platform.python_version()}, torch {torch.__version__}"
+    if device.type == "cuda":
+        described += f", GPU {torch.cuda.get_device_name(device)}"
+    return described
+
+
+def measure(args):
+    device = resolve_device(args.device)
+    stft = STFTConfig()
+    started = time.perf_counter()
+    dataset = SeismicSTFTDataset(args.data_dir)
+    index_s = time.perf_counter() - started
+    chosen = np.linspace(0, len(dataset) - 1, min(args.num_files or len(dataset), len(dataset))).round().astype(np.int64)
+    paths = [os.path.join(args.data_dir, dataset.files[i]) for i in chosen]
+    for path in paths:  # warm the page cache so that every stage reads the same way
+        with open(path, "rb") as f:
+            f.read()
+    figures = {"num_files": len(paths), "machine": machine(device), "device": str(device), "amp": args.amp,
+               "batch_size": args.batch_size, "index_s": index_s, "usable_files_in_dir": len(dataset)}
+
+    bare_loop(paths[:20], stft)  # warm-up: obspy's plugin lookup, FFT plans
+    figures["limit"] = rate(lambda: bare_loop(paths, stft), len(paths))
+    figures["limit_obspy_read"] = rate(lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED")), len(paths))
+    uncached = Subset(dataset, chosen)
+    figures["loader"] = {str(w): loader_rate(uncached, args.batch_size, w) for w in WORKER_COUNTS}
+
+    cache_dir = tempfile.mkdtemp(prefix="bench_cache_")
+    try:
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+            cached_set = SeismicSTFTDataset(args.data_dir, cache_dir=cache_dir)
+        figures["cache_build_s"] = time.perf_counter() - started
+        figures["cache_bytes_per_file"] = cache_bytes(cache_dir) / len(cached_set)
+        cached = Subset(cached_set, chosen)
+        rss = []
+        for _ in range(3):  # epochs from the cache: resident memory must not grow
+            list(DataLoader(cached, batch_size=args.batch_size, collate_fn=pad_collate))
+            rss.append(current_rss_mb())
+        figures["cached_rss_mb_per_epoch"] = rss
+        figures["cached_loader"] = {str(w): loader_rate(cached, args.batch_size, w) for w in WORKER_COUNTS}
+        figures["cached"] = figures["cached_loader"]["0"]
+        # The step stages are compute-bound: a fixed number of batches measures them as well as all files would.
+        stepped = Subset(cached_set, chosen[:STEP_BATCHES * args.batch_size])
+        batches = list(DataLoader(stepped, batch_size=args.batch_size, collate_fn=pad_collate))
+        figures["bare_step"], figures["train_loop"] = step_rates(batches, device, args.amp)
+        figures["pipeline"] = pipeline_rate(stepped, args.batch_size, device, args.amp, workers=2)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    figures["peak_rss_mb"] = {"main": peak_rss_mb(resource.RUSAGE_SELF),
+                              "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+    figures["startup_cold_s"] = startup_seconds(args.data_dir, cold=True)
+    figures["startup_warm_s"] = startup_seconds(args.data_dir, cold=False)
+    return figures
+
+
+def cache_bytes(cache_dir):
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(cache_dir)
+               for name in names if name.endswith(".f16"))
+
+
+def print_table(f):
+    limit = f["limit"]
+    rows = [("limit: read + STFT, 1 process", f["limit"], "1.00 x limit"),
+            ("same with obspy.read (plugin lookup per call)", f["limit_obspy_read"], f"{f['limit_obspy_read'] / limit:.2f} x limit")]
+    for w, value in f["loader"].items():
+        rows.append((f"DataLoader, {w} workers", value, f"{value / (limit * max(1, int(w))):.2f} x limit x {max(1, int(w))}"))
+    for w, value in f["cached_loader"].items():
+        rows.append((f"cached DataLoader, {w} workers", value, f"{value / f['loader'][w]:.1f} x uncached"))
+    rows += [("bare forward/backward/step", f["bare_step"], ""),
+             ("train.py train_epoch, same batches", f["train_loop"], f"{f['train_loop'] / f['bare_step']:.2f} x bare step"),
+             ("train_epoch + cached DataLoader, 2 workers", f["pipeline"], f"{f['pipeline'] / f['bare_step']:.2f} x bare step")]
+    print(f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
+          f"amp {f['amp']}, batch {f['batch_size']}")
+    print(f"{'stage':44s} {'samples/s':>10s}  ratio")
+    for name, value, ratio in rows:
+        print(f"{name:44s} {value:10.1f}  {ratio}")
+    print(f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
+          f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB")
+    print(f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm")
+    print(f"peak RSS: main process {f['peak_rss_mb']['main']:.0f} MB, "
+          f"largest worker {f['peak_rss_mb']['largest_worker']:.0f} MB")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.make_files:
+        n_files, out_dir = int(args.make_files[0]), args.make_files[1]
+        started = time.perf_counter()
+        written = make_files(n_files, out_dir)
+        print(f"wrote {written} files to {out_dir} in {time.perf_counter() - started:.1f} s")
+        return None
+    if not os.path.isdir(args.data_dir):
+        sys.exit(f"error: data directory not found: {args.data_dir}")
+    figures = measure(args)
+    print_table(figures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
