@@ -4,10 +4,12 @@
     python bench.py --make_files 20000 /tmp/bench20k           # write 20,000 files cut from the shipped data
     python bench.py --data_dir /tmp/bench20k --num_files 2000 --json bench20k.json
 
-Stages, all over the same files with a warm page cache (every file is read once first):
+Stages, all over the same files with a warm page cache (every file is read once first). Each figure
+is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
+the DataLoader workers; ratios compare figures of the same run only.
   limit       bare loop: read (obspy's miniSEED reader, as the dataset calls it) + spectrogram() (STFT and
               normalisation), one process; also with obspy.read, which looks the reader up on every call
-  loader      SeismicSTFTDataset through a DataLoader with 0, 1, 2 workers (second pass: workers already up);
+  loader      SeismicSTFTDataset through a DataLoader with 0, 1, 2 workers (persistent, as in train.py);
               ratio = samples/s / (limit x processes doing the work)
   cached      the same through --cache_dir's SpectrogramCache; ratio to the uncached loader, same workers
   bare_step   model forward + backward + Adam step on ready batches; train_loop: train.py's train_epoch on them
@@ -43,7 +45,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "filt
 WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
 FILES_PER_FOLDER = 1000
 WORKER_COUNTS = (0, 1, 2)
-REPEATS = 3  # passes per stage; the best one is reported
+REPEATS = 3  # measured passes per stage; the best one is reported
 STEP_BATCHES = 10  # batches in the training-step stages
 FIRST_BATCH = """
 import sys, time
@@ -101,16 +103,20 @@ def write_folder(chunk):
     return stop - start
 
 
-def rate(run, n_samples, repeats=REPEATS):
-    """Best samples/s of `repeats` calls of run() (which returns the samples it produced, or None for n_samples).
+def best_rates(stages, rounds=REPEATS):
+    """{stage: best samples/s}: `rounds` rounds that each run every stage once, after a warm-up round.
 
-    The best, not the mean: on a shared machine other load only ever slows a pass down.
+    Each stage is a function returning the samples it produced. Rounds interleave the stages, so a
+    burst of load from other users of a shared machine slows one pass of each stage rather than
+    every pass of one; the best pass counts, as such load only ever slows a pass down.
     """
-    best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        produced = run()
-        best = max(best, (n_samples if produced is None else produced) / (time.perf_counter() - started))
+    best = dict.fromkeys(stages, 0.0)
+    for round_number in range(rounds + 1):
+        for name, run in stages.items():
+            started = time.perf_counter()
+            samples = run()
+            if round_number:  # round 0 starts workers, fills caches, selects kernels
+                best[name] = max(best[name], samples / (time.perf_counter() - started))
     return best
 
 
@@ -119,26 +125,30 @@ def bare_loop(paths, stft, read=read_miniseed):
         stream = read(path)
         n_samples = min(len(trace) for trace in stream[:3])
         spectrogram(np.stack([trace.data[:n_samples].astype(np.float64) for trace in stream[:3]]), stft)
+    return len(paths)
 
 
-def loader_rate(subset, batch_size, workers):
-    """Best samples/s of REPEATS passes after a first one that starts the workers (kept up, as in train.py)."""
+def loader(subset, batch_size, workers, device=torch.device("cpu")):
+    """A DataLoader as train.py builds it: persistent workers with prefetch, pinned memory on CUDA."""
     extra = dict(num_workers=workers, persistent_workers=True, prefetch_factor=train.PREFETCH_BATCHES) if workers else {}
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, **extra)
-    count = lambda: sum(len(batch["meta"]) + len(batch["skipped"]) for batch in loader)  # noqa: E731
-    count()
-    return rate(count, 0)
+    return DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **extra)
 
 
-def step_rates(batches, device, amp):
-    """(bare forward/backward/step, train.train_epoch) samples/s on the same ready batches."""
-    n_samples = sum(len(batch["meta"]) for batch in batches)
+def passing(batches):
+    """A stage that takes one pass over a loader and counts the samples."""
+    return lambda: sum(len(batch["meta"]) + len(batch["skipped"]) for batch in batches)
+
+
+def step_stages(batches, cached_loader, device, amp):
+    """Stages on the same data: bare forward/backward/step on ready batches, train.py's train_epoch on
+    them, and train_epoch fed by a cached DataLoader (the whole pipeline)."""
     autocast, scaler, _ = train.mixed_precision(amp, device)
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters())
-    ready = [(b["spectrogram"].to(device, memory_format=torch.channels_last), b["mask"].to(device)) for b in batches]
+    ready = [(b["spectrogram"].to(device, memory_format=torch.channels_last).float(), b["mask"].to(device))
+             for b in batches]
 
-    def bare():
+    def bare_step():
         for x, mask in ready:
             with autocast():
                 reconstruction = model(x)
@@ -148,31 +158,15 @@ def step_rates(batches, device, amp):
             scaler.step(optimizer)
             scaler.update()
         synchronize(device)
+        return sum(len(x) for x, _ in ready)
 
-    def own_loop():
+    def own_loop(source):
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            train.train_epoch(model, batches, optimizer, scaler, autocast, device, SkipLog(), 1)
-        synchronize(device)
-
-    bare()  # warm-up: allocator, kernels selected
-    return rate(bare, n_samples), rate(own_loop, n_samples)
-
-
-def pipeline_rate(subset, batch_size, device, amp, workers):
-    """train_epoch fed by a DataLoader: samples/s of a whole epoch, second pass."""
-    autocast, scaler, _ = train.mixed_precision(amp, device)
-    model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters())
-    extra = dict(num_workers=workers, persistent_workers=True, prefetch_factor=train.PREFETCH_BATCHES) if workers else {}
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **extra)
-    def epoch():
-        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            (_, _, samples), _ = train.train_epoch(model, loader, optimizer, scaler, autocast, device, SkipLog(), 1)
+            (_, _, samples), _ = train.train_epoch(model, source, optimizer, scaler, autocast, device, SkipLog(), 1)
         synchronize(device)
         return samples
 
-    epoch()  # starts the workers
-    return rate(epoch, 0)
+    return {"bare_step": bare_step, "train_loop": lambda: own_loop(batches), "pipeline": lambda: own_loop(cached_loader)}
 
 
 def synchronize(device):
@@ -230,12 +224,7 @@ def measure(args):
     figures = {"num_files": len(paths), "machine": machine(device), "device": str(device), "amp": args.amp,
                "batch_size": args.batch_size, "index_s": index_s, "usable_files_in_dir": len(dataset)}
 
-    bare_loop(paths[:20], stft)  # warm-up: obspy's plugin lookup, FFT plans
-    figures["limit"] = rate(lambda: bare_loop(paths, stft), len(paths))
-    figures["limit_obspy_read"] = rate(lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED")), len(paths))
     uncached = Subset(dataset, chosen)
-    figures["loader"] = {str(w): loader_rate(uncached, args.batch_size, w) for w in WORKER_COUNTS}
-
     cache_dir = tempfile.mkdtemp(prefix="bench_cache_")
     try:
         started = time.perf_counter()
@@ -246,16 +235,24 @@ def measure(args):
         cached = Subset(cached_set, chosen)
         rss = []
         for _ in range(3):  # epochs from the cache: resident memory must not grow
-            list(DataLoader(cached, batch_size=args.batch_size, collate_fn=pad_collate))
+            passing(loader(cached, args.batch_size, 0))()
             rss.append(current_rss_mb())
         figures["cached_rss_mb_per_epoch"] = rss
-        figures["cached_loader"] = {str(w): loader_rate(cached, args.batch_size, w) for w in WORKER_COUNTS}
+
+        stages = {"limit": lambda: bare_loop(paths, stft),
+                  "limit_obspy_read": lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED"))}
+        stages |= {f"loader {w}": passing(loader(uncached, args.batch_size, w)) for w in WORKER_COUNTS}
+        stages |= {f"cached {w}": passing(loader(cached, args.batch_size, w)) for w in WORKER_COUNTS}
+        rates = best_rates(stages)
+        figures |= {"limit": rates["limit"], "limit_obspy_read": rates["limit_obspy_read"],
+                    "loader": {str(w): rates[f"loader {w}"] for w in WORKER_COUNTS},
+                    "cached_loader": {str(w): rates[f"cached {w}"] for w in WORKER_COUNTS}}
         figures["cached"] = figures["cached_loader"]["0"]
+
         # The step stages are compute-bound: a fixed number of batches measures them as well as all files would.
         stepped = Subset(cached_set, chosen[:STEP_BATCHES * args.batch_size])
-        batches = list(DataLoader(stepped, batch_size=args.batch_size, collate_fn=pad_collate))
-        figures["bare_step"], figures["train_loop"] = step_rates(batches, device, args.amp)
-        figures["pipeline"] = pipeline_rate(stepped, args.batch_size, device, args.amp, workers=2)
+        batches = list(loader(stepped, args.batch_size, 0))
+        figures |= best_rates(step_stages(batches, loader(stepped, args.batch_size, 2, device), device, args.amp))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 

@@ -333,7 +333,7 @@ class SkipLog:
 class SeismicSTFTDataset(Dataset):
     """3-component miniSEED event files -> (spectrogram (3, n_freq, n_time), metadata).
 
-    The spectrogram is float32, or float16 when read from the cache; pad_collate makes float32 batches.
+    The spectrogram is float32, or float16 when read from the cache (train.py converts on the device).
 
     Files are found recursively under `data_dir`; an index of their headers is kept so that a
     restart does not re-read them. Files whose traces hold no requested family are left out
@@ -477,7 +477,7 @@ class SpectrogramCache:
         values = self.shards[shard][offset:offset + 3 * self.n_freq * n_time].reshape(3, self.n_freq, n_time)
         meta = {"path": path, "trace_id": str(m["trace_id"][row]), "family": str(m["family"][row]),
                 "starttime": str(m["starttime"][row])}
-        return torch.from_numpy(np.array(values)), meta  # float16: pad_collate converts while it copies
+        return torch.from_numpy(np.array(values)), meta
 
 
 def cache_key(dataset):
@@ -491,7 +491,8 @@ def cache_key(dataset):
 def pad_collate(samples):
     """List of (spectrogram, meta) -> batch dict.
 
-    spectrogram: (batch, 3, n_freq, max_time) float32, zero-padded on the time axis; mask: (batch,
+    spectrogram: (batch, 3, n_freq, max_time), zero-padded on the time axis, in the samples' dtype
+    (float16 from the cache: half the bytes to move to workers and the GPU, where it is converted); mask: (batch,
     max_time) True on valid time bins; meta: list of dicts; skipped: [(path, reason, message)]
     for samples that failed to load. spectrogram is None when every sample failed.
     """
@@ -500,8 +501,8 @@ def pad_collate(samples):
     if not kept:
         return {"spectrogram": None, "mask": None, "meta": [], "skipped": skipped}
     lengths = torch.tensor([x.shape[-1] for x, _ in kept])
-    batch = torch.zeros(len(kept), *kept[0][0].shape[:-1], int(lengths.max()))
+    batch = torch.zeros(len(kept), *kept[0][0].shape[:-1], int(lengths.max()), dtype=kept[0][0].dtype)
     for k, (x, _) in enumerate(kept):
-        batch[k, ..., :x.shape[-1]] = x  # also converts the cache's float16 to float32
+        batch[k, ..., :x.shape[-1]] = x
     mask = torch.arange(batch.shape[-1])[None, :] < lengths[:, None]
     return {"spectrogram": batch, "mask": mask, "meta": [meta for _, meta in kept], "skipped": skipped}

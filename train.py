@@ -141,7 +141,7 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
             # Every process must join each gradient all-reduce: a batch with no usable file adds zero gradient.
             x, mask = torch.zeros(1, len(COMPONENTS), 16, 16), torch.zeros(1, 16, dtype=torch.bool)
         n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float()  # float16 from the cache
         mask = mask.to(device, non_blocking=True)
         with autocast():
             reconstruction = model(x)
@@ -170,7 +170,7 @@ def evaluate(model, loader, autocast, device, skips):
         if batch["spectrogram"] is None:
             continue
         n_bins = int(batch["mask"].sum())
-        x = batch["spectrogram"].to(device, non_blocking=True, memory_format=torch.channels_last)
+        x = batch["spectrogram"].to(device, non_blocking=True, memory_format=torch.channels_last).float()
         with autocast():
             reconstruction = model(x)
         total += masked_mse(reconstruction.float(), x, batch["mask"].to(device, non_blocking=True)) * n_bins
@@ -194,10 +194,11 @@ def mean_loss(total, bins):
 def log_images(model, batch, device, writer, epoch):
     """Input | reconstruction of the fixed validation samples; rows E, N, Z, low frequencies at the bottom."""
     model.eval()
-    reconstruction = model(batch["spectrogram"].to(device)).clamp(0, 1).float().cpu().numpy()
+    spectrograms = batch["spectrogram"].float()
+    reconstruction = model(spectrograms.to(device)).clamp(0, 1).cpu().numpy()
     for k, meta in enumerate(batch["meta"]):
         n_time = int(batch["mask"][k].sum())
-        x, r = batch["spectrogram"][k, :, :, :n_time].numpy(), reconstruction[k, :, :, :n_time]
+        x, r = spectrograms[k, :, :, :n_time].numpy(), reconstruction[k, :, :, :n_time]
         tile = np.concatenate([np.concatenate([x[c], r[c]], axis=1)[::-1] for c in range(len(x))], axis=0)
         file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
         writer.add_image(f"reconstruction/{k}_{file_id}", colormaps["viridis"](tile)[..., :3], epoch, dataformats="HWC")
