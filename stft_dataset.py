@@ -421,11 +421,16 @@ class SpectrogramCache:
         self.shards = {}  # shard number -> memmap, opened lazily in each process
 
     def load_manifest(self):
+        """The stored manifest, or an empty one (no cache yet, or one that cannot be read: rebuilt)."""
         path = os.path.join(self.folder, "manifest.npz")
-        if not os.path.exists(path):
-            return {field: np.empty(0, dtype) for field, dtype in MANIFEST_FIELDS.items()} | {"version": np.empty((0, 2), np.int64)}
-        with np.load(path) as stored:
-            return {field: stored[field] for field in stored.files}
+        if os.path.exists(path):
+            try:
+                with np.load(path) as stored:
+                    return {field: stored[field] for field in (*MANIFEST_FIELDS, "version")}
+            except Exception as err:  # truncated or foreign file: zipfile, OSError, KeyError, ...
+                log.warning("rebuilding the cache in %s: manifest unreadable (%s: %s)", self.folder, type(err).__name__, err)
+        empty = {field: np.empty(0, dtype) for field, dtype in MANIFEST_FIELDS.items()}
+        return empty | {"version": np.empty((0, 2), np.int64)}
 
     def extend(self, manifest, dataset, stale, versions, processes):
         """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
@@ -433,7 +438,8 @@ class SpectrogramCache:
         numbers = [int(name[6:-4]) for name in os.listdir(self.folder) if re.fullmatch(r"shard_\d+\.f16", name)]
         shard = max(numbers, default=-1) + 1
         rows = {field: [] for field in MANIFEST_FIELDS}
-        loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=min(processes, len(stale)) if processes > 1 else 0)
+        workers = min(processes, len(stale)) if processes > 1 else 0
+        loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=workers)
 
         def write(f):
             offset = 0

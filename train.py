@@ -138,13 +138,16 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
         if x is None:
             if not distributed:
                 continue
-            # Every process must join each gradient all-reduce: a batch with no usable file adds zero gradient.
-            x, mask = torch.zeros(1, len(COMPONENTS), 16, 16), torch.zeros(1, 16, dtype=torch.bool)
+            # Every process must join each gradient all-reduce: with no usable file, a zero loss on a
+            # placeholder, in eval mode so that BatchNorm statistics learn nothing from it.
+            x, mask = torch.zeros(1, len(COMPONENTS), 32, 32), torch.zeros(1, 32, dtype=torch.bool)
+            model.eval()
         n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float()  # float16 from the cache
         mask = mask.to(device, non_blocking=True)
         with autocast():
             reconstruction = model(x)
+        model.train()
         loss = masked_mse(reconstruction.float(), x, mask) if n_bins else reconstruction.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -354,7 +357,7 @@ def train(parser, args, checkpoint, device):
     stft, skips = stft_config(args), SkipLog()
     try:
         dataset = load_dataset(args, stft, skips)
-    except FileNotFoundError as err:
+    except OSError as err:  # a missing --data_dir; a --cache_dir that cannot be written (full, read-only)
         parser.exit(2, f"error: {err}\n")
     if len(dataset) < 2:
         parser.exit(2, f"error: {len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
@@ -367,17 +370,8 @@ def train(parser, args, checkpoint, device):
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     autocast, scaler, amp = mixed_precision(args.amp, device)
-    state = {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "history": []}
-    if checkpoint:
-        model.load_state_dict(clean_state_dict(checkpoint["model_state"]))
-        optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if scaler.is_enabled() and "scaler_state" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler_state"])
-        state = {key: checkpoint[key] for key in state}
-        log.info("resuming run %s after epoch %d", run_name, state["epoch"])
-    forward = torch.compile(model) if args.compile else model  # shares its weights with model
-    trained = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.is_initialized() else forward
+    state = restore(checkpoint, model, optimizer, scaler)
+    forward, trained = wrap_for_training(model, args.compile, device)
     log_dir = os.path.join(args.log_dir, run_name)
     writer = SummaryWriter(log_dir, purge_step=state["global_step"] + 1 if checkpoint else None) if rank == 0 else None
 
@@ -409,9 +403,7 @@ def train(parser, args, checkpoint, device):
                 sums, step_losses = train_epoch(trained, train_loader, optimizer, scaler, autocast, device, skips,
                                                 epoch, dist.is_initialized())
                 total, bins, samples = sum_over_processes(sums, device)
-                if dist.is_initialized():  # every process validates (and rank 0 saves) rank 0's BatchNorm statistics
-                    for buffer in model.buffers():
-                        dist.broadcast(buffer, src=0)
+                share_batchnorm_statistics(model)
                 train_loss, samples_per_s = mean_loss(total, bins), samples / (time.perf_counter() - started)
                 val_loss = mean_loss(*sum_over_processes(evaluate(forward, val_loader, autocast, device, skips), device))
                 gather_skips(skips)
@@ -425,10 +417,8 @@ def train(parser, args, checkpoint, device):
                 first_step = state["global_step"] + 1
                 state["global_step"] += len(step_losses)
                 if rank == 0:
-                    for step, loss in enumerate(torch.stack(step_losses).tolist() if step_losses else [],
-                                                start=first_step):
-                        writer.add_scalar("loss/train_step", loss, step)
-                    write_epoch_scalars(writer, epoch, train_loss, val_loss, optimizer, samples_per_s)
+                    write_epoch_scalars(writer, epoch, first_step, step_losses, train_loss, val_loss, optimizer,
+                                        samples_per_s)
                     if image_batch["spectrogram"] is not None:
                         log_images(model, image_batch, device, writer, epoch)
                     save_epoch_checkpoints(checkpoint_state(), run_dir, epoch, improved, args)
@@ -448,7 +438,44 @@ def train(parser, args, checkpoint, device):
     return {**state, "run_dir": run_dir, "log_dir": log_dir, "skipped": skips.counts()}
 
 
-def write_epoch_scalars(writer, epoch, train_loss, val_loss, optimizer, samples_per_s):
+def restore(checkpoint, model, optimizer, scaler):
+    """Weights, optimizer and scaler from the checkpoint (if any); returns the run state to continue."""
+    state = {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "history": []}
+    if not checkpoint:
+        return state
+    model.load_state_dict(clean_state_dict(checkpoint["model_state"]))
+    optimizer.load_state_dict(checkpoint["optimizer_state"])
+    if scaler.is_enabled() and "scaler_state" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler_state"])
+    log.info("resuming run %s after epoch %d", checkpoint["run_name"], checkpoint["epoch"])
+    return {key: checkpoint[key] for key in state}
+
+
+def wrap_for_training(model, compile_model, device):
+    """(module to evaluate: compiled or not, module to train: that one wrapped in DDP under torchrun).
+
+    Both share model's weights, so checkpoints always hold the plain model's state dict.
+    """
+    forward = torch.compile(model) if compile_model else model
+    if not dist.is_initialized():
+        return forward, forward
+    return forward, DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def share_batchnorm_statistics(model):
+    """Rank 0's BatchNorm running statistics to every process, so that all validate the model rank 0 saves.
+
+    DDP copies them only at the start of the next training step; until then each process holds those
+    of its own last batch.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def write_epoch_scalars(writer, epoch, first_step, step_losses, train_loss, val_loss, optimizer, samples_per_s):
+    for step, loss in enumerate(torch.stack(step_losses).tolist() if step_losses else [], start=first_step):
+        writer.add_scalar("loss/train_step", loss, step)
     writer.add_scalar("loss/train", train_loss, epoch)
     writer.add_scalar("loss/val", val_loss, epoch)
     writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], epoch)

@@ -40,7 +40,7 @@ def assert_same_items(cached_items, reference_items):
         if expected is None:
             assert x is None
             continue
-        assert x.dtype == torch.float16 and x.shape == expected.shape  # as stored; pad_collate makes float32
+        assert x.dtype == torch.float16 and x.shape == expected.shape  # as stored; train.py converts on the device
         assert (x.float() - expected).abs().max() <= FLOAT16_ROUNDING
 
 
@@ -289,3 +289,31 @@ def test_training_with_cache_dir_builds_then_reuses_cache(train_dir, tmp_path, m
     refuse_computing(monkeypatch)
     second = train.main(argv)
     assert second["skipped"] == {} and second["best_val_loss"] == pytest.approx(first["best_val_loss"], rel=1e-6)
+
+
+def test_batches_from_the_cache_stay_float16_and_match_uncached_batches(real_dir, tmp_path):
+    batch = pad_collate(items(cached(real_dir, tmp_path / "cache")))
+    reference = pad_collate(items(SeismicSTFTDataset(real_dir)))
+    assert batch["spectrogram"].dtype == torch.float16 and reference["spectrogram"].dtype == torch.float32
+    assert torch.equal(batch["mask"], reference["mask"])
+    assert (batch["spectrogram"].float() - reference["spectrogram"]).abs().max() <= FLOAT16_ROUNDING
+
+
+def test_unwritable_cache_dir_is_a_clear_error(train_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data_dir", train_dir, "--cache_dir", str(blocker / "cache"), "--num_workers", "0",
+                    "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "logs")])
+    assert exit_info.value.code == 2
+    assert "a_file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unreadable_manifest_is_rebuilt(real_dir, tmp_path):
+    first = cached(real_dir, tmp_path / "cache")
+    with open(os.path.join(first.cache.folder, "manifest.npz"), "wb") as f:
+        f.write(b"truncated")
+    dataset = cached(real_dir, tmp_path / "cache")
+    assert len(dataset.cache.manifest["path"]) == 8
+    assert_same_items(items(dataset), items(SeismicSTFTDataset(real_dir)))

@@ -17,6 +17,7 @@ import train
 from conftest import ROOT, copy_files, shipped_files
 from model import ConvAutoencoder, clean_state_dict, model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
+from test_stft_dataset import nan_samples
 
 PROCESSES = 2
 DDP_FILES = 20  # real HH files: 4 validation (val_split 0.2) + 16 training = 8 per process
@@ -167,6 +168,23 @@ def test_ddp_resume_keeps_the_tensorboard_history(ddp_run, ddp_resumed):
     events = EventAccumulator(os.path.join(ddp_run["log_dir"], ddp_run["runs"][0])).Reload()
     assert [e.step for e in events.Scalars("loss/val")] == [1, 2]
     assert [e.step for e in events.Scalars("loss/train_step")] == [1, 2, 3, 4]
+
+
+def test_ddp_survives_batches_with_no_usable_file(tmp_path):
+    """Batches of one file, 4 of them with NaN samples: a process whose batch is empty must still join
+    the gradient all-reduce, or the two processes fall out of step and hang."""
+    data_dir = copy_files(shipped_files(("HH",), per_family=8), tmp_path / "waveforms")
+    for k in range(4):
+        os.replace(nan_samples(copy_files([], tmp_path / f"nan{k}")), os.path.join(data_dir, f"AZ.KNW.HH.nan{k}.mseed"))
+    # --seed 47 puts all 4 in the training half of one process: it has 4 empty batches, the other none.
+    torchrun(tmp_path / "probe", "--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "1", "--val_split",
+             "0.25", "--seed", "47", "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "logs"))
+    trained = [recorded(tmp_path / "probe", data_dir, rank, 1) for rank in range(PROCESSES)]
+    assert sorted(len(files) for files in trained) == [1, 5]  # usable files trained on, of 5 batches each
+    (run,) = os.listdir(tmp_path / "checkpoints")
+    with open(tmp_path / "checkpoints" / run / "skipped_files.json") as f:
+        assert json.load(f)["counts"] == {"NaN or infinite samples": 4}  # gathered from both processes
+    assert np.isfinite(torch.load(tmp_path / "checkpoints" / run / "last.pt", weights_only=True)["best_val_loss"])
 
 
 @pytest.fixture(scope="module")
