@@ -70,6 +70,15 @@ def check_resume(work):
     return f"epoch 2 in the same run, val loss {summary['history'][-1]['val_loss']:.4f}"
 
 
+def check_cache(work):
+    data, cache_dir = os.path.join(work["tmp"], "waveforms"), os.path.join(work["tmp"], "cache")
+    summary = train.main(["--data_dir", data, "--num_epochs", "1", "--cache_dir", cache_dir, *work["common"]])
+    cached, direct = SeismicSTFTDataset(data, cache_dir=cache_dir)[0][0], SeismicSTFTDataset(data)[0][0]
+    error = (cached.float() - direct).abs().max().item()
+    assert cached.dtype == torch.float16 and error <= 2**-12, f"cached spectrogram off by {error}"
+    return f"1 epoch from --cache_dir, val loss {summary['best_val_loss']:.4f}; float16 within {error:.5f}"
+
+
 def check_inference(work):
     out = os.path.join(work["tmp"], "results")
     metrics = inference.main([os.path.join(work["run_dir"], "best_model.pt"), "--output_dir", out, "--num_plots", "1"])
@@ -78,7 +87,7 @@ def check_inference(work):
 
 
 STEPS = [check_dataset, check_model, check_forward_backward, check_padded_batch, check_training, check_resume,
-         check_inference]
+         check_cache, check_inference]
 
 
 def main():
