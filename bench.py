@@ -223,6 +223,8 @@ def measure(args):
     started = time.perf_counter()
     dataset = SeismicSTFTDataset(args.data_dir)
     index_s = time.perf_counter() - started
+    if len(dataset) < 2:
+        sys.exit(f"error: {len(dataset)} usable files in {args.data_dir}; bench.py needs at least 2")
     chosen = np.linspace(0, len(dataset) - 1, min(args.num_files or len(dataset), len(dataset))).round().astype(np.int64)
     paths = [os.path.join(args.data_dir, dataset.files[i]) for i in chosen]
     for path in paths:  # warm the page cache so that every stage reads the same way

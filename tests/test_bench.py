@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 import bench
 from stft_dataset import SeismicSTFTDataset
 
@@ -26,3 +28,9 @@ def test_bench_reports_every_stage_as_json(real_dir, tmp_path, capsys):
     assert set(figures["loader"]) == {"0", "1", "2"} and min(figures["loader"].values()) > 0
     assert figures["num_files"] == 8 and figures["peak_rss_mb"]["main"] > 0 and "cores" in figures["machine"]
     assert "cached DataLoader, 2 workers" in capsys.readouterr().out
+
+
+def test_directory_without_usable_files_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="0 usable files"):
+        bench.main(["--data_dir", str(tmp_path / "empty")])
