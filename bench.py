@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Subset
 
 import train
 from model import ConvAutoencoder, masked_mse, resolve_device
-from stft_dataset import (DEFAULT_FAMILIES, SeismicSTFTDataset, SkipLog, STFTConfig, available_cores, pad_collate,
-                          read_miniseed, spectrogram)
+from stft_dataset import (DEFAULT_FAMILIES, SeismicSTFTDataset, SkipLog, STFTConfig, available_cores, read_miniseed,
+                          spectrogram)
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "filtered_waveforms")
 WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
@@ -136,9 +136,8 @@ def bare_loop(paths, stft, read=read_miniseed):
 
 
 def loader(subset, batch_size, workers, device=torch.device("cpu")):
-    """A DataLoader as train.py builds it: persistent workers with prefetch, pinned memory on CUDA."""
-    extra = dict(num_workers=workers, persistent_workers=True, prefetch_factor=train.PREFETCH_BATCHES) if workers else {}
-    return DataLoader(subset, batch_size=batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **extra)
+    """A DataLoader as train.py builds it."""
+    return DataLoader(subset, **train.loader_options(batch_size, workers, device))
 
 
 def passing(batches):

@@ -408,7 +408,8 @@ class SpectrogramCache:
         self.data_dir, self.n_freq = dataset.data_dir, dataset.stft.n_freq
         os.makedirs(self.folder, exist_ok=True)
         with FileLock(os.path.join(self.folder, "lock")):
-            write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
+            if not os.path.exists(os.path.join(self.folder, "settings.json")):  # for people: what the key stands for
+                write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
             manifest = self.load_manifest()
             row_of = {path: row for row, path in enumerate(manifest["path"])}
             stale = [i for i, (path, version) in enumerate(zip(dataset.files, versions))

@@ -135,7 +135,8 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
     for batch in bar:
         skips.add_batch(batch["skipped"])
         x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
-        if x is None:
+        placeholder = x is None
+        if placeholder:
             if not distributed:
                 continue
             # Every process must join each gradient all-reduce: with no usable file, a zero loss on a
@@ -147,7 +148,8 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
         mask = mask.to(device, non_blocking=True)
         with autocast():
             reconstruction = model(x)
-        model.train()
+        if placeholder:
+            model.train()
         loss = masked_mse(reconstruction.float(), x, mask) if n_bins else reconstruction.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -326,10 +328,16 @@ def build_loaders(dataset, train_files, val_files, args, device):
     # Each validation file exactly once over all processes (DistributedSampler would repeat files to even out).
     val_set = Subset(dataset, val_indices[rank::world_size])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    workers = dict(num_workers=args.num_workers, persistent_workers=True, prefetch_factor=PREFETCH_BATCHES) \
-        if args.num_workers else {}
-    common = dict(batch_size=args.batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **workers)
+    common = loader_options(args.batch_size, args.num_workers, device)
     return DataLoader(train_set, sampler=sampler, **common), DataLoader(val_set, **common), sampler
+
+
+def loader_options(batch_size, num_workers, device):
+    """DataLoader settings of every loader here and in bench.py: workers kept up between epochs, each
+    preparing PREFETCH_BATCHES ahead; pinned memory for fast, non-blocking copies to a GPU."""
+    workers = dict(num_workers=num_workers, persistent_workers=True, prefetch_factor=PREFETCH_BATCHES) \
+        if num_workers else {}
+    return dict(batch_size=batch_size, collate_fn=pad_collate, pin_memory=device.type == "cuda", **workers)
 
 
 def main(argv=None):
