@@ -434,7 +434,8 @@ def train(parser, args, checkpoint, device):
     except KeyboardInterrupt:
         if writer:
             writer.close()
-        log.warning("interrupted; continue with: python train.py --resume %s --num_epochs %d",
+        command = "the same torchrun command with" if dist.is_initialized() else "python train.py"
+        log.warning("interrupted; continue with: %s --resume %s --num_epochs %d", command,
                     os.path.join(run_dir, "last.pt"), args.num_epochs)
         sys.exit(130)
 
