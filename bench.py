@@ -151,8 +151,7 @@ def step_stages(batches, cached_loader, device, amp):
     autocast, scaler, _ = train.mixed_precision(amp, device)
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters())
-    ready = [(b["spectrogram"].to(device, memory_format=torch.channels_last).float(), b["mask"].to(device))
-             for b in batches]
+    ready = [(train.model_input(b["spectrogram"], device), b["mask"].to(device)) for b in batches]
 
     def bare_step():
         for x, mask in ready:

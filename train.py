@@ -122,6 +122,14 @@ def new_run_name(checkpoint_dir):
     return name if suffix == 1 else f"{name}-{suffix}"
 
 
+def model_input(spectrogram, device):
+    """A batch's (B, 3, F, T) spectrograms as the model takes them: on the device, channels_last, float32.
+
+    The cache's float16 is converted after the copy, so half the bytes cross to the GPU.
+    """
+    return spectrogram.to(device, non_blocking=True, memory_format=torch.channels_last).float()
+
+
 def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch, distributed=False):
     """One pass over this process's training files.
 
@@ -144,7 +152,7 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
             x, mask = torch.zeros(1, len(COMPONENTS), 32, 32), torch.zeros(1, 32, dtype=torch.bool)
             model.eval()
         n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float()  # float16 from the cache
+        x = model_input(x, device)
         mask = mask.to(device, non_blocking=True)
         with autocast():
             reconstruction = model(x)
@@ -175,7 +183,7 @@ def evaluate(model, loader, autocast, device, skips):
         if batch["spectrogram"] is None:
             continue
         n_bins = int(batch["mask"].sum())
-        x = batch["spectrogram"].to(device, non_blocking=True, memory_format=torch.channels_last).float()
+        x = model_input(batch["spectrogram"], device)
         with autocast():
             reconstruction = model(x)
         total += masked_mse(reconstruction.float(), x, batch["mask"].to(device, non_blocking=True)) * n_bins
@@ -200,7 +208,7 @@ def log_images(model, batch, device, writer, epoch):
     """Input | reconstruction of the fixed validation samples; rows E, N, Z, low frequencies at the bottom."""
     model.eval()
     spectrograms = batch["spectrogram"].float()
-    reconstruction = model(spectrograms.to(device)).clamp(0, 1).cpu().numpy()
+    reconstruction = model(model_input(spectrograms, device)).clamp(0, 1).cpu().numpy()
     for k, meta in enumerate(batch["meta"]):
         n_time = int(batch["mask"][k].sum())
         x, r = spectrograms[k, :, :, :n_time].numpy(), reconstruction[k, :, :, :n_time]
