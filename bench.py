@@ -36,10 +36,13 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import train
-from model import ConvAutoencoder, masked_mse, resolve_device
-from stft_dataset import (DEFAULT_FAMILIES, SeismicSTFTDataset, SkipLog, STFTConfig, available_cores, read_miniseed,
-                          spectrogram)
+from file_index import available_cores
+from model import ConvAutoencoder, masked_mse
+from runtime import loader_options, mixed_precision, model_input, resolve_device
+from stft_dataset import SeismicSTFTDataset, SkipLog
+from training import train_epoch
+from transform import STFTConfig, spectrogram
+from waveforms import DEFAULT_FAMILIES, read_miniseed
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "filtered_waveforms")
 WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
@@ -136,8 +139,8 @@ def bare_loop(paths, stft, read=read_miniseed):
 
 
 def loader(subset, batch_size, workers, device=torch.device("cpu")):
-    """A DataLoader as train.py builds it."""
-    return DataLoader(subset, **train.loader_options(batch_size, workers, device))
+    """A DataLoader as train.py builds it (runtime.loader_options)."""
+    return DataLoader(subset, **loader_options(batch_size, workers, device))
 
 
 def passing(batches):
@@ -148,10 +151,10 @@ def passing(batches):
 def step_stages(batches, cached_loader, device, amp):
     """Stages on the same data: bare forward/backward/step on ready batches, train.py's train_epoch on
     them, and train_epoch fed by a cached DataLoader (the whole pipeline)."""
-    autocast, scaler, _ = train.mixed_precision(amp, device)
+    autocast, scaler, _ = mixed_precision(amp, device)
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters())
-    ready = [(train.model_input(b["spectrogram"], device), b["mask"].to(device)) for b in batches]
+    ready = [(model_input(b["spectrogram"], device), b["mask"].to(device)) for b in batches]
 
     def bare_step():
         for x, mask in ready:
@@ -167,7 +170,7 @@ def step_stages(batches, cached_loader, device, amp):
 
     def own_loop(source):
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            (_, _, samples), _ = train.train_epoch(model, source, optimizer, scaler, autocast, device, SkipLog(), 1)
+            (_, _, samples), _ = train_epoch(model, source, optimizer, scaler, autocast, device, SkipLog(), 1)
         synchronize(device)
         return samples
 
@@ -217,7 +220,6 @@ def machine(device):
 
 def measure(args):
     device = resolve_device(args.device)
-    stft = STFTConfig()
     started = time.perf_counter()
     dataset = SeismicSTFTDataset(args.data_dir)
     index_s = time.perf_counter() - started
@@ -230,44 +232,51 @@ def measure(args):
             f.read()
     figures = {"num_files": len(paths), "machine": machine(device), "device": str(device), "amp": args.amp,
                "batch_size": args.batch_size, "index_s": index_s, "usable_files_in_dir": len(dataset)}
-
-    uncached = Subset(dataset, chosen)
     cache_dir = tempfile.mkdtemp(prefix="bench_cache_")
     try:
-        started = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            cached_set = SeismicSTFTDataset(args.data_dir, cache_dir=cache_dir)
-        figures["cache_build_s"] = time.perf_counter() - started
-        figures["cache_bytes_per_file"] = cache_bytes(cache_dir) / len(cached_set)
-        cached = Subset(cached_set, chosen)
-        rss = []
-        for _ in range(3):  # epochs from the cache: resident memory must not grow
-            passing(loader(cached, args.batch_size, 0))()
-            rss.append(current_rss_mb())
-        figures["cached_rss_mb_per_epoch"] = rss
-
-        stages = {"limit": lambda: bare_loop(paths, stft),
-                  "limit_obspy_read": lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED"))}
-        stages |= {f"loader {w}": passing(loader(uncached, args.batch_size, w)) for w in WORKER_COUNTS}
-        stages |= {f"cached {w}": passing(loader(cached, args.batch_size, w)) for w in WORKER_COUNTS}
-        rates = best_rates(stages)
-        figures |= {"limit": rates["limit"], "limit_obspy_read": rates["limit_obspy_read"],
-                    "loader": {str(w): rates[f"loader {w}"] for w in WORKER_COUNTS},
-                    "cached_loader": {str(w): rates[f"cached {w}"] for w in WORKER_COUNTS}}
-        figures["cached"] = figures["cached_loader"]["0"]
-
+        cached_set = build_cache(args.data_dir, cache_dir, chosen, args.batch_size, figures)
+        figures |= throughput(Subset(dataset, chosen), Subset(cached_set, chosen), paths, args.batch_size)
         # The step stages are compute-bound: a fixed number of batches measures them as well as all files would.
-        stepped = Subset(cached_set, chosen[:STEP_BATCHES * args.batch_size])
+        stepped = Subset(cached_set, chosen[: STEP_BATCHES * args.batch_size])
         batches = list(loader(stepped, args.batch_size, 0))
         figures |= best_rates(step_stages(batches, loader(stepped, args.batch_size, 2, device), device, args.amp))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-
     figures["peak_rss_mb"] = {"main": peak_rss_mb(resource.RUSAGE_SELF),
                               "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN)}
     figures["startup_cold_s"] = startup_seconds(args.data_dir, cold=True)
     figures["startup_warm_s"] = startup_seconds(args.data_dir, cold=False)
     return figures
+
+
+def build_cache(data_dir, cache_dir, chosen, batch_size, figures):
+    """The cached dataset of data_dir; its build time, size per file and RSS over 3 cached epochs of the
+    chosen files into figures."""
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        cached_set = SeismicSTFTDataset(data_dir, cache_dir=cache_dir)
+    figures["cache_build_s"] = time.perf_counter() - started
+    figures["cache_bytes_per_file"] = cache_bytes(cache_dir) / len(cached_set)
+    rss = []
+    for _ in range(3):  # epochs from the cache: resident memory must not grow
+        passing(loader(Subset(cached_set, chosen), batch_size, 0))()
+        rss.append(current_rss_mb())
+    figures["cached_rss_mb_per_epoch"] = rss
+    return cached_set
+
+
+def throughput(uncached, cached, paths, batch_size):
+    """Samples/s of the bare loop (the limit), of the uncached and of the cached DataLoader, per worker count."""
+    stft = STFTConfig()
+    stages = {"limit": lambda: bare_loop(paths, stft),
+              "limit_obspy_read": lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED"))}
+    stages |= {f"loader {w}": passing(loader(uncached, batch_size, w)) for w in WORKER_COUNTS}
+    stages |= {f"cached {w}": passing(loader(cached, batch_size, w)) for w in WORKER_COUNTS}
+    rates = best_rates(stages)
+    return {"limit": rates["limit"], "limit_obspy_read": rates["limit_obspy_read"],
+            "loader": {str(w): rates[f"loader {w}"] for w in WORKER_COUNTS},
+            "cached_loader": {str(w): rates[f"cached {w}"] for w in WORKER_COUNTS},
+            "cached": rates["cached 0"]}
 
 
 def cache_bytes(cache_dir):

@@ -16,8 +16,12 @@ import torch
 from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
 from torch.utils.data import DataLoader, Subset
 
-from model import load_checkpoint, masked_errors, model_from_checkpoint, resolve_device
-from stft_dataset import COMPONENTS, SeismicSTFTDataset, SkipLog, STFTConfig, pad_collate, write_json_atomic
+from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from model import masked_errors
+from runtime import RunError, model_input, resolve_device
+from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
+from storage import write_json_atomic
+from waveforms import COMPONENTS
 
 log = logging.getLogger("inference")
 
@@ -103,7 +107,7 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
-        x, mask = batch["spectrogram"].to(device), batch["mask"].to(device)
+        x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
         reconstruction, reference = model(x), baseline(x, mask)
         errors = {("model", "mse"): masked_errors(reconstruction, x, mask, 2), ("model", "mae"): masked_errors(reconstruction, x, mask, 1),
                   ("baseline", "mse"): masked_errors(reference, x, mask, 2), ("baseline", "mae"): masked_errors(reference, x, mask, 1)}
@@ -145,29 +149,33 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     parser, args = parse_args(argv)
     try:
+        return evaluate_checkpoint(args)
+    except (FileNotFoundError, RunError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def evaluate_checkpoint(args):
+    """Rebuild model and data pipeline from the checkpoint, evaluate, write metrics.json and figures."""
+    try:
         device = resolve_device(args.device)
         checkpoint = load_checkpoint(args.checkpoint, device)
-    except FileNotFoundError:
-        parser.exit(2, f"error: checkpoint not found: {args.checkpoint}\n")
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+    except ValueError as err:  # an unknown device, a foreign or damaged checkpoint
+        raise RunError(str(err)) from None
     model = model_from_checkpoint(checkpoint, device).eval()
-    run_args, stft = checkpoint["args"], STFTConfig(**checkpoint["stft_config"])
-    data_dir = args.data_dir or run_args["data_dir"]
+    settings = data_settings(checkpoint)
+    data_dir, stft, families = args.data_dir or settings["data_dir"], settings["stft"], settings["families"]
     skips = SkipLog()
-    try:
-        dataset = SeismicSTFTDataset(data_dir, run_args["channels"], stft, run_args["extensions"], skips=skips)
-    except FileNotFoundError as err:
-        parser.exit(2, f"error: {err}\n")
+    dataset = SeismicSTFTDataset(data_dir, families, stft, settings["extensions"], skips=skips)
     positions = choose_files(dataset, checkpoint, args)
     if not positions:
-        parser.exit(2, f"error: no usable files of families {' '.join(run_args['channels'])} for --split {args.split} in {data_dir}\n")
+        raise RunError(f"no usable files of families {' '.join(families)} for --split {args.split} in {data_dir}")
     os.makedirs(args.output_dir, exist_ok=True)
     samples = evaluate_files(model, dataset, positions, args, device, stft, skips)
     if not samples:
-        parser.exit(2, f"error: none of the {len(positions)} chosen files could be read (see the warnings above)\n")
-    metrics = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "data_dir": data_dir, "split": args.split,
-               "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(), "samples": samples}
+        raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
+    metrics = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "data_dir": data_dir,
+               "split": args.split, "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(),
+               "samples": samples}
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
     print_table(metrics)
     print(f"skipped files: {skips.describe()}")

@@ -1,11 +1,8 @@
-"""Convolutional autoencoder for 3-component spectrograms, shape (batch, component, freq, time)."""
+"""Convolutional autoencoder for 3-component spectrograms, shape (batch, component, freq, time), and its losses."""
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
 
 
 @dataclass(frozen=True)
@@ -83,44 +80,3 @@ def masked_mse(reconstruction, target, mask):
     valid = mask.sum(dim=1).to(target.dtype)  # (B,) valid time bins per sample
     per_sample = masked_errors(reconstruction, target, mask).mean(dim=1)
     return (per_sample * valid).sum() / valid.sum()
-
-
-def resolve_device(name):
-    """--device of both scripts: 'auto' picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True) of a checkpoint of this project; ValueError names what is wrong."""
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
-        raise ValueError(f"{path} is not a checkpoint of this project (needs keys {', '.join(CHECKPOINT_KEYS)})")
-    return checkpoint
-
-
-def clean_state_dict(state_dict):
-    """Weights saved from a DDP-wrapped ("module.") or torch.compile'd ("_orig_mod.") model -> plain keys."""
-    def plain(key):
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        return key
-    return {plain(key): value for key, value in state_dict.items()}
-
-
-def model_from_checkpoint(checkpoint, device="cpu"):
-    model = ConvAutoencoder(ModelConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(clean_state_dict(checkpoint["model_state"]))
-    return model.to(device)

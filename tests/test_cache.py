@@ -13,10 +13,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import file_index
+import spectrogram_cache
 import stft_dataset
 import train
 from conftest import SHIPPED, copy_files, shipped_files
-from stft_dataset import STFTConfig, SeismicSTFTDataset, SpectrogramCache, build_index, pad_collate
+from file_index import build_index
+from spectrogram_cache import SpectrogramCache
+from stft_dataset import SeismicSTFTDataset, pad_collate
+from transform import STFTConfig
 from test_stft_dataset import empty_file, nan_samples, truncated_file
 
 FLOAT16_ROUNDING = 2**-12  # half the float16 step between 0.5 and 1: the largest rounding error in [0, 1]
@@ -105,7 +110,7 @@ def test_manifest_records_versions_and_positions(real_dir, tmp_path):
     dataset = cached(real_dir, tmp_path / "cache")
     with np.load(os.path.join(dataset.cache.folder, "manifest.npz")) as stored:
         manifest = {field: stored[field] for field in stored.files}
-    assert set(manifest) == set(stft_dataset.MANIFEST_FIELDS) | {"version"}
+    assert set(manifest) == set(spectrogram_cache.MANIFEST_FIELDS) | {"version"}
     assert manifest["path"].tolist() == dataset.files.tolist()
     stats = [os.stat(os.path.join(real_dir, name)) for name in dataset.files]
     assert manifest["version"].tolist() == [[s.st_size, s.st_mtime_ns] for s in stats]
@@ -261,14 +266,14 @@ def test_parallel_header_index_equals_serial(real_dir, tmp_path, monkeypatch):
     truncated_file(real_dir)
     pools = []
 
-    class RecordedPool(stft_dataset.ProcessPoolExecutor):
+    class RecordedPool(file_index.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(args)
             super().__init__(*args, **kwargs)
 
     serial = build_index(real_dir, index_path=str(tmp_path / "serial.json"), processes=1)
-    monkeypatch.setattr(stft_dataset, "PARALLEL_INDEX_MIN_FILES", 0)
-    monkeypatch.setattr(stft_dataset, "ProcessPoolExecutor", RecordedPool)
+    monkeypatch.setattr(file_index, "PARALLEL_INDEX_MIN_FILES", 0)
+    monkeypatch.setattr(file_index, "ProcessPoolExecutor", RecordedPool)
     parallel = build_index(real_dir, index_path=str(tmp_path / "parallel.json"), processes=2)
     assert pools == [(2,)]
     assert list(parallel.items()) == list(serial.items())

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import ConvAutoencoder, ModelConfig, load_checkpoint, masked_errors, masked_mse, model_from_checkpoint
-from stft_dataset import STFTConfig
-from train import save_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import ConvAutoencoder, ModelConfig, masked_errors, masked_mse
+from transform import STFTConfig
 
 
 def test_parameter_count_matches_specification():

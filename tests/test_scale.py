@@ -13,9 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, Subset
 
 import inference
+import runtime
 import train
+import training
+from checkpoints import clean_state_dict, model_from_checkpoint
 from conftest import ROOT, copy_files, shipped_files
-from model import ConvAutoencoder, clean_state_dict, model_from_checkpoint
+from model import ConvAutoencoder
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from test_stft_dataset import nan_samples
 
@@ -144,8 +147,8 @@ def test_ddp_validation_loss_equals_a_single_process_evaluation(ddp_run):
     sums = np.zeros(2)
     for share in ddp_run["val"]:  # the same batches as the processes formed (padding changes the output)
         loader = DataLoader(Subset(dataset, [position[f] for f in share]), batch_size=4, collate_fn=pad_collate)
-        sums += train.sum_over_processes(train.evaluate(model, loader, nullcontext, CPU, SkipLog()), CPU)
-    assert train.mean_loss(*sums) == pytest.approx(best["best_val_loss"], rel=1e-5)
+        sums += runtime.sum_over_processes(training.evaluate(model, loader, nullcontext, CPU, SkipLog()), CPU)
+    assert training.mean_loss(*sums) == pytest.approx(best["best_val_loss"], rel=1e-5)
 
 
 def test_ddp_resume_continues_the_same_run(ddp_run, ddp_resumed):
@@ -231,7 +234,7 @@ def test_fp16_uses_a_gradient_scaler_that_resume_restores(amp_dir, tmp_path):
     ("fp16", "fp16", torch.float16, True),
 ])
 def test_mixed_precision_on_cpu(amp, name, output_dtype, scaled):
-    autocast, scaler, resolved = train.mixed_precision(amp, CPU)
+    autocast, scaler, resolved = runtime.mixed_precision(amp, CPU)
     assert resolved == name and scaler.is_enabled() == scaled
     if amp == "off":
         assert autocast is nullcontext
@@ -289,9 +292,9 @@ def test_clean_state_dict_keeps_prefixes_inside_key_names():
 
 
 def test_epoch_seed_is_reproducible_and_differs_across_processes_and_epochs():
-    seeds = {(epoch, rank): train.epoch_seed(42, epoch, rank) for epoch in range(1, 6) for rank in range(4)}
+    seeds = {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch in range(1, 6) for rank in range(4)}
     assert len(set(seeds.values())) == len(seeds)
-    assert seeds == {(epoch, rank): train.epoch_seed(42, epoch, rank) for epoch, rank in seeds}
-    assert train.epoch_seed(43, 1, 0) != seeds[1, 0]
+    assert seeds == {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch, rank in seeds}
+    assert runtime.epoch_seed(43, 1, 0) != seeds[1, 0]
     assert all(isinstance(seed, int) and 0 <= seed < 2 ** 32 for seed in seeds.values())
     torch.manual_seed(seeds[1, 0])  # accepted as a torch seed

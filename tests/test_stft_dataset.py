@@ -14,10 +14,12 @@ import pytest
 import scipy.signal
 import torch
 
-import stft_dataset
+import file_index
 from conftest import INCOMPLETE, SHIPPED, copy_files, shipped_files
-from stft_dataset import (DEFAULT_FAMILIES, STFTConfig, SeismicSTFTDataset, SkipLog, build_index, find_files,
-                          pad_collate, read_waveform, spectrogram)
+from file_index import build_index, find_files
+from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
+from transform import STFTConfig, spectrogram
+from waveforms import DEFAULT_FAMILIES, read_waveform
 
 KNW = "AZ.KNW.HH.20120808T165050.mseed"  # real HH file: 100 Hz, 90 s (9001 samples), HHE/HHN/HHZ
 PFO = "AZ.PFO.HH.20120831T084343.mseed"  # a second HH station
@@ -369,9 +371,9 @@ def test_second_construction_reads_no_file(real_dir, tmp_path, monkeypatch):
     first = SeismicSTFTDataset(real_dir, index_path=index_path)
     with open(index_path) as f:
         stored = json.load(f)
-    assert stored["version"] == stft_dataset.INDEX_VERSION and len(stored["files"]) == 8
-    monkeypatch.setattr(stft_dataset, "header_record", refuse)
-    monkeypatch.setattr(stft_dataset, "read_stream", refuse)
+    assert stored["version"] == file_index.INDEX_VERSION and len(stored["files"]) == 8
+    monkeypatch.setattr(file_index, "header_record", refuse)
+    monkeypatch.setattr(file_index, "read_stream", refuse)
     monkeypatch.setattr(obspy, "read", refuse)
     second = SeismicSTFTDataset(real_dir, index_path=index_path)
     assert list(second.files) == list(first.files) and len(second) == 8
@@ -379,8 +381,8 @@ def test_second_construction_reads_no_file(real_dir, tmp_path, monkeypatch):
 
 def count_header_reads(monkeypatch):
     read = []
-    original = stft_dataset.header_record
-    monkeypatch.setattr(stft_dataset, "header_record", lambda path: read.append(path) or original(path))
+    original = file_index.header_record
+    monkeypatch.setattr(file_index, "header_record", lambda path: read.append(path) or original(path))
     return read
 
 
@@ -437,10 +439,10 @@ def test_index_with_foreign_json_layout_is_ignored(real_dir, tmp_path, content):
 
 def test_index_from_other_version_is_rebuilt(real_dir, tmp_path, monkeypatch):
     index_path = tmp_path / "index.json"
-    index_path.write_text(json.dumps({"version": stft_dataset.INDEX_VERSION + 1, "files": {}}))
+    index_path.write_text(json.dumps({"version": file_index.INDEX_VERSION + 1, "files": {}}))
     read = count_header_reads(monkeypatch)
     SeismicSTFTDataset(real_dir, index_path=str(index_path))
-    assert len(read) == 8 and json.loads(index_path.read_text())["version"] == stft_dataset.INDEX_VERSION
+    assert len(read) == 8 and json.loads(index_path.read_text())["version"] == file_index.INDEX_VERSION
 
 
 def test_build_index_records_errors_and_seed_ids(tmp_path):

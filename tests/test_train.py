@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import checkpoints
 import train
 from conftest import INCOMPLETE, copy_files
 
@@ -88,7 +89,7 @@ def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path):
 
 def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_checkpoint({"epoch": 1}, path)
+    checkpoints.save_checkpoint({"epoch": 1}, path)
 
     def dies_halfway(obj, f):
         f.write(b"partial")
@@ -96,7 +97,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"epoch": 2}, path)
+        checkpoints.save_checkpoint({"epoch": 2}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
 

@@ -1,0 +1,147 @@
+"""The spectrogram cache: each file's spectrogram computed once, then read back through numpy memmaps.
+
+Folder `<cache_dir>/<key>/`, the key hashing every setting that changes a spectrogram (STFT,
+normalisation, families, data directory), so a new --nfft never reads stale data:
+  shard_N.f16   float16 spectrograms (3, n_freq, n_time) back to back; written once, never changed
+                or removed (the space of files changed since stays used: delete the folder to reclaim it)
+  manifest.npz  one row per file: size and mtime it was computed from, shard, offset, n_time,
+                metadata, or why the file is unusable (those are not retried until they change)
+Files that are new or changed since the manifest go into a new shard. Writers hold a file
+lock; DataLoader workers only read, each mapping the shards itself.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from storage import atomic_write, write_json_atomic
+from transform import DEAD_RELATIVE_LEVEL, NORMALISATION
+from waveforms import MAX_GAP_SECONDS
+
+log = logging.getLogger("spectrogram_cache")
+
+CACHE_VERSION = 1  # raise when read_waveform() or spectrogram() change what they return
+MANIFEST_FIELDS = {"path": str, "shard": np.int32, "offset": np.int64, "n_time": np.int32, "trace_id": str,
+                   "family": str, "starttime": str, "skip_reason": str, "message": str}
+
+
+def cache_key(dataset):
+    """(folder name, settings): everything that changes what a cached spectrogram holds."""
+    settings = {"cache_version": CACHE_VERSION, "data_dir": os.path.abspath(dataset.data_dir),
+                "families": sorted(dataset.families), "stft": asdict(dataset.stft), "max_gap_seconds": MAX_GAP_SECONDS,
+                "dead_relative_level": DEAD_RELATIVE_LEVEL, "normalisation": NORMALISATION}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
+
+
+def empty_manifest():
+    return {field: np.empty(0, dtype) for field, dtype in MANIFEST_FIELDS.items()} | {"version": np.empty((0, 2), np.int64)}
+
+
+def manifest_row(relpath, meta):
+    """A manifest row of an item that could not be stored (yet): metadata, or why the file is unusable."""
+    return {"path": relpath, "shard": -1, "offset": 0, "n_time": 0, "trace_id": meta.get("trace_id", ""),
+            "family": meta.get("family", ""), "starttime": meta.get("starttime", ""),
+            "skip_reason": meta.get("skip_reason", ""), "message": meta.get("message", "")}
+
+
+class SpectrogramCache:
+    """A dataset's spectrograms, computed once and then read through numpy memmaps (see the module docstring).
+
+    `versions`: (n_files, 2) int64 size and mtime_ns of the dataset's files, to tell changed files.
+    """
+
+    def __init__(self, cache_dir, dataset, versions, processes):
+        key, settings = cache_key(dataset)
+        self.folder = os.path.join(cache_dir, key)
+        self.data_dir, self.n_freq = dataset.data_dir, dataset.stft.n_freq
+        os.makedirs(self.folder, exist_ok=True)
+        with FileLock(os.path.join(self.folder, "lock")):
+            if not os.path.exists(os.path.join(self.folder, "settings.json")):  # for people: what the key stands for
+                write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
+            manifest = self.load_manifest()
+            stale = self.stale_files(manifest, dataset.files, versions)
+            if stale:
+                manifest = self.extend(manifest, dataset, stale, versions, processes)
+        self.manifest = manifest
+        row_of = {path: row for row, path in enumerate(manifest["path"])}
+        self.rows = np.array([row_of[path] for path in dataset.files], dtype=np.int64)  # dataset index -> row
+        self.shards = {}  # shard number -> memmap, opened lazily in each process
+
+    @staticmethod
+    def stale_files(manifest, files, versions):
+        """Positions of the files that the manifest lacks or holds for another size or mtime."""
+        row_of = {path: row for row, path in enumerate(manifest["path"])}
+        return [i for i, (path, version) in enumerate(zip(files, versions))
+                if path not in row_of or tuple(manifest["version"][row_of[path]]) != tuple(version)]
+
+    def load_manifest(self):
+        """The stored manifest, or an empty one (no cache yet, or one that cannot be read: rebuilt)."""
+        path = os.path.join(self.folder, "manifest.npz")
+        if os.path.exists(path):
+            try:
+                with np.load(path) as stored:
+                    return {field: stored[field] for field in (*MANIFEST_FIELDS, "version")}
+            except Exception as err:  # truncated or foreign file: zipfile, OSError, KeyError, ...
+                log.warning("rebuilding the cache in %s: manifest unreadable (%s: %s)", self.folder,
+                            type(err).__name__, err)
+        return empty_manifest()
+
+    def extend(self, manifest, dataset, stale, versions, processes):
+        """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
+        # A new number every time: a running process may still read older shards through its own manifest.
+        numbers = [int(name[6:-4]) for name in os.listdir(self.folder) if re.fullmatch(r"shard_\d+\.f16", name)]
+        shard = max(numbers, default=-1) + 1
+        shard_path = os.path.join(self.folder, f"shard_{shard}.f16")
+        rows = []
+        atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, stale, processes)))
+        fresh = set(dataset.files[stale])
+        keep = np.array([path not in fresh for path in manifest["path"]], dtype=bool)
+        merged = {field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
+                  for field, dtype in MANIFEST_FIELDS.items()}
+        merged["version"] = np.concatenate([manifest["version"][keep], versions[stale]])
+        atomic_write(os.path.join(self.folder, "manifest.npz"), lambda f: np.savez(f, **merged))
+        if all(row["shard"] != shard for row in rows):  # every new file was unusable
+            os.remove(shard_path)
+        return merged
+
+    @staticmethod
+    def write_shard(f, shard, dataset, stale, processes):
+        """Spectrograms of dataset[stale] into the open shard file f, in order; returns their manifest rows."""
+        workers = min(processes, len(stale)) if processes > 1 else 0
+        loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=workers)
+        progress = tqdm(loader, desc=f"caching {len(stale)} spectrograms", unit="file", dynamic_ncols=True)
+        rows, offset = [], 0
+        for relpath, (x, meta) in zip(dataset.files[stale], progress):  # the loader keeps the order
+            row = manifest_row(relpath, meta)
+            if x is not None:
+                f.write(x.numpy().astype(np.float16).tobytes())
+                row.update(shard=shard, offset=offset, n_time=x.shape[-1])
+                offset += x.numel()
+            rows.append(row)
+        return rows
+
+    def __getstate__(self):
+        return {**self.__dict__, "shards": {}}  # a worker maps the shards itself; never pickle mapped data
+
+    def item(self, i):
+        """Dataset item i: (spectrogram (3, n_freq, n_time) float16, metadata), as SeismicSTFTDataset gives it."""
+        row = self.rows[i]
+        m = self.manifest
+        path = os.path.join(self.data_dir, str(m["path"][row]))
+        if m["skip_reason"][row]:
+            return None, {"path": path, "skip_reason": str(m["skip_reason"][row]), "message": str(m["message"][row])}
+        shard, offset, n_time = int(m["shard"][row]), int(m["offset"][row]), int(m["n_time"][row])
+        if shard not in self.shards:
+            self.shards[shard] = np.memmap(os.path.join(self.folder, f"shard_{shard}.f16"), dtype=np.float16, mode="r")
+        values = self.shards[shard][offset : offset + 3 * self.n_freq * n_time].reshape(3, self.n_freq, n_time)
+        meta = {"path": path, "trace_id": str(m["trace_id"][row]), "family": str(m["family"][row]),
+                "starttime": str(m["starttime"][row])}
+        return torch.from_numpy(np.array(values)), meta

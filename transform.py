@@ -1,0 +1,63 @@
+"""The transform, in one place: (3, n_samples) waveform -> normalised log-magnitude STFT (3, n_freq, n_time).
+
+`STFTConfig` holds its settings (stored in every checkpoint); `spectrogram` applies it. Nothing
+else in the repository calls scipy.signal.stft.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.signal
+
+# Below one count in an int32 full scale (1 / 2**31 > 1e-10), so any real variation of integer data counts as alive.
+DEAD_RELATIVE_LEVEL = 1e-10
+NORMALISATION = "log10 |STFT|, min-max per component"
+
+
+@dataclass(frozen=True)
+class STFTConfig:
+    """Settings of the transform; stored in every checkpoint. Same meaning as scipy.signal.stft."""
+
+    sampling_rate: float = 100.0  # Hz; every waveform is resampled to it first
+    nperseg: int = 256  # samples per window (2.56 s at 100 Hz)
+    noverlap: int = 192  # samples shared by neighbouring windows (hop 64 samples = 0.64 s)
+    nfft: int = 256  # FFT length: nfft // 2 + 1 frequency bins, 0 to sampling_rate / 2
+    eps: float = 1e-10  # added to |STFT| before log10 so that silent bins stay finite
+
+    def __post_init__(self):
+        if not 0 <= self.noverlap < self.nperseg:
+            raise ValueError(f"need 0 <= noverlap < nperseg, got noverlap={self.noverlap}, nperseg={self.nperseg}")
+        if self.nfft < self.nperseg:
+            raise ValueError(f"need nfft >= nperseg, got nfft={self.nfft}, nperseg={self.nperseg}")
+        if self.sampling_rate <= 0 or self.eps <= 0:
+            raise ValueError("sampling_rate and eps must be positive")
+
+    @property
+    def n_freq(self):
+        return self.nfft // 2 + 1
+
+    def axes(self, n_time):
+        """Frequencies (Hz) and window-centre times (s) of a spectrogram, as scipy.signal.stft gives them."""
+        freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)
+        times = np.arange(n_time) * (self.nperseg - self.noverlap) / self.sampling_rate
+        return freqs, times
+
+
+def spectrogram(waveform, stft):
+    """(3, n_samples) waveform -> (3, n_freq, n_time) float32 in [0, 1].
+
+    Demean, |scipy.signal.stft|, log10(. + eps), then min-max per component. A constant
+    (dead) component, also one constant only up to float rounding, becomes all zeros, never NaN.
+    """
+    level = np.abs(waveform).max(axis=-1)
+    waveform = waveform - waveform.mean(axis=-1, keepdims=True)
+    # Dead: constant up to float rounding (e.g. left by FFT resampling), which min-max would blow up to [0, 1].
+    dead = np.abs(waveform).max(axis=-1) <= DEAD_RELATIVE_LEVEL * level
+    _, _, coefficients = scipy.signal.stft(
+        waveform, fs=stft.sampling_rate, nperseg=stft.nperseg, noverlap=stft.noverlap, nfft=stft.nfft, axis=-1
+    )
+    log_magnitude = np.log10(np.abs(coefficients) + stft.eps)  # (3, freq, time)
+    low = log_magnitude.min(axis=(1, 2), keepdims=True)
+    span = log_magnitude.max(axis=(1, 2), keepdims=True) - low
+    scaled = (log_magnitude - low) / np.where(span > 0, span, 1.0)
+    scaled[dead] = 0.0
+    return scaled.astype(np.float32)

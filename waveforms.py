@@ -1,0 +1,148 @@
+"""Reading miniSEED files and choosing one instrument's E, N, Z components.
+
+path -> obspy Stream -> (3, n_samples) float64 waveform at the target sampling rate, in E, N, Z
+order. A file that cannot give a clean 3-component waveform raises `UnusableFile` with a short
+reason (counted by the scripts) and a detail that names what is wrong.
+"""
+import os
+import warnings
+from collections import defaultdict
+from functools import partial
+from importlib.metadata import entry_points
+
+import numpy as np
+import obspy
+
+COMPONENTS = ("E", "N", "Z")  # channel 0, 1, 2 of every spectrogram
+# Unrotated horizontals: 1 is taken as N, 2 as E (the SEED convention for 1/2 orientation codes).
+COMPONENT_CODES = {"E": "E", "N": "N", "Z": "Z", "1": "N", "2": "E"}
+DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
+MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
+NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
+MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
+
+
+class UnusableFile(Exception):
+    """A file that cannot give a 3-component waveform. `reason` is a short category for counts."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def miniseed_reader():
+    """The reader obspy registers for format "MSEED", looked up once.
+
+    obspy.read(path, format="MSEED") calls this same function but looks the plugin up again on
+    every call, which costs more than reading a 3-trace event file (0.8 of 1.1 ms here).
+    """
+    found = [ep for ep in entry_points(group="obspy.plugin.waveform.MSEED") if ep.name == "readFormat"]
+    return found[0].load() if found else partial(obspy.read, format="MSEED")
+
+
+read_miniseed = miniseed_reader()
+
+
+def read_stream(path, headonly=False):
+    """Read a file as miniSEED; a read error or a libmseed warning (damaged record) is UnusableFile."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            stream = read_miniseed(path, headonly=headonly)
+        except Exception as err:  # obspy raises many types for broken input
+            reason = "empty file" if os.path.getsize(path) == 0 else "not readable as miniSEED"
+            raise UnusableFile(reason, f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if caught:
+        raise UnusableFile("damaged or truncated miniSEED", str(caught[0].message).splitlines()[0])
+    if len(stream) == 0:
+        raise UnusableFile("no traces")
+    return stream
+
+
+def group_by_instrument(seed_ids):
+    """Trace ids ("NET.STA.LOC.CHA") -> ({(instrument, family): {component: {codes}}}, {(key, component): [positions]})."""
+    instruments = defaultdict(lambda: defaultdict(set))
+    positions = defaultdict(list)
+    for position, seed_id in enumerate(seed_ids):
+        network, station, location, channel = seed_id.split(".")
+        family, code = channel[:2], channel[2:]
+        key = (f"{network}.{station}.{location}.{family}?", family)
+        if code in COMPONENT_CODES:
+            instruments[key][COMPONENT_CODES[code]].add(code)
+            positions[key, COMPONENT_CODES[code]].append(position)
+    return instruments, positions
+
+
+def choose_components(seed_ids, families):
+    """Pick one instrument's E, N, Z traces from a file's trace ids ("NET.STA.LOC.CHA").
+
+    Returns (instrument id "NET.STA.LOC.HH?", family, {component: [trace positions]}).
+    Raises UnusableFile when no requested family has all three components, or when the
+    choice is ambiguous (two complete instruments, or both E/N and 1/2 for one component).
+    """
+    instruments, positions = group_by_instrument(seed_ids)
+    wanted = {key: found for key, found in instruments.items() if key[1] in families}
+    if not wanted:
+        present = sorted({family for _, family in instruments}) or ["none with E/N/Z/1/2 codes"]
+        raise UnusableFile(NOT_REQUESTED, ", ".join(present))
+    for (instrument, _), found in wanted.items():
+        doubled = [component for component, codes in found.items() if len(codes) > 1]
+        if doubled:
+            codes = "/".join(sorted(found[doubled[0]]))
+            raise UnusableFile("unresolvable mixture", f"{instrument}: both {codes} for {doubled[0]}")
+    complete = [key for key, found in wanted.items() if len(found) == 3]
+    if len(complete) > 1:
+        names = ", ".join(key[0] for key in complete)
+        raise UnusableFile("unresolvable mixture", f"several 3-component instruments: {names}")
+    if not complete:
+        instrument, found = max(wanted.items(), key=lambda item: len(item[1]))
+        missing = ", ".join(c for c in COMPONENTS if c not in found)
+        raise UnusableFile("fewer than 3 components", f"{instrument[0]}: {len(found)} of 3 components (missing {missing})")
+    key = complete[0]
+    return key[0], key[1], {c: positions[key, c] for c in COMPONENTS}
+
+
+def merge_component(traces, name, sampling_rate):
+    """Traces of one component -> one float64 trace at `sampling_rate`; small gaps interpolated."""
+    stream = obspy.Stream(traces)  # traces of a stream read for this call alone: changed in place
+    for trace in stream:
+        if not np.all(np.isfinite(trace.data)):
+            raise UnusableFile("NaN or infinite samples", name)
+        if trace.stats.sampling_rate <= 0:
+            raise UnusableFile("invalid sampling rate", f"{name}: {trace.stats.sampling_rate} Hz")
+        trace.data = trace.data.astype(np.float64)
+    if len(stream) > 1:  # the common case, one trace per component, needs no merge
+        gaps = [gap[6] for gap in stream.get_gaps()]
+        if gaps and max(gaps) > MAX_GAP_SECONDS:
+            raise UnusableFile("gap too long", f"{name}: {max(gaps):.2f} s gap (limit {MAX_GAP_SECONDS} s)")
+        try:
+            stream.merge(method=1, fill_value="interpolate")
+        except Exception as err:  # e.g. differing sampling rates within one channel
+            raise UnusableFile("unmergeable traces", f"{name}: {err}") from None
+    trace = stream[0]
+    if not np.isclose(trace.stats.sampling_rate, sampling_rate):
+        trace.resample(sampling_rate)  # FFT-based; 40 Hz BH and 200 Hz HH become 100 Hz
+    return trace
+
+
+def read_waveform(path, families, stft):
+    """File -> ((3, n_samples) float64 waveform in E, N, Z order, metadata dict).
+
+    `stft` (transform.STFTConfig) gives the sampling rate to resample to and the shortest usable length.
+    """
+    stream = read_stream(path)
+    instrument, family, picks = choose_components([trace.id for trace in stream], families)
+    traces = [merge_component([stream[i] for i in picks[c]], instrument[:-1] + c, stft.sampling_rate)
+              for c in COMPONENTS]
+    start = max(trace.stats.starttime for trace in traces)
+    end = min(trace.stats.endtime for trace in traces)
+    if end <= start:
+        raise UnusableFile("components do not overlap", instrument)
+    for trace in traces:
+        if trace.stats.starttime != start or trace.stats.endtime != end:  # trim is slow even when it cuts nothing
+            trace.trim(start, end)
+    n_samples = min(trace.stats.npts for trace in traces)
+    if n_samples < stft.nperseg:
+        raise UnusableFile("too short for one STFT window", f"{n_samples} common samples < nperseg={stft.nperseg}")
+    waveform = np.stack([trace.data[:n_samples] for trace in traces])
+    return waveform, {"trace_id": instrument, "family": family, "starttime": str(start)}
