@@ -16,6 +16,7 @@ the DataLoader workers; ratios compare figures of the same run only.
   pipeline    train_epoch fed by the cached DataLoader (what an epoch with --cache_dir costs)
   startup     a new Python process, launch to first batch: cold (no index) and warm (index stored)
 """
+
 import argparse
 import contextlib
 import io
@@ -61,19 +62,29 @@ print(time.time(), len(dataset))
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add("--data_dir", default="data/filtered_waveforms", help="directory of miniSEED files to measure on")
-    add("--num_files", type=int, default=0, help="files taken for the throughput stages, spread over the "
-                                                 "directory (0 = all)")
+    add(
+        "--num_files",
+        type=int,
+        default=0,
+        help="files taken for the throughput stages, spread over the directory (0 = all)",
+    )
     add("--batch_size", type=int, default=32, help="spectrograms per batch")
     add("--device", default="auto", help="device of the training-step stages ('auto', 'cpu', 'cuda')")
     add("--amp", choices=("off", "auto", "bf16", "fp16"), default="off", help="mixed precision of the step stages")
     add("--json", metavar="PATH", help="also write the figures to this JSON file")
-    add("--make_files", nargs=2, metavar=("N", "DIR"), help=f"first write N files of {WINDOW_SECONDS:.0f} s cut "
-                                                            "from the shipped recordings into DIR (files already "
-                                                            "there are kept), then measure on DIR")
+    add(
+        "--make_files",
+        nargs=2,
+        metavar=("N", "DIR"),
+        help=f"first write N files of {WINDOW_SECONDS:.0f} s cut "
+        "from the shipped recordings into DIR (files already "
+        "there are kept), then measure on DIR",
+    )
     args = parser.parse_args(argv)
     if args.num_files < 0 or args.batch_size < 1:
         parser.error("--num_files must be >= 0 and --batch_size >= 1")
@@ -84,8 +95,13 @@ def parse_args(argv=None):
 
 def make_files(n_files, out_dir, processes=None):
     """Write n_files real 3-component windows: shipped recordings cut at random offsets, rewritten as miniSEED."""
-    sources = [os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES]
-    chunks = [(sources, out_dir, start, min(start + FILES_PER_FOLDER, n_files)) for start in range(0, n_files, FILES_PER_FOLDER)]
+    sources = [
+        os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES
+    ]
+    chunks = [
+        (sources, out_dir, start, min(start + FILES_PER_FOLDER, n_files))
+        for start in range(0, n_files, FILES_PER_FOLDER)
+    ]
     with ProcessPoolExecutor(processes or available_cores()) as pool:
         return sum(pool.map(write_folder, chunks))
 
@@ -174,7 +190,11 @@ def step_stages(batches, cached_loader, device, amp):
         synchronize(device)
         return samples
 
-    return {"bare_step": bare_step, "train_loop": lambda: own_loop(batches), "pipeline": lambda: own_loop(cached_loader)}
+    return {
+        "bare_step": bare_step,
+        "train_loop": lambda: own_loop(batches),
+        "pipeline": lambda: own_loop(cached_loader),
+    }
 
 
 def synchronize(device):
@@ -189,8 +209,13 @@ def startup_seconds(data_dir, cold):
         if os.path.exists(with_index):
             os.remove(with_index)
     launched = time.time()
-    result = subprocess.run([sys.executable, "-c", FIRST_BATCH, data_dir], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_BATCH, data_dir],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        check=True,
+    )
     return float(result.stdout.split()[0]) - launched
 
 
@@ -212,7 +237,9 @@ def machine(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    described = f"{cpu}, {available_cores()} cores usable, Python {platform.python_version()}, torch {torch.__version__}"
+    described = (
+        f"{cpu}, {available_cores()} cores usable, Python {platform.python_version()}, torch {torch.__version__}"
+    )
     if device.type == "cuda":
         described += f", GPU {torch.cuda.get_device_name(device)}"
     return described
@@ -225,13 +252,22 @@ def measure(args):
     index_s = time.perf_counter() - started
     if len(dataset) < 2:
         sys.exit(f"error: {len(dataset)} usable files in {args.data_dir}; bench.py needs at least 2")
-    chosen = np.linspace(0, len(dataset) - 1, min(args.num_files or len(dataset), len(dataset))).round().astype(np.int64)
+    chosen = (
+        np.linspace(0, len(dataset) - 1, min(args.num_files or len(dataset), len(dataset))).round().astype(np.int64)
+    )
     paths = [os.path.join(args.data_dir, dataset.files[i]) for i in chosen]
     for path in paths:  # warm the page cache so that every stage reads the same way
         with open(path, "rb") as f:
             f.read()
-    figures = {"num_files": len(paths), "machine": machine(device), "device": str(device), "amp": args.amp,
-               "batch_size": args.batch_size, "index_s": index_s, "usable_files_in_dir": len(dataset)}
+    figures = {
+        "num_files": len(paths),
+        "machine": machine(device),
+        "device": str(device),
+        "amp": args.amp,
+        "batch_size": args.batch_size,
+        "index_s": index_s,
+        "usable_files_in_dir": len(dataset),
+    }
     cache_dir = tempfile.mkdtemp(prefix="bench_cache_")
     try:
         cached_set = build_cache(args.data_dir, cache_dir, chosen, args.batch_size, figures)
@@ -242,8 +278,10 @@ def measure(args):
         figures |= best_rates(step_stages(batches, loader(stepped, args.batch_size, 2, device), device, args.amp))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    figures["peak_rss_mb"] = {"main": peak_rss_mb(resource.RUSAGE_SELF),
-                              "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+    figures["peak_rss_mb"] = {
+        "main": peak_rss_mb(resource.RUSAGE_SELF),
+        "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN),
+    }
     figures["startup_cold_s"] = startup_seconds(args.data_dir, cold=True)
     figures["startup_warm_s"] = startup_seconds(args.data_dir, cold=False)
     return figures
@@ -268,43 +306,72 @@ def build_cache(data_dir, cache_dir, chosen, batch_size, figures):
 def throughput(uncached, cached, paths, batch_size):
     """Samples/s of the bare loop (the limit), of the uncached and of the cached DataLoader, per worker count."""
     stft = STFTConfig()
-    stages = {"limit": lambda: bare_loop(paths, stft),
-              "limit_obspy_read": lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED"))}
+    stages = {
+        "limit": lambda: bare_loop(paths, stft),
+        "limit_obspy_read": lambda: bare_loop(paths, stft, partial(obspy.read, format="MSEED")),
+    }
     stages |= {f"loader {w}": passing(loader(uncached, batch_size, w)) for w in WORKER_COUNTS}
     stages |= {f"cached {w}": passing(loader(cached, batch_size, w)) for w in WORKER_COUNTS}
     rates = best_rates(stages)
-    return {"limit": rates["limit"], "limit_obspy_read": rates["limit_obspy_read"],
-            "loader": {str(w): rates[f"loader {w}"] for w in WORKER_COUNTS},
-            "cached_loader": {str(w): rates[f"cached {w}"] for w in WORKER_COUNTS},
-            "cached": rates["cached 0"]}
+    return {
+        "limit": rates["limit"],
+        "limit_obspy_read": rates["limit_obspy_read"],
+        "loader": {str(w): rates[f"loader {w}"] for w in WORKER_COUNTS},
+        "cached_loader": {str(w): rates[f"cached {w}"] for w in WORKER_COUNTS},
+        "cached": rates["cached 0"],
+    }
 
 
 def cache_bytes(cache_dir):
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(cache_dir)
-               for name in names if name.endswith(".f16"))
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(cache_dir)
+        for name in names
+        if name.endswith(".f16")
+    )
 
 
 def print_table(f):
     limit = f["limit"]
-    rows = [("limit: read + STFT, 1 process", f["limit"], "1.00 x limit"),
-            ("same with obspy.read (plugin lookup per call)", f["limit_obspy_read"], f"{f['limit_obspy_read'] / limit:.2f} x limit")]
+    rows = [
+        ("limit: read + STFT, 1 process", f["limit"], "1.00 x limit"),
+        (
+            "same with obspy.read (plugin lookup per call)",
+            f["limit_obspy_read"],
+            f"{f['limit_obspy_read'] / limit:.2f} x limit",
+        ),
+    ]
     for w, value in f["loader"].items():
-        rows.append((f"DataLoader, {w} workers", value, f"{value / (limit * max(1, int(w))):.2f} x limit x {max(1, int(w))}"))
+        rows.append(
+            (f"DataLoader, {w} workers", value, f"{value / (limit * max(1, int(w))):.2f} x limit x {max(1, int(w))}")
+        )
     for w, value in f["cached_loader"].items():
         rows.append((f"cached DataLoader, {w} workers", value, f"{value / f['loader'][w]:.1f} x uncached"))
-    rows += [("bare forward/backward/step", f["bare_step"], ""),
-             ("train.py train_epoch, same batches", f["train_loop"], f"{f['train_loop'] / f['bare_step']:.2f} x bare step"),
-             ("train_epoch + cached DataLoader, 2 workers", f["pipeline"], f"{f['pipeline'] / f['bare_step']:.2f} x bare step")]
-    print(f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
-          f"amp {f['amp']}, batch {f['batch_size']}")
+    rows += [
+        ("bare forward/backward/step", f["bare_step"], ""),
+        ("train.py train_epoch, same batches", f["train_loop"], f"{f['train_loop'] / f['bare_step']:.2f} x bare step"),
+        (
+            "train_epoch + cached DataLoader, 2 workers",
+            f["pipeline"],
+            f"{f['pipeline'] / f['bare_step']:.2f} x bare step",
+        ),
+    ]
+    print(
+        f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
+        f"amp {f['amp']}, batch {f['batch_size']}"
+    )
     print(f"{'stage':44s} {'samples/s':>10s}  ratio")
     for name, value, ratio in rows:
         print(f"{name:44s} {value:10.1f}  {ratio}")
-    print(f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
-          f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB")
+    print(
+        f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
+        f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB"
+    )
     print(f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm")
-    print(f"peak RSS: main process {f['peak_rss_mb']['main']:.0f} MB, "
-          f"largest worker {f['peak_rss_mb']['largest_worker']:.0f} MB")
+    print(
+        f"peak RSS: main process {f['peak_rss_mb']['main']:.0f} MB, "
+        f"largest worker {f['peak_rss_mb']['largest_worker']:.0f} MB"
+    )
 
 
 def main(argv=None):
@@ -313,8 +380,10 @@ def main(argv=None):
         n_files, args.data_dir = int(args.make_files[0]), args.make_files[1]
         started = time.perf_counter()
         written = make_files(n_files, args.data_dir)
-        print(f"wrote {written} files to {args.data_dir} in {time.perf_counter() - started:.1f} s "
-              f"({n_files - written} already there)")
+        print(
+            f"wrote {written} files to {args.data_dir} in {time.perf_counter() - started:.1f} s "
+            f"({n_files - written} already there)"
+        )
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
     figures = measure(args)

@@ -9,6 +9,7 @@ torch.load(weights_only=True):
   epoch, global_step, best_val_loss, best_epoch, history   where the run stands
 Scripts rebuild the model with `model_from_checkpoint` and the data pipeline with `data_settings`.
 """
+
 import os
 from dataclasses import asdict
 
@@ -32,9 +33,17 @@ def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_f
 
     args: train.py's flags as a dict (vars(args)); val_files: relative paths.
     """
-    return {**state, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "scaler_state": scaler.state_dict(), "model_config": model.config.to_dict(),
-            "stft_config": asdict(stft), "args": args, "run_name": run_name, "val_files": val_files}
+    return {
+        **state,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "scaler_state": scaler.state_dict(),
+        "model_config": model.config.to_dict(),
+        "stft_config": asdict(stft),
+        "args": args,
+        "run_name": run_name,
+        "val_files": val_files,
+    }
 
 
 def save_checkpoint(checkpoint, path):
@@ -75,8 +84,12 @@ def model_from_checkpoint(checkpoint, device="cpu"):
 def data_settings(checkpoint):
     """What a script needs to read data as the run did: data_dir, families, extensions, stft (STFTConfig)."""
     args = checkpoint["args"]
-    return {"data_dir": args["data_dir"], "families": args["channels"], "extensions": args["extensions"],
-            "stft": STFTConfig(**checkpoint["stft_config"])}
+    return {
+        "data_dir": args["data_dir"],
+        "families": args["channels"],
+        "extensions": args["extensions"],
+        "stft": STFTConfig(**checkpoint["stft_config"]),
+    }
 
 
 def restore(checkpoint, model, optimizer, scaler):
@@ -102,7 +115,10 @@ def save_epoch_checkpoints(checkpoint, run_dir, epoch, improved, save_every, kee
 
 def prune_checkpoints(run_dir, keep):
     """Remove periodic checkpoints beyond the newest `keep` (0 keeps all), ordered by epoch number."""
-    periodic = sorted((int(name[len("checkpoint_epoch_") : -3]), name) for name in os.listdir(run_dir)
-                      if name.startswith("checkpoint_epoch_") and name.endswith(".pt"))
+    periodic = sorted(
+        (int(name[len("checkpoint_epoch_") : -3]), name)
+        for name in os.listdir(run_dir)
+        if name.startswith("checkpoint_epoch_") and name.endswith(".pt")
+    )
     for _, name in periodic[:-keep] if keep else []:
         os.remove(os.path.join(run_dir, name))

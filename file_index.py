@@ -4,6 +4,7 @@
 read (spread over all cores), stored in `<data_dir>/.stft_index.json` so that a restart re-reads
 only files whose size or mtime changed. Choosing which files are usable is the dataset's job.
 """
+
 import json
 import logging
 import os

@@ -7,6 +7,7 @@ Model, STFT and normalisation settings come from the checkpoint. The baseline re
 sample's time-averaged spectrum over time: a model that does not beat it has learned little
 more than the average spectral shape of each record.
 """
+
 import argparse
 import logging
 import os
@@ -36,12 +37,23 @@ def plot_reconstruction(spectrogram, reconstruction, stft, title):
     figure = Figure(figsize=(13, 8))
     axes = figure.subplots(3, 3, sharex=True, sharey=True)
     for row, component in enumerate(COMPONENTS):
-        panels = [(spectrogram[row], "input", "viridis", (0, 1)), (reconstruction[row], "reconstruction", "viridis", (0, 1)),
-                  (reconstruction[row] - spectrogram[row], "difference", "RdBu_r", (-0.5, 0.5))]
+        panels = [
+            (spectrogram[row], "input", "viridis", (0, 1)),
+            (reconstruction[row], "reconstruction", "viridis", (0, 1)),
+            (reconstruction[row] - spectrogram[row], "difference", "RdBu_r", (-0.5, 0.5)),
+        ]
         for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
             ax = axes[row, col]
-            mesh = ax.imshow(image, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                             extent=(times[0], times[-1], freqs[0], freqs[-1]))
+            mesh = ax.imshow(
+                image,
+                origin="lower",
+                aspect="auto",
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                interpolation="nearest",
+                extent=(times[0], times[-1], freqs[0], freqs[-1]),
+            )
             figure.colorbar(mesh, ax=ax)
             ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
             if row == 2:
@@ -60,13 +72,18 @@ def baseline(spectrogram, mask):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
     add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")
-    add("--split", choices=("val", "all"), default="val",
-        help="'val': the run's validation files; 'all': every usable file of --data_dir")
+    add(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="'val': the run's validation files; 'all': every usable file of --data_dir",
+    )
     add("--num_samples", type=int, default=20, help="files drawn at random to evaluate (0 = all)")
     add("--num_plots", type=int, default=20, help="reconstruction figures saved (of the evaluated files)")
     add("--output_dir", default="inference_results", help="where PNG files and metrics.json go")
@@ -88,8 +105,12 @@ def choose_files(dataset, checkpoint, args):
         position = {f: i for i, f in enumerate(dataset.files)}
         candidates = [position[f] for f in checkpoint["val_files"] if f in position]
         if len(candidates) < len(checkpoint["val_files"]):
-            log.warning("%d of the run's %d validation files are not usable in %s", len(checkpoint["val_files"]) - len(candidates),
-                        len(checkpoint["val_files"]), dataset.data_dir)
+            log.warning(
+                "%d of the run's %d validation files are not usable in %s",
+                len(checkpoint["val_files"]) - len(candidates),
+                len(checkpoint["val_files"]),
+                dataset.data_dir,
+            )
     else:
         candidates = list(range(len(dataset)))
     rng = np.random.default_rng(args.seed)
@@ -109,39 +130,65 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
         reconstruction, reference = model(x), baseline(x, mask)
-        errors = {("model", "mse"): masked_errors(reconstruction, x, mask, 2), ("model", "mae"): masked_errors(reconstruction, x, mask, 1),
-                  ("baseline", "mse"): masked_errors(reference, x, mask, 2), ("baseline", "mae"): masked_errors(reference, x, mask, 1)}
+        errors = {
+            ("model", "mse"): masked_errors(reconstruction, x, mask, 2),
+            ("model", "mae"): masked_errors(reconstruction, x, mask, 1),
+            ("baseline", "mse"): masked_errors(reference, x, mask, 2),
+            ("baseline", "mae"): masked_errors(reference, x, mask, 1),
+        }
         for k, meta in enumerate(batch["meta"]):
-            sample = {"path": os.path.relpath(meta["path"], dataset.data_dir), "trace_id": meta["trace_id"],
-                      "starttime": meta["starttime"], "model": {}, "baseline": {}}
+            sample = {
+                "path": os.path.relpath(meta["path"], dataset.data_dir),
+                "trace_id": meta["trace_id"],
+                "starttime": meta["starttime"],
+                "model": {},
+                "baseline": {},
+            }
             for (who, metric), values in errors.items():
                 sample[who][metric] = {**dict(zip(COMPONENTS, values[k].tolist())), "overall": values[k].mean().item()}
             samples.append(sample)
             if len(samples) <= args.num_plots:
                 n_time = int(mask[k].sum())
                 file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
-                figure = plot_reconstruction(x[k, :, :, :n_time].cpu().numpy(), reconstruction[k, :, :, :n_time].cpu().numpy(),
-                                             stft, file_id)
-                figure.savefig(os.path.join(args.output_dir, f"reconstruction_{len(samples) - 1}_{file_id}.png"), dpi=80)
+                figure = plot_reconstruction(
+                    x[k, :, :, :n_time].cpu().numpy(), reconstruction[k, :, :, :n_time].cpu().numpy(), stft, file_id
+                )
+                figure.savefig(
+                    os.path.join(args.output_dir, f"reconstruction_{len(samples) - 1}_{file_id}.png"), dpi=80
+                )
     return samples
 
 
 def summarise(samples):
     """Means over files of each per-file figure: {who: {metric: {"E", "N", "Z", "overall"}}}."""
-    return {who: {metric: {key: float(np.mean([s[who][metric][key] for s in samples])) for key in (*COMPONENTS, "overall")}
-                  for metric in ("mse", "mae")} for who in ("model", "baseline")}
+    return {
+        who: {
+            metric: {key: float(np.mean([s[who][metric][key] for s in samples])) for key in (*COMPONENTS, "overall")}
+            for metric in ("mse", "mae")
+        }
+        for who in ("model", "baseline")
+    }
 
 
 def print_table(metrics):
     """Two rows per file (model, baseline), then the means: MSE and MAE per component and overall."""
     keys = (*COMPONENTS, "overall")
     labels = (*COMPONENTS, "all")
-    print(f"{'file':36} {'':8} " + " ".join(f"{'MSE ' + k:>8}" for k in labels) + "  " + " ".join(f"{'MAE ' + k:>8}" for k in labels))
+    print(
+        f"{'file':36} {'':8} "
+        + " ".join(f"{'MSE ' + k:>8}" for k in labels)
+        + "  "
+        + " ".join(f"{'MAE ' + k:>8}" for k in labels)
+    )
     rows = [(s["path"][-36:], s) for s in metrics["samples"]] + [(f"mean of {metrics['num_samples']} files", metrics)]
     for name, values in rows:
         for who in ("model", "baseline"):
-            print(f"{name if who == 'model' else '':36} {who:8} " + " ".join(f"{values[who]['mse'][k]:8.5f}" for k in keys)
-                  + "  " + " ".join(f"{values[who]['mae'][k]:8.5f}" for k in keys))
+            print(
+                f"{name if who == 'model' else '':36} {who:8} "
+                + " ".join(f"{values[who]['mse'][k]:8.5f}" for k in keys)
+                + "  "
+                + " ".join(f"{values[who]['mae'][k]:8.5f}" for k in keys)
+            )
 
 
 def main(argv=None):
@@ -173,9 +220,16 @@ def evaluate_checkpoint(args):
     samples = evaluate_files(model, dataset, positions, args, device, stft, skips)
     if not samples:
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
-    metrics = {"checkpoint": args.checkpoint, "epoch": checkpoint.get("epoch"), "data_dir": data_dir,
-               "split": args.split, "num_samples": len(samples), **summarise(samples), "skipped": skips.summary(),
-               "samples": samples}
+    metrics = {
+        "checkpoint": args.checkpoint,
+        "epoch": checkpoint.get("epoch"),
+        "data_dir": data_dir,
+        "split": args.split,
+        "num_samples": len(samples),
+        **summarise(samples),
+        "skipped": skips.summary(),
+        "samples": samples,
+    }
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
     print_table(metrics)
     print(f"skipped files: {skips.describe()}")

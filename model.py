@@ -1,4 +1,5 @@
 """Convolutional autoencoder for 3-component spectrograms, shape (batch, component, freq, time), and its losses."""
+
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn

@@ -1,5 +1,6 @@
 """Run-time helpers every script shares: device, mixed precision, batches to the device, DataLoader
 options, and the distributed (torchrun) helpers. Without torchrun the distributed helpers are no-ops."""
+
 import os
 import platform
 from contextlib import nullcontext
@@ -63,8 +64,13 @@ def loader_options(batch_size, num_workers, device):
 
 
 def package_versions():
-    return {"python": platform.python_version(), "torch": torch.__version__, "obspy": obspy.__version__,
-            "scipy": scipy.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "obspy": obspy.__version__,
+        "scipy": scipy.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def init_distributed(device_name):

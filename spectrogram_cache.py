@@ -9,6 +9,7 @@ normalisation, families, data directory), so a new --nfft never reads stale data
 Files that are new or changed since the manifest go into a new shard. Writers hold a file
 lock; DataLoader workers only read, each mapping the shards itself.
 """
+
 import hashlib
 import json
 import logging
@@ -29,27 +30,52 @@ from waveforms import MAX_GAP_SECONDS
 log = logging.getLogger("spectrogram_cache")
 
 CACHE_VERSION = 1  # raise when read_waveform() or spectrogram() change what they return
-MANIFEST_FIELDS = {"path": str, "shard": np.int32, "offset": np.int64, "n_time": np.int32, "trace_id": str,
-                   "family": str, "starttime": str, "skip_reason": str, "message": str}
+MANIFEST_FIELDS = {
+    "path": str,
+    "shard": np.int32,
+    "offset": np.int64,
+    "n_time": np.int32,
+    "trace_id": str,
+    "family": str,
+    "starttime": str,
+    "skip_reason": str,
+    "message": str,
+}
 
 
 def cache_key(dataset):
     """(folder name, settings): everything that changes what a cached spectrogram holds."""
-    settings = {"cache_version": CACHE_VERSION, "data_dir": os.path.abspath(dataset.data_dir),
-                "families": sorted(dataset.families), "stft": asdict(dataset.stft), "max_gap_seconds": MAX_GAP_SECONDS,
-                "dead_relative_level": DEAD_RELATIVE_LEVEL, "normalisation": NORMALISATION}
+    settings = {
+        "cache_version": CACHE_VERSION,
+        "data_dir": os.path.abspath(dataset.data_dir),
+        "families": sorted(dataset.families),
+        "stft": asdict(dataset.stft),
+        "max_gap_seconds": MAX_GAP_SECONDS,
+        "dead_relative_level": DEAD_RELATIVE_LEVEL,
+        "normalisation": NORMALISATION,
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 
 
 def empty_manifest():
-    return {field: np.empty(0, dtype) for field, dtype in MANIFEST_FIELDS.items()} | {"version": np.empty((0, 2), np.int64)}
+    return {field: np.empty(0, dtype) for field, dtype in MANIFEST_FIELDS.items()} | {
+        "version": np.empty((0, 2), np.int64)
+    }
 
 
 def manifest_row(relpath, meta):
     """A manifest row of an item that could not be stored (yet): metadata, or why the file is unusable."""
-    return {"path": relpath, "shard": -1, "offset": 0, "n_time": 0, "trace_id": meta.get("trace_id", ""),
-            "family": meta.get("family", ""), "starttime": meta.get("starttime", ""),
-            "skip_reason": meta.get("skip_reason", ""), "message": meta.get("message", "")}
+    return {
+        "path": relpath,
+        "shard": -1,
+        "offset": 0,
+        "n_time": 0,
+        "trace_id": meta.get("trace_id", ""),
+        "family": meta.get("family", ""),
+        "starttime": meta.get("starttime", ""),
+        "skip_reason": meta.get("skip_reason", ""),
+        "message": meta.get("message", ""),
+    }
 
 
 class SpectrogramCache:
@@ -79,8 +105,11 @@ class SpectrogramCache:
     def stale_files(manifest, files, versions):
         """Positions of the files that the manifest lacks or holds for another size or mtime."""
         row_of = {path: row for row, path in enumerate(manifest["path"])}
-        return [i for i, (path, version) in enumerate(zip(files, versions))
-                if path not in row_of or tuple(manifest["version"][row_of[path]]) != tuple(version)]
+        return [
+            i
+            for i, (path, version) in enumerate(zip(files, versions))
+            if path not in row_of or tuple(manifest["version"][row_of[path]]) != tuple(version)
+        ]
 
     def load_manifest(self):
         """The stored manifest, or an empty one (no cache yet, or one that cannot be read: rebuilt)."""
@@ -90,8 +119,9 @@ class SpectrogramCache:
                 with np.load(path) as stored:
                     return {field: stored[field] for field in (*MANIFEST_FIELDS, "version")}
             except Exception as err:  # truncated or foreign file: zipfile, OSError, KeyError, ...
-                log.warning("rebuilding the cache in %s: manifest unreadable (%s: %s)", self.folder,
-                            type(err).__name__, err)
+                log.warning(
+                    "rebuilding the cache in %s: manifest unreadable (%s: %s)", self.folder, type(err).__name__, err
+                )
         return empty_manifest()
 
     def extend(self, manifest, dataset, stale, versions, processes):
@@ -104,8 +134,10 @@ class SpectrogramCache:
         atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, stale, processes)))
         fresh = set(dataset.files[stale])
         keep = np.array([path not in fresh for path in manifest["path"]], dtype=bool)
-        merged = {field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
-                  for field, dtype in MANIFEST_FIELDS.items()}
+        merged = {
+            field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
+            for field, dtype in MANIFEST_FIELDS.items()
+        }
         merged["version"] = np.concatenate([manifest["version"][keep], versions[stale]])
         atomic_write(os.path.join(self.folder, "manifest.npz"), lambda f: np.savez(f, **merged))
         if all(row["shard"] != shard for row in rows):  # every new file was unusable
@@ -142,6 +174,10 @@ class SpectrogramCache:
         if shard not in self.shards:
             self.shards[shard] = np.memmap(os.path.join(self.folder, f"shard_{shard}.f16"), dtype=np.float16, mode="r")
         values = self.shards[shard][offset : offset + 3 * self.n_freq * n_time].reshape(3, self.n_freq, n_time)
-        meta = {"path": path, "trace_id": str(m["trace_id"][row]), "family": str(m["family"][row]),
-                "starttime": str(m["starttime"][row])}
+        meta = {
+            "path": path,
+            "trace_id": str(m["trace_id"][row]),
+            "family": str(m["family"][row]),
+            "starttime": str(m["starttime"][row]),
+        }
         return torch.from_numpy(np.array(values)), meta

@@ -5,6 +5,7 @@ Data flow: path -> waveforms.read_waveform (obspy; E, N, Z at 100 Hz) -> transfo
 Which files exist comes from file_index; with a cache_dir, spectrograms come from spectrogram_cache.
 Files that cannot give a clean 3-component waveform are skipped with a reason (see `SkipLog`), never fatal.
 """
+
 import logging
 import os
 from collections import Counter
@@ -16,7 +17,14 @@ from torch.utils.data import Dataset
 from file_index import available_cores, build_index
 from spectrogram_cache import SpectrogramCache
 from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, NOT_REQUESTED, UnusableFile, choose_components, read_waveform
+from waveforms import (
+    DEFAULT_FAMILIES,
+    MINISEED_EXTENSIONS,
+    NOT_REQUESTED,
+    UnusableFile,
+    choose_components,
+    read_waveform,
+)
 
 log = logging.getLogger("stft_dataset")
 
@@ -62,8 +70,17 @@ class SeismicSTFTDataset(Dataset):
     cores) and then read from a `SpectrogramCache`.
     """
 
-    def __init__(self, data_dir, families=DEFAULT_FAMILIES, stft=STFTConfig(), extensions=MINISEED_EXTENSIONS,
-                 index_path=None, skips=None, cache_dir=None, processes=None):
+    def __init__(
+        self,
+        data_dir,
+        families=DEFAULT_FAMILIES,
+        stft=STFTConfig(),
+        extensions=MINISEED_EXTENSIONS,
+        index_path=None,
+        skips=None,
+        cache_dir=None,
+        processes=None,
+    ):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory not found: {data_dir}")
         self.data_dir, self.families, self.stft = data_dir, tuple(families), stft

@@ -1,4 +1,5 @@
 """Files written so that a crash or a kill mid-write never leaves a half-written file in place."""
+
 import json
 import os
 

@@ -3,6 +3,7 @@
 One line per step; exits non-zero if any step fails. Under a minute on 2 CPU cores.
 The thorough tests are in tests/ (python -m pytest tests).
 """
+
 import os
 import shutil
 import sys
@@ -56,8 +57,16 @@ def check_training(work):
     os.makedirs(data)
     for name in work["dataset"].files[::12]:  # 14 real files across families
         shutil.copy(os.path.join(DATA_DIR, name), data)
-    common = ["--num_workers", "0", "--batch_size", "4", "--checkpoint_dir", os.path.join(work["tmp"], "checkpoints"),
-              "--log_dir", os.path.join(work["tmp"], "logs")]
+    common = [
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "4",
+        "--checkpoint_dir",
+        os.path.join(work["tmp"], "checkpoints"),
+        "--log_dir",
+        os.path.join(work["tmp"], "logs"),
+    ]
     summary = train.main(["--data_dir", data, "--num_epochs", "1", *common])
     work["run_dir"], work["common"] = summary["run_dir"], common
     assert os.path.exists(os.path.join(summary["run_dir"], "best_model.pt"))
@@ -86,8 +95,16 @@ def check_inference(work):
     return f"{metrics['num_samples']} samples, model MSE {metrics['model']['mse']['overall']:.4f}"
 
 
-STEPS = [check_dataset, check_model, check_forward_backward, check_padded_batch, check_training, check_resume,
-         check_cache, check_inference]
+STEPS = [
+    check_dataset,
+    check_model,
+    check_forward_backward,
+    check_padded_batch,
+    check_training,
+    check_resume,
+    check_cache,
+    check_inference,
+]
 
 
 def main():

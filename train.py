@@ -11,6 +11,7 @@ Under torchrun every process trains on its own part of each epoch (DistributedDa
 rank 0 writes checkpoints and logs. Each run writes checkpoints/<run>/ (best_model.pt, last.pt,
 checkpoint_epoch_N.pt, config.json, val_files.txt, skipped_files.json) and logs/<run>/ (TensorBoard).
 """
+
 import argparse
 import logging
 import os
@@ -30,9 +31,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from checkpoints import checkpoint_dict, load_checkpoint, restore, save_epoch_checkpoints
 from model import ConvAutoencoder
-from runtime import (RunError, epoch_seed, from_rank_zero, gather_skips, init_distributed, is_rank_zero, loader_options,
-                     mixed_precision, model_input, package_versions, rank_and_world_size, share_batchnorm_statistics,
-                     sum_over_processes, wrap_for_training)
+from runtime import (
+    RunError,
+    epoch_seed,
+    from_rank_zero,
+    gather_skips,
+    init_distributed,
+    is_rank_zero,
+    loader_options,
+    mixed_precision,
+    model_input,
+    package_versions,
+    rank_and_world_size,
+    share_batchnorm_statistics,
+    sum_over_processes,
+    wrap_for_training,
+)
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from training import evaluate, mean_loss, train_epoch
@@ -46,12 +60,17 @@ RUN_KEYS = ("channels", "extensions", "val_split", "seed", "nperseg", "noverlap"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add("--data_dir", default="data/filtered_waveforms", help="directory searched recursively for miniSEED files")
-    add("--channels", nargs="+", default=list(DEFAULT_FAMILIES),
-        help="channel families (band + instrument code) to train on")
+    add(
+        "--channels",
+        nargs="+",
+        default=list(DEFAULT_FAMILIES),
+        help="channel families (band + instrument code) to train on",
+    )
     add("--extensions", nargs="+", default=list(MINISEED_EXTENSIONS), help="file extensions taken as miniSEED")
     add("--batch_size", type=int, default=16, help="spectrograms per batch")
     add("--num_epochs", type=int, default=30, help="total epochs (with --resume: including those already done)")
@@ -68,10 +87,17 @@ def parse_args(argv=None):
     add("--keep_checkpoints", type=int, default=3, help="periodic checkpoints kept (older ones removed; 0 keeps all)")
     add("--resume", metavar="PATH", help="checkpoint to continue (e.g. checkpoints/<run>/last.pt)")
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    add("--cache_dir", help="store spectrograms here once (float16, about 109 kB per 90 s file) and read them "
-                            "back each epoch instead of decoding miniSEED; off when not given")
-    add("--amp", choices=("off", "auto", "bf16", "fp16"), default="off",
-        help="mixed precision: 'auto' is bf16 where supported, else fp16 (with a gradient scaler)")
+    add(
+        "--cache_dir",
+        help="store spectrograms here once (float16, about 109 kB per 90 s file) and read them "
+        "back each epoch instead of decoding miniSEED; off when not given",
+    )
+    add(
+        "--amp",
+        choices=("off", "auto", "bf16", "fp16"),
+        default="off",
+        help="mixed precision: 'auto' is bf16 where supported, else fp16 (with a gradient scaler)",
+    )
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     args = parser.parse_args(argv)
     problems = argument_problems(args)
@@ -82,10 +108,15 @@ def parse_args(argv=None):
 
 def argument_problems(args):
     """What is wrong with the flags, one phrase each; [] when nothing is."""
-    rules = [("batch_size", args.batch_size >= 1, ">= 1"), ("num_epochs", args.num_epochs >= 1, ">= 1"),
-             ("lr", args.lr > 0, "> 0"), ("num_workers", args.num_workers >= 0, ">= 0"),
-             ("val_split", 0 < args.val_split < 1, "between 0 and 1"), ("save_every", args.save_every >= 1, ">= 1"),
-             ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0")]
+    rules = [
+        ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("num_epochs", args.num_epochs >= 1, ">= 1"),
+        ("lr", args.lr > 0, "> 0"),
+        ("num_workers", args.num_workers >= 0, ">= 0"),
+        ("val_split", 0 < args.val_split < 1, "between 0 and 1"),
+        ("save_every", args.save_every >= 1, ">= 1"),
+        ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
+    ]
     problems = [f"--{name} must be {rule}" for name, ok, rule in rules if not ok]
     try:
         stft_config(args)
@@ -131,15 +162,18 @@ def load_dataset(args, stft, skips):
     if not is_rank_zero():
         dist.barrier()
     try:
-        dataset = SeismicSTFTDataset(args.data_dir, args.channels, stft, args.extensions, skips=skips,
-                                     cache_dir=args.cache_dir)
+        dataset = SeismicSTFTDataset(
+            args.data_dir, args.channels, stft, args.extensions, skips=skips, cache_dir=args.cache_dir
+        )
     except OSError as err:  # a missing --data_dir; a --cache_dir that cannot be written (full, read-only)
         raise RunError(str(err)) from None
     if dist.is_initialized() and is_rank_zero():
         dist.barrier()
     if len(dataset) < 2:
-        raise RunError(f"{len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
-                       "need at least 2 (one to train, one to validate)")
+        raise RunError(
+            f"{len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
+            "need at least 2 (one to train, one to validate)"
+        )
     return dataset
 
 
@@ -225,17 +259,59 @@ def prepare(args, checkpoint, device):
     purge_step = state["global_step"] + 1 if checkpoint else None
     writer = SummaryWriter(log_dir, purge_step=purge_step) if rank == 0 else None
 
-    config = {"run_name": run_name, "args": vars(args), "stft_config": asdict(stft),
-              "model_config": model.config.to_dict(), "num_parameters": sum(p.numel() for p in model.parameters()),
-              "device": str(device), "processes": world_size, "amp": amp, "versions": package_versions(),
-              "dataset": {"usable_files": len(dataset), "train_files": len(train_files), "val_files": len(val_files),
-                          "excluded_by_family": dict(dataset.excluded)}}
-    log.info("run %s: %d train / %d validation files, device %s x %d, %d parameters, amp %s", run_name,
-             len(train_files), len(val_files), device, world_size, config["num_parameters"], amp)
+    config = {
+        "run_name": run_name,
+        "args": vars(args),
+        "stft_config": asdict(stft),
+        "model_config": model.config.to_dict(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "processes": world_size,
+        "amp": amp,
+        "versions": package_versions(),
+        "dataset": {
+            "usable_files": len(dataset),
+            "train_files": len(train_files),
+            "val_files": len(val_files),
+            "excluded_by_family": dict(dataset.excluded),
+        },
+    }
+    log.info(
+        "run %s: %d train / %d validation files, device %s x %d, %d parameters, amp %s",
+        run_name,
+        len(train_files),
+        len(val_files),
+        device,
+        world_size,
+        config["num_parameters"],
+        amp,
+    )
     first_val_files = np.flatnonzero(np.isin(dataset.files, val_files))[:NUM_IMAGES]
     image_batch = pad_collate([dataset[i] for i in first_val_files]) if rank == 0 else None
-    return Run(args, device, stft, skips, dataset, run_name, run_dir, log_dir, val_files, train_loader, val_loader,
-               sampler, model, forward, trained, optimizer, scaler, autocast, state, config, writer, image_batch)
+    return Run(
+        args,
+        device,
+        stft,
+        skips,
+        dataset,
+        run_name,
+        run_dir,
+        log_dir,
+        val_files,
+        train_loader,
+        val_loader,
+        sampler,
+        model,
+        forward,
+        trained,
+        optimizer,
+        scaler,
+        autocast,
+        state,
+        config,
+        writer,
+        image_batch,
+    )
 
 
 def train(args, checkpoint, device):
@@ -253,8 +329,12 @@ def train(args, checkpoint, device):
         if run.writer:
             run.writer.close()
         command = "the same torchrun command with" if dist.is_initialized() else "python train.py"
-        log.warning("interrupted; continue with: %s --resume %s --num_epochs %d", command,
-                    os.path.join(run.run_dir, "last.pt"), args.num_epochs)
+        log.warning(
+            "interrupted; continue with: %s --resume %s --num_epochs %d",
+            command,
+            os.path.join(run.run_dir, "last.pt"),
+            args.num_epochs,
+        )
         sys.exit(130)
     if is_rank_zero():
         finish(run)
@@ -266,8 +346,17 @@ def train_one_epoch(run, epoch):
     torch.manual_seed(epoch_seed(run.args.seed, epoch, rank_and_world_size()[0]))  # DataLoader worker seeds
     run.sampler.set_epoch(epoch)  # the same order whether or not the run was resumed
     started = time.perf_counter()
-    sums, step_losses = train_epoch(run.trained, run.train_loader, run.optimizer, run.scaler, run.autocast,
-                                    run.device, run.skips, epoch, dist.is_initialized())
+    sums, step_losses = train_epoch(
+        run.trained,
+        run.train_loader,
+        run.optimizer,
+        run.scaler,
+        run.autocast,
+        run.device,
+        run.skips,
+        epoch,
+        dist.is_initialized(),
+    )
     total, bins, samples = sum_over_processes(sums, run.device)
     share_batchnorm_statistics(run.model)
     return mean_loss(total, bins), step_losses, samples / (time.perf_counter() - started)
@@ -289,13 +378,21 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
         state["best_val_loss"], state["best_epoch"] = val_loss, epoch
     state["epoch"] = epoch
     state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-    log.info("epoch %d/%d  train %.5f  val %.5f  %.0f samples/s%s", epoch, run.args.num_epochs, train_loss,
-             val_loss, samples_per_s, "  (best)" if improved else "")
+    log.info(
+        "epoch %d/%d  train %.5f  val %.5f  %.0f samples/s%s",
+        epoch,
+        run.args.num_epochs,
+        train_loss,
+        val_loss,
+        samples_per_s,
+        "  (best)" if improved else "",
+    )
     first_step = state["global_step"] + 1
     state["global_step"] += len(step_losses)
     if run.writer:
-        write_epoch_scalars(run.writer, epoch, first_step, step_losses, train_loss, val_loss, run.optimizer,
-                            samples_per_s)
+        write_epoch_scalars(
+            run.writer, epoch, first_step, step_losses, train_loss, val_loss, run.optimizer, samples_per_s
+        )
         if run.image_batch["spectrogram"] is not None:
             log_images(run.model, run.image_batch, run.device, run.writer, epoch)
     return improved
@@ -304,8 +401,9 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
 def save(run, epoch, improved):
     """config.json, skipped_files.json, then the epoch's checkpoints (rank 0)."""
     write_run_record(run)
-    checkpoint = checkpoint_dict(run.state, run.model, run.optimizer, run.scaler, run.stft, vars(run.args), run.name,
-                                 run.val_files)
+    checkpoint = checkpoint_dict(
+        run.state, run.model, run.optimizer, run.scaler, run.stft, vars(run.args), run.name, run.val_files
+    )
     save_epoch_checkpoints(checkpoint, run.run_dir, epoch, improved, run.args.save_every, run.args.keep_checkpoints)
     run.writer.flush()
 
@@ -375,8 +473,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     # Other processes report errors only; rank 0 merges their skipped files into its own report.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR,
+        force=True,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         if checkpoint:
             resume_settings(parser, args, checkpoint)

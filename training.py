@@ -3,6 +3,7 @@
 Both take batches from stft_dataset.pad_collate and return error sums weighted by valid bins, so
 that the mean over processes and batches of different lengths is exact (see runtime.sum_over_processes).
 """
+
 import torch
 from tqdm import tqdm
 
@@ -26,8 +27,9 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
     """
     model.train()
     total, bins, samples, step_losses = torch.zeros((), dtype=torch.float64, device=device), 0, 0, []
-    bar = tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not is_rank_zero())
+    bar = tqdm(
+        loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True, disable=not is_rank_zero()
+    )
     for batch in bar:
         skips.add_batch(batch["skipped"])
         x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
@@ -64,8 +66,9 @@ def evaluate(model, loader, autocast, device, skips):
     """(sum over batches of MSE x valid bins, valid bins) over this process's validation files."""
     model.eval()
     total, bins = torch.zeros((), dtype=torch.float64, device=device), 0
-    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
-                      disable=not is_rank_zero()):
+    for batch in tqdm(
+        loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True, disable=not is_rank_zero()
+    ):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue

@@ -3,6 +3,7 @@
 `STFTConfig` holds its settings (stored in every checkpoint); `spectrogram` applies it. Nothing
 else in the repository calls scipy.signal.stft.
 """
+
 from dataclasses import dataclass
 
 import numpy as np

@@ -4,6 +4,7 @@ path -> obspy Stream -> (3, n_samples) float64 waveform at the target sampling r
 order. A file that cannot give a clean 3-component waveform raises `UnusableFile` with a short
 reason (counted by the scripts) and a detail that names what is wrong.
 """
+
 import os
 import warnings
 from collections import defaultdict
@@ -60,7 +61,10 @@ def read_stream(path, headonly=False):
 
 
 def group_by_instrument(seed_ids):
-    """Trace ids ("NET.STA.LOC.CHA") -> ({(instrument, family): {component: {codes}}}, {(key, component): [positions]})."""
+    """Trace ids ("NET.STA.LOC.CHA") -> (instruments, positions).
+
+    instruments: {(instrument id, family): {component: {codes}}}; positions: {(key, component): [trace positions]}.
+    """
     instruments = defaultdict(lambda: defaultdict(set))
     positions = defaultdict(list)
     for position, seed_id in enumerate(seed_ids):
@@ -97,7 +101,9 @@ def choose_components(seed_ids, families):
     if not complete:
         instrument, found = max(wanted.items(), key=lambda item: len(item[1]))
         missing = ", ".join(c for c in COMPONENTS if c not in found)
-        raise UnusableFile("fewer than 3 components", f"{instrument[0]}: {len(found)} of 3 components (missing {missing})")
+        raise UnusableFile(
+            "fewer than 3 components", f"{instrument[0]}: {len(found)} of 3 components (missing {missing})"
+        )
     key = complete[0]
     return key[0], key[1], {c: positions[key, c] for c in COMPONENTS}
 
@@ -132,8 +138,9 @@ def read_waveform(path, families, stft):
     """
     stream = read_stream(path)
     instrument, family, picks = choose_components([trace.id for trace in stream], families)
-    traces = [merge_component([stream[i] for i in picks[c]], instrument[:-1] + c, stft.sampling_rate)
-              for c in COMPONENTS]
+    traces = [
+        merge_component([stream[i] for i in picks[c]], instrument[:-1] + c, stft.sampling_rate) for c in COMPONENTS
+    ]
     start = max(trace.stats.starttime for trace in traces)
     end = min(trace.stats.endtime for trace in traces)
     if end <= start:

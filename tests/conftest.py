@@ -1,4 +1,5 @@
 """Shared fixtures: small directories of the real recordings shipped in data/filtered_waveforms."""
+
 import os
 import shutil
 import sys

@@ -4,8 +4,10 @@
 
 After every epoch each process writes $PROBE_DIR/rank{R}_epoch{E}.txt (the files it trained on, one path
 a line), $PROBE_DIR/rank{R}_epoch{E}_val.txt (the validation files it evaluated) and
-$PROBE_DIR/rank{R}_epoch{E}_model.pt (the state dict it evaluated them with). The recording is the test's own: train.train_epoch and train.evaluate are wrapped here, train.py is unchanged.
+$PROBE_DIR/rank{R}_epoch{E}_model.pt (the state dict it evaluated them with). The recording is the test's
+own: train.train_epoch and train.evaluate (imported there from training.py) are wrapped here, train.py is unchanged.
 """
+
 import os
 import sys
 
@@ -35,8 +37,9 @@ def write(name, paths):
 
 def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch, distributed=False):
     paths = []
-    result = original_train_epoch(model, recording(loader, paths), optimizer, scaler, autocast, device, skips, epoch,
-                                  distributed)
+    result = original_train_epoch(
+        model, recording(loader, paths), optimizer, scaler, autocast, device, skips, epoch, distributed
+    )
     current_epoch[0] = epoch
     write(f"rank{dist.get_rank()}_epoch{epoch}.txt", paths)
     return result

@@ -1,4 +1,5 @@
 """bench.py on real data: the files --make_files writes, and a run that reports every stage (no timing checks)."""
+
 import json
 import os
 

@@ -3,6 +3,7 @@
 Reference values come from the same dataset without a cache; cached spectrograms are float16, so they
 may differ by half a float16 step in [0.5, 1] (2**-12) and no more.
 """
+
 import math
 import os
 import pickle
@@ -11,24 +12,25 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SHIPPED, copy_files, shipped_files
+from test_stft_dataset import empty_file, nan_samples, truncated_file
 from torch.utils.data import DataLoader, Subset
 
 import file_index
 import spectrogram_cache
 import stft_dataset
 import train
-from conftest import SHIPPED, copy_files, shipped_files
 from file_index import build_index
 from spectrogram_cache import SpectrogramCache
 from stft_dataset import SeismicSTFTDataset, pad_collate
 from transform import STFTConfig
-from test_stft_dataset import empty_file, nan_samples, truncated_file
 
 FLOAT16_ROUNDING = 2**-12  # half the float16 step between 0.5 and 1: the largest rounding error in [0, 1]
 EXTRA_HH, EXTRA_BH = shipped_files(("HH",), per_family=3)[2], shipped_files(("BH",), per_family=3)[2]  # not in real_dir
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def cached(directory, cache_dir, processes=1, **kwargs):
     return SeismicSTFTDataset(directory, cache_dir=str(cache_dir), processes=processes, **kwargs)
@@ -84,6 +86,7 @@ def set_mtime(path, seconds_later):
 
 # --- cached values -------------------------------------------------------------------------------
 
+
 def test_cached_items_equal_uncached_items_up_to_float16(real_dir, tmp_path, monkeypatch):
     reference = items(SeismicSTFTDataset(real_dir))
     dataset = cached(real_dir, tmp_path / "cache", processes=2)  # computed by 2 DataLoader workers
@@ -102,8 +105,9 @@ def test_reopening_up_to_date_cache_computes_nothing(real_dir, tmp_path, monkeyp
     second = cached(real_dir, tmp_path / "cache")
     for (x, meta), (y, expected_meta) in zip(items(second), expected, strict=True):
         assert torch.equal(x, y) and meta == expected_meta
-    assert {k: v for k, v in cache_listing(second).items() if k != "settings.json"} == \
-        {k: v for k, v in listing.items() if k != "settings.json"}
+    assert {k: v for k, v in cache_listing(second).items() if k != "settings.json"} == {
+        k: v for k, v in listing.items() if k != "settings.json"
+    }
 
 
 def test_manifest_records_versions_and_positions(real_dir, tmp_path):
@@ -120,6 +124,7 @@ def test_manifest_records_versions_and_positions(real_dir, tmp_path):
 
 
 # --- what the key covers -------------------------------------------------------------------------
+
 
 def test_other_nfft_uses_own_folder_and_shape(real_dir, tmp_path):
     default = cached(real_dir, tmp_path / "cache")
@@ -140,6 +145,7 @@ def test_each_data_dir_has_own_folder(real_dir, tmp_path):
 
 
 # --- new, changed and removed files --------------------------------------------------------------
+
 
 def test_added_file_goes_to_new_shard_alone(real_dir, tmp_path, monkeypatch):
     first = cached(real_dir, tmp_path / "cache")
@@ -181,6 +187,7 @@ def test_removed_file_is_left_out_without_recomputing(real_dir, tmp_path, monkey
 
 # --- files unusable on a full read ---------------------------------------------------------------
 
+
 def test_unusable_file_is_recorded_and_not_read_again(real_dir, tmp_path, monkeypatch):
     path = nan_samples(real_dir)
     reference = items(SeismicSTFTDataset(real_dir))
@@ -206,6 +213,7 @@ def test_no_empty_shard_left_after_adding_unusable_file(real_dir, tmp_path):
 
 # --- interrupted builds --------------------------------------------------------------------------
 
+
 def test_interrupted_build_leaves_no_manifest_and_next_open_completes(real_dir, tmp_path, monkeypatch):
     calls = []
     original = stft_dataset.read_waveform
@@ -228,6 +236,7 @@ def test_interrupted_build_leaves_no_manifest_and_next_open_completes(real_dir, 
 
 
 # --- worker processes and pickling ---------------------------------------------------------------
+
 
 def test_dataloader_workers_give_the_same_batches(real_dir, tmp_path):
     nan_samples(real_dir)
@@ -261,6 +270,7 @@ def test_files_is_str_array_and_subset_with_index_array_loads(real_dir, tmp_path
 
 # --- parallel header indexing --------------------------------------------------------------------
 
+
 def test_parallel_header_index_equals_serial(real_dir, tmp_path, monkeypatch):
     empty_file(real_dir)
     truncated_file(real_dir)
@@ -283,10 +293,24 @@ def test_parallel_header_index_equals_serial(real_dir, tmp_path, monkeypatch):
 
 # --- train.py ------------------------------------------------------------------------------------
 
+
 def test_training_with_cache_dir_builds_then_reuses_cache(train_dir, tmp_path, monkeypatch):
-    argv = ["--data_dir", train_dir, "--cache_dir", str(tmp_path / "cache"), "--num_epochs", "1",
-            "--batch_size", "4", "--num_workers", "0", "--checkpoint_dir", str(tmp_path / "checkpoints"),
-            "--log_dir", str(tmp_path / "logs")]
+    argv = [
+        "--data_dir",
+        train_dir,
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--num_epochs",
+        "1",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--checkpoint_dir",
+        str(tmp_path / "checkpoints"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+    ]
     first = train.main(argv)
     (folder,) = os.listdir(tmp_path / "cache")
     assert {"manifest.npz", "shard_0.f16"} <= set(os.listdir(tmp_path / "cache" / folder))
@@ -308,8 +332,20 @@ def test_unwritable_cache_dir_is_a_clear_error(train_dir, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data_dir", train_dir, "--cache_dir", str(blocker / "cache"), "--num_workers", "0",
-                    "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "logs")])
+        train.main(
+            [
+                "--data_dir",
+                train_dir,
+                "--cache_dir",
+                str(blocker / "cache"),
+                "--num_workers",
+                "0",
+                "--checkpoint_dir",
+                str(tmp_path / "checkpoints"),
+                "--log_dir",
+                str(tmp_path / "logs"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "a_file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "checkpoints")

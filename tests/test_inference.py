@@ -3,10 +3,10 @@ import os
 
 import pytest
 import torch
+from conftest import copy_files, shipped_files
 
 import inference
 import train
-from conftest import copy_files, shipped_files
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,24 @@ def trained(tmp_path_factory):
     """A 1-epoch run on 12 real files: (checkpoint path, data_dir)."""
     base = tmp_path_factory.mktemp("run")
     data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
-    summary = train.main(["--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "4", "--num_workers", "0",
-                          "--val_split", "0.5", "--checkpoint_dir", str(base / "checkpoints"), "--log_dir", str(base / "logs")])
+    summary = train.main(
+        [
+            "--data_dir",
+            data_dir,
+            "--num_epochs",
+            "1",
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--val_split",
+            "0.5",
+            "--checkpoint_dir",
+            str(base / "checkpoints"),
+            "--log_dir",
+            str(base / "logs"),
+        ]
+    )
     return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
 
 
@@ -43,8 +59,21 @@ def test_all_split_evaluates_every_file_of_a_new_directory(trained, tmp_path):
     checkpoint, _ = trained
     unseen = shipped_files(families=("BH",), per_family=5)[3:]  # the run trained on the first 3 BH files
     new_dir = copy_files(unseen, tmp_path / "unseen")
-    metrics = inference.main([checkpoint, "--split", "all", "--data_dir", new_dir, "--num_samples", "0",
-                              "--num_plots", "0", "--output_dir", str(tmp_path / "out")])
+    metrics = inference.main(
+        [
+            checkpoint,
+            "--split",
+            "all",
+            "--data_dir",
+            new_dir,
+            "--num_samples",
+            "0",
+            "--num_plots",
+            "0",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert sorted(s["path"] for s in metrics["samples"]) == unseen
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".png")]
 
@@ -58,11 +87,17 @@ def test_baseline_repeats_the_time_averaged_spectrum():
     assert torch.allclose(reference[0, :, :, 9], x[0].mean(-1))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: str(d / "missing.pt"), "checkpoint not found"),
-    (lambda d: (d / "notes.pt").write_text("hello") and str(d / "notes.pt"), "not a loadable checkpoint"),
-    (lambda d: torch.save({"weights": 1}, d / "other.pt") or str(d / "other.pt"), "not a checkpoint of this project"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: str(d / "missing.pt"), "checkpoint not found"),
+        (lambda d: (d / "notes.pt").write_text("hello") and str(d / "notes.pt"), "not a loadable checkpoint"),
+        (
+            lambda d: torch.save({"weights": 1}, d / "other.pt") or str(d / "other.pt"),
+            "not a checkpoint of this project",
+        ),
+    ],
+)
 def test_bad_checkpoints_give_a_one_line_error(tmp_path, capsys, make, message):
     with pytest.raises(SystemExit) as exit_info:
         inference.main([make(tmp_path), "--output_dir", str(tmp_path / "out")])

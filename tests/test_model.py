@@ -34,7 +34,12 @@ def test_masked_mse_ignores_padded_bins():
     mask[0, :50], mask[1, :30] = True, True
     garbage = reconstruction.clone()
     garbage[1, :, :, 30:] = 1e6  # padding must not count
-    valid = torch.cat([(reconstruction[0] - target[0]).pow(2).flatten(), (reconstruction[1, :, :, :30] - target[1, :, :, :30]).pow(2).flatten()])
+    valid = torch.cat(
+        [
+            (reconstruction[0] - target[0]).pow(2).flatten(),
+            (reconstruction[1, :, :, :30] - target[1, :, :, :30]).pow(2).flatten(),
+        ]
+    )
     assert masked_mse(garbage, target, mask).item() == pytest.approx(valid.mean().item(), rel=1e-5)
 
 
@@ -56,8 +61,14 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     model.eval()
     x = torch.rand(2, 3, 129, 111)
     path = str(tmp_path / "model.pt")
-    save_checkpoint({"model_state": model.state_dict(), "model_config": model.config.to_dict(),
-                     "stft_config": asdict(STFTConfig())}, path)
+    save_checkpoint(
+        {
+            "model_state": model.state_dict(),
+            "model_config": model.config.to_dict(),
+            "stft_config": asdict(STFTConfig()),
+        },
+        path,
+    )
     restored = model_from_checkpoint(torch.load(path, weights_only=True)).eval()
     with torch.no_grad():
         np.testing.assert_array_equal(model(x).numpy(), restored(x).numpy())

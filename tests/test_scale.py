@@ -1,5 +1,6 @@
 """Scale-out paths of train.py on CPU: DistributedDataParallel under torchrun (gloo), mixed precision,
 torch.compile, and the helpers behind them. Real shipped recordings throughout."""
+
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, copy_files, shipped_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_stft_dataset import nan_samples
 from torch.utils.data import DataLoader, Subset
 
 import inference
@@ -17,10 +20,8 @@ import runtime
 import train
 import training
 from checkpoints import clean_state_dict, model_from_checkpoint
-from conftest import ROOT, copy_files, shipped_files
 from model import ConvAutoencoder
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from test_stft_dataset import nan_samples
 
 PROCESSES = 2
 DDP_FILES = 20  # real HH files: 4 validation (val_split 0.2) + 16 training = 8 per process
@@ -30,10 +31,23 @@ CPU = torch.device("cpu")
 def torchrun(probe_dir, *argv):
     """tests/ddp_probe.py (train.main with a record of the files each process read) in 2 processes."""
     os.makedirs(probe_dir, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES),
-               os.path.join("tests", "ddp_probe.py"), *argv, "--num_workers", "0", "--device", "cpu"]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PROBE_DIR": str(probe_dir)},
-                            capture_output=True, text=True, timeout=120)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(PROCESSES),
+        os.path.join("tests", "ddp_probe.py"),
+        *argv,
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "PROBE_DIR": str(probe_dir)}, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"torchrun exited {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -56,8 +70,19 @@ def ddp_run(tmp_path_factory):
     assert len(names) == DDP_FILES, f"only {len(names)} HH files shipped in data/filtered_waveforms"
     data_dir = copy_files(names, base / "waveforms")
     checkpoint_dir, log_dir, probe_dir = base / "checkpoints", base / "logs", base / "probe"
-    torchrun(probe_dir, "--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "4",
-             "--checkpoint_dir", str(checkpoint_dir), "--log_dir", str(log_dir))
+    torchrun(
+        probe_dir,
+        "--data_dir",
+        data_dir,
+        "--num_epochs",
+        "1",
+        "--batch_size",
+        "4",
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--log_dir",
+        str(log_dir),
+    )
     runs = os.listdir(checkpoint_dir)
     run_dir = os.path.join(checkpoint_dir, runs[0])
     with open(os.path.join(run_dir, "val_files.txt")) as f:
@@ -65,16 +90,26 @@ def ddp_run(tmp_path_factory):
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     return {
-        "names": names, "data_dir": data_dir, "checkpoint_dir": checkpoint_dir, "log_dir": log_dir,
-        "probe_dir": probe_dir, "runs": runs, "log_runs": os.listdir(log_dir), "run_dir": run_dir,
-        "run_files": sorted(os.listdir(run_dir)), "val_files": val_files, "config": config,
+        "names": names,
+        "data_dir": data_dir,
+        "checkpoint_dir": checkpoint_dir,
+        "log_dir": log_dir,
+        "probe_dir": probe_dir,
+        "runs": runs,
+        "log_runs": os.listdir(log_dir),
+        "run_dir": run_dir,
+        "run_files": sorted(os.listdir(run_dir)),
+        "val_files": val_files,
+        "config": config,
         "events": event_files(os.path.join(log_dir, runs[0])) if os.listdir(log_dir) == runs else [],
         "best": torch.load(os.path.join(run_dir, "best_model.pt"), weights_only=True),
         "last": torch.load(os.path.join(run_dir, "last.pt"), weights_only=True),
         "train": [recorded(probe_dir, data_dir, rank, 1) for rank in range(PROCESSES)],
         "val": [recorded(probe_dir, data_dir, rank, 1, "_val") for rank in range(PROCESSES)],
-        "evaluated_states": [torch.load(os.path.join(probe_dir, f"rank{rank}_epoch1_model.pt"), weights_only=True)
-                             for rank in range(PROCESSES)],
+        "evaluated_states": [
+            torch.load(os.path.join(probe_dir, f"rank{rank}_epoch1_model.pt"), weights_only=True)
+            for rank in range(PROCESSES)
+        ],
     }
 
 
@@ -83,9 +118,11 @@ def ddp_resumed(ddp_run):
     """The same run continued for a second epoch, again with 2 processes."""
     probe_dir = ddp_run["probe_dir"].parent / "probe_resumed"
     torchrun(probe_dir, "--resume", os.path.join(ddp_run["run_dir"], "last.pt"), "--num_epochs", "2")
-    return {"probe_dir": probe_dir,
-            "train": [recorded(probe_dir, ddp_run["data_dir"], rank, 2) for rank in range(PROCESSES)],
-            "last": torch.load(os.path.join(ddp_run["run_dir"], "last.pt"), weights_only=True)}
+    return {
+        "probe_dir": probe_dir,
+        "train": [recorded(probe_dir, ddp_run["data_dir"], rank, 2) for rank in range(PROCESSES)],
+        "last": torch.load(os.path.join(ddp_run["run_dir"], "last.pt"), weights_only=True),
+    }
 
 
 def assert_one_share_per_process(shares, train_files):
@@ -180,8 +217,23 @@ def test_ddp_survives_batches_with_no_usable_file(tmp_path):
     for k in range(4):
         os.replace(nan_samples(copy_files([], tmp_path / f"nan{k}")), os.path.join(data_dir, f"AZ.KNW.HH.nan{k}.mseed"))
     # --seed 47 puts all 4 in the training half of one process: it has 4 empty batches, the other none.
-    torchrun(tmp_path / "probe", "--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "1", "--val_split",
-             "0.25", "--seed", "47", "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "logs"))
+    torchrun(
+        tmp_path / "probe",
+        "--data_dir",
+        data_dir,
+        "--num_epochs",
+        "1",
+        "--batch_size",
+        "1",
+        "--val_split",
+        "0.25",
+        "--seed",
+        "47",
+        "--checkpoint_dir",
+        str(tmp_path / "checkpoints"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+    )
     trained = [recorded(tmp_path / "probe", data_dir, rank, 1) for rank in range(PROCESSES)]
     assert sorted(len(files) for files in trained) == [1, 5]  # usable files trained on, of 5 batches each
     (run,) = os.listdir(tmp_path / "checkpoints")
@@ -197,9 +249,25 @@ def amp_dir(tmp_path_factory):
 
 
 def run_amp(data_dir, tmp_path, *extra):
-    return train.main(["--data_dir", data_dir, "--batch_size", "4", "--num_workers", "0", "--val_split", "0.25",
-                       "--device", "cpu", "--checkpoint_dir", str(tmp_path / "checkpoints"),
-                       "--log_dir", str(tmp_path / "logs"), *extra])
+    return train.main(
+        [
+            "--data_dir",
+            data_dir,
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--val_split",
+            "0.25",
+            "--device",
+            "cpu",
+            "--checkpoint_dir",
+            str(tmp_path / "checkpoints"),
+            "--log_dir",
+            str(tmp_path / "logs"),
+            *extra,
+        ]
+    )
 
 
 def test_bf16_trains_with_finite_losses_and_no_scaler(amp_dir, tmp_path):
@@ -227,12 +295,15 @@ def test_fp16_uses_a_gradient_scaler_that_resume_restores(amp_dir, tmp_path):
     assert 0 < scale <= 1024.0
 
 
-@pytest.mark.parametrize("amp, name, output_dtype, scaled", [
-    ("off", "off", torch.float32, False),
-    ("auto", "bf16", torch.bfloat16, False),  # CPU: bf16, never the fp16 scaler
-    ("bf16", "bf16", torch.bfloat16, False),
-    ("fp16", "fp16", torch.float16, True),
-])
+@pytest.mark.parametrize(
+    "amp, name, output_dtype, scaled",
+    [
+        ("off", "off", torch.float32, False),
+        ("auto", "bf16", torch.bfloat16, False),  # CPU: bf16, never the fp16 scaler
+        ("bf16", "bf16", torch.bfloat16, False),
+        ("fp16", "fp16", torch.float16, True),
+    ],
+)
 def test_mixed_precision_on_cpu(amp, name, output_dtype, scaled):
     autocast, scaler, resolved = runtime.mixed_precision(amp, CPU)
     assert resolved == name and scaler.is_enabled() == scaled
@@ -252,15 +323,38 @@ def test_compiled_training_saves_plain_weights_that_inference_loads(tmp_path, mo
         return real_compile(model, *args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    argv = ["--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "4", "--num_workers", "0",
-            "--val_split", "0.5", "--device", "cpu"]  # one batch of 4 to train, one of 4 to validate
-    summary = train.main([*argv, "--compile", "--checkpoint_dir", str(tmp_path / "a"), "--log_dir", str(tmp_path / "la")])
+    argv = [
+        "--data_dir",
+        data_dir,
+        "--num_epochs",
+        "1",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--val_split",
+        "0.5",
+        "--device",
+        "cpu",
+    ]  # one batch of 4 to train, one of 4 to validate
+    summary = train.main(
+        [*argv, "--compile", "--checkpoint_dir", str(tmp_path / "a"), "--log_dir", str(tmp_path / "la")]
+    )
     assert len(compiled) == 1 and isinstance(compiled[0], ConvAutoencoder)
     checkpoint = torch.load(os.path.join(summary["run_dir"], "best_model.pt"), weights_only=True)
     assert not any("_orig_mod." in key or key.startswith("module.") for key in checkpoint["model_state"])
     model_from_checkpoint(checkpoint)  # strict load_state_dict: raises on any renamed key
-    metrics = inference.main([os.path.join(summary["run_dir"], "best_model.pt"), "--num_samples", "0",
-                              "--num_plots", "0", "--output_dir", str(tmp_path / "results")])
+    metrics = inference.main(
+        [
+            os.path.join(summary["run_dir"], "best_model.pt"),
+            "--num_samples",
+            "0",
+            "--num_plots",
+            "0",
+            "--output_dir",
+            str(tmp_path / "results"),
+        ]
+    )
     assert metrics["num_samples"] == 4 and np.isfinite(metrics["model"]["mse"]["overall"])
     # The compiled model is the same network: the same loss as without --compile on the one training batch.
     plain = train.main([*argv, "--checkpoint_dir", str(tmp_path / "b"), "--log_dir", str(tmp_path / "lb")])
@@ -296,5 +390,5 @@ def test_epoch_seed_is_reproducible_and_differs_across_processes_and_epochs():
     assert len(set(seeds.values())) == len(seeds)
     assert seeds == {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch, rank in seeds}
     assert runtime.epoch_seed(43, 1, 0) != seeds[1, 0]
-    assert all(isinstance(seed, int) and 0 <= seed < 2 ** 32 for seed in seeds.values())
+    assert all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds.values())
     torch.manual_seed(seeds[1, 0])  # accepted as a torch seed

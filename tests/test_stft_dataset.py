@@ -3,6 +3,7 @@
 Broken files are built in tmp_path from the real shipped recordings (obspy read -> modify -> write)
 or taken from obspy's own test data; only the unit tests of `spectrogram` use synthetic signals.
 """
+
 import json
 import os
 import shutil
@@ -13,9 +14,9 @@ import obspy
 import pytest
 import scipy.signal
 import torch
+from conftest import INCOMPLETE, SHIPPED, copy_files, shipped_files
 
 import file_index
-from conftest import INCOMPLETE, SHIPPED, copy_files, shipped_files
 from file_index import build_index, find_files
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from transform import STFTConfig, spectrogram
@@ -28,6 +29,7 @@ N_FREQ = 129  # nfft // 2 + 1 with the default nfft=256
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def real_stream(name=KNW):
     return obspy.read(os.path.join(SHIPPED, name))
@@ -60,8 +62,9 @@ def reference_spectrogram(waveform, fs=100.0, nperseg=256, noverlap=192, nfft=25
     """The documented transform written out independently, one component at a time."""
     components = []
     for component in waveform:
-        _, _, coefficients = scipy.signal.stft(component - component.mean(), fs=fs, nperseg=nperseg,
-                                               noverlap=noverlap, nfft=nfft)
+        _, _, coefficients = scipy.signal.stft(
+            component - component.mean(), fs=fs, nperseg=nperseg, noverlap=noverlap, nfft=nfft
+        )
         log_magnitude = np.log10(np.abs(coefficients) + eps)
         low, high = log_magnitude.min(), log_magnitude.max()
         components.append((log_magnitude - low) / (high - low))
@@ -73,6 +76,7 @@ def obspy_test_file(relpath, directory, name):
 
 
 # Builders of unusable files: each writes one file into `directory` and returns its path.
+
 
 def empty_file(directory):
     return obspy_test_file("io/mseed/tests/data/bizarre/emptyfile.mseed", directory, "XX.EMPTY.HH.mseed")
@@ -143,6 +147,7 @@ def long_gap(directory):
 
 # --- spectrogram against scipy -------------------------------------------------------------------
 
+
 def test_spectrogram_equals_direct_scipy_stft_on_real_waveform():
     waveform = np.stack([trace.data for trace in real_stream()]).astype(np.float64)  # E, N, Z
     np.testing.assert_allclose(spectrogram(waveform, STFTConfig()), reference_spectrogram(waveform), atol=1e-6)
@@ -167,21 +172,24 @@ def test_settings_change_shape_as_scipy_says(nperseg, noverlap, nfft):
 
 @pytest.mark.parametrize("stft", [STFTConfig(), STFTConfig(sampling_rate=40.0, nperseg=128, noverlap=96, nfft=512)])
 def test_axes_match_scipy_frequencies_and_times(stft):
-    f, t, _ = scipy.signal.stft(np.zeros(9001), fs=stft.sampling_rate, nperseg=stft.nperseg,
-                                noverlap=stft.noverlap, nfft=stft.nfft)
+    f, t, _ = scipy.signal.stft(
+        np.zeros(9001), fs=stft.sampling_rate, nperseg=stft.nperseg, noverlap=stft.noverlap, nfft=stft.nfft
+    )
     freqs, times = stft.axes(len(t))
     np.testing.assert_allclose(freqs, f)
     np.testing.assert_allclose(times, t)
 
 
-@pytest.mark.parametrize("settings", [dict(noverlap=256), dict(noverlap=-1), dict(nfft=128), dict(eps=0.0),
-                                      dict(sampling_rate=0.0)])
+@pytest.mark.parametrize(
+    "settings", [dict(noverlap=256), dict(noverlap=-1), dict(nfft=128), dict(eps=0.0), dict(sampling_rate=0.0)]
+)
 def test_invalid_settings_rejected(settings):
     with pytest.raises(ValueError):
         STFTConfig(**settings)
 
 
 # --- shapes and component order on real files ----------------------------------------------------
+
 
 @pytest.mark.parametrize("seconds, n_time", [(30, scipy_n_time(3001)), (70, 111), (90, 142)])
 def test_real_file_cut_to_length_gives_scipy_shape(tmp_path, seconds, n_time):
@@ -226,6 +234,7 @@ def test_constant_component_of_resampled_file_gives_zeros(tmp_path):
 
 # --- channel families, read from the trace headers -----------------------------------------------
 
+
 def test_family_filter_keeps_only_hh(real_dir, tmp_path):
     dataset = SeismicSTFTDataset(real_dir, families=("HH",))
     assert [name.split(".")[2] for name in dataset.files] == ["HH", "HH"]
@@ -260,16 +269,21 @@ def test_single_component_of_unrequested_family_is_excluded_not_skipped(tmp_path
 
 # --- unusable files: skipped with a reason, never an exception -----------------------------------
 
-@pytest.mark.parametrize("build, reason", [
-    (empty_file, "empty file"),
-    (text_file, "not readable as miniSEED"),
-    (not_miniseed, "not readable as miniSEED"),
-    (truncated_file, "damaged or truncated miniSEED"),
-    (broken_last_record, "damaged or truncated miniSEED"),
-    (single_component, "fewer than 3 components"),
-    (three_stations_unrotated, "unresolvable mixture"),
-    (two_stations, "unresolvable mixture"),
-], ids=lambda value: getattr(value, "__name__", value))
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (empty_file, "empty file"),
+        (text_file, "not readable as miniSEED"),
+        (not_miniseed, "not readable as miniSEED"),
+        (truncated_file, "damaged or truncated miniSEED"),
+        (broken_last_record, "damaged or truncated miniSEED"),
+        (single_component, "fewer than 3 components"),
+        (three_stations_unrotated, "unresolvable mixture"),
+        (two_stations, "unresolvable mixture"),
+    ],
+    ids=lambda value: getattr(value, "__name__", value),
+)
 def test_file_unusable_by_headers_is_skipped_with_reason(tmp_path, caplog, build, reason):
     directory = copy_files([KNW], tmp_path / "waveforms")
     path = build(directory)
@@ -280,11 +294,15 @@ def test_file_unusable_by_headers_is_skipped_with_reason(tmp_path, caplog, build
     assert dataset[0][0].shape == (3, N_FREQ, 142)
 
 
-@pytest.mark.parametrize("build, reason, detail", [
-    (nan_samples, "NaN or infinite samples", "AZ.KNW..HHN"),
-    (two_seconds, "too short for one STFT window", "201 common samples < nperseg=256"),
-    (long_gap, "gap too long", "AZ.KNW..HHZ"),
-], ids=["nan_samples", "two_seconds", "long_gap"])
+@pytest.mark.parametrize(
+    "build, reason, detail",
+    [
+        (nan_samples, "NaN or infinite samples", "AZ.KNW..HHN"),
+        (two_seconds, "too short for one STFT window", "201 common samples < nperseg=256"),
+        (long_gap, "gap too long", "AZ.KNW..HHZ"),
+    ],
+    ids=["nan_samples", "two_seconds", "long_gap"],
+)
 def test_file_unusable_on_full_read_is_dropped_by_collate(tmp_path, caplog, build, reason, detail):
     directory = copy_files([KNW], tmp_path / "waveforms")
     path = build(directory)
@@ -317,6 +335,7 @@ def test_missing_data_directory_raises():
 
 
 # --- component handling --------------------------------------------------------------------------
+
 
 def test_unrotated_1_2_codes_map_to_north_east(tmp_path):
     stream = real_stream()
@@ -361,6 +380,7 @@ def test_other_sampling_rates_are_resampled(tmp_path, sampling_rate):
 
 
 # --- the header index ----------------------------------------------------------------------------
+
 
 def refuse(*args, **kwargs):
     raise AssertionError("file read although the index is up to date")
@@ -456,6 +476,7 @@ def test_build_index_records_errors_and_seed_ids(tmp_path):
 
 # --- pad_collate ---------------------------------------------------------------------------------
 
+
 def test_pad_collate_pads_to_longest_with_mask(tmp_path):
     directory = tmp_path / "lengths"
     directory.mkdir()
@@ -483,17 +504,29 @@ def test_pad_collate_all_failed(tmp_path):
     batch = pad_collate([dataset[0], dataset[1]])
     assert batch["spectrogram"] is None and batch["mask"] is None and batch["meta"] == []
     assert sorted((path, reason) for path, reason, _ in batch["skipped"]) == sorted(
-        [(nan_path, "NaN or infinite samples"), (short_path, "too short for one STFT window")])
+        [(nan_path, "NaN or infinite samples"), (short_path, "too short for one STFT window")]
+    )
 
 
 # --- find_files ----------------------------------------------------------------------------------
 
+
 def test_find_files_recursive_and_case_insensitive(tmp_path):
-    names = ["a.mseed", "sub/b.MSEED", "sub/deeper/c.miniseed", "d.ms", "sub/e.MSD",
-             "f.sac", "g.mseed.bak", "notes.txt", ".stft_index.json", "mseed", ".hidden/h.mseed"]
+    names = [
+        "a.mseed",
+        "sub/b.MSEED",
+        "sub/deeper/c.miniseed",
+        "d.ms",
+        "sub/e.MSD",
+        "f.sac",
+        "g.mseed.bak",
+        "notes.txt",
+        ".stft_index.json",
+        "mseed",
+        ".hidden/h.mseed",
+    ]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert find_files(str(tmp_path)) == sorted(["a.mseed", "d.ms", "sub/b.MSEED", "sub/deeper/c.miniseed",
-                                                "sub/e.MSD"])
+    assert find_files(str(tmp_path)) == sorted(["a.mseed", "d.ms", "sub/b.MSEED", "sub/deeper/c.miniseed", "sub/e.MSD"])
     assert find_files(str(tmp_path), extensions=(".MS",)) == ["d.ms"]

@@ -4,19 +4,27 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import INCOMPLETE, copy_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import checkpoints
 import train
-from conftest import INCOMPLETE, copy_files
 
 TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25"]
 
 
 def run(data_dir, tmp_path, *extra):
-    argv = ["--data_dir", data_dir, "--checkpoint_dir", str(tmp_path / "checkpoints"),
-            "--log_dir", str(tmp_path / "logs"), *TINY, *extra]
+    argv = [
+        "--data_dir",
+        data_dir,
+        "--checkpoint_dir",
+        str(tmp_path / "checkpoints"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+        *TINY,
+        *extra,
+    ]
     return train.main(argv)
 
 
@@ -24,7 +32,11 @@ def test_run_writes_checkpoints_config_and_split(train_dir, tmp_path):
     summary = run(train_dir, tmp_path, "--num_epochs", "3", "--save_every", "1", "--keep_checkpoints", "2")
     run_dir = summary["run_dir"]
     assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pt")) == [
-        "best_model.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt", "last.pt"]
+        "best_model.pt",
+        "checkpoint_epoch_2.pt",
+        "checkpoint_epoch_3.pt",
+        "last.pt",
+    ]
     checkpoint = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
     assert checkpoint["epoch"] == 3 and len(checkpoint["history"]) == 3
     assert checkpoint["stft_config"]["nperseg"] == 256 and checkpoint["model_config"]["features"] == [32, 64, 128, 256]
@@ -61,15 +73,26 @@ def test_tensorboard_events_hold_the_expected_tags(train_dir, tmp_path):
     assert len(images) == 3 and all(tag.startswith("reconstruction/") for tag in images)  # the 3 validation files
     assert len(events.Images(images[0])) == 2
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
     assert start.hparams["lr"].number_value == pytest.approx(1e-3) and start.hparams["batch_size"].number_value == 4
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_path):
     straight = run(train_dir, tmp_path / "a", "--num_epochs", "4")
     first = run(train_dir, tmp_path / "b", "--num_epochs", "2")
-    resumed = train.main(["--resume", os.path.join(first["run_dir"], "last.pt"), "--num_epochs", "4",
-                          "--num_workers", "0", "--checkpoint_dir", str(tmp_path / "b" / "checkpoints")])
+    resumed = train.main(
+        [
+            "--resume",
+            os.path.join(first["run_dir"], "last.pt"),
+            "--num_epochs",
+            "4",
+            "--num_workers",
+            "0",
+            "--checkpoint_dir",
+            str(tmp_path / "b" / "checkpoints"),
+        ]
+    )
     assert resumed["run_dir"] == first["run_dir"] and resumed["log_dir"] == first["log_dir"]
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     for a, b in zip(straight["history"], resumed["history"]):
@@ -81,8 +104,18 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_pat
 
 def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path):
     first = run(train_dir, tmp_path, "--num_epochs", "1")
-    resumed = train.main(["--resume", os.path.join(first["run_dir"], "last.pt"), "--num_epochs", "2",
-                          "--num_workers", "0", "--nfft", "512"])
+    resumed = train.main(
+        [
+            "--resume",
+            os.path.join(first["run_dir"], "last.pt"),
+            "--num_epochs",
+            "2",
+            "--num_workers",
+            "0",
+            "--nfft",
+            "512",
+        ]
+    )
     checkpoint = torch.load(os.path.join(resumed["run_dir"], "last.pt"), weights_only=True)
     assert checkpoint["stft_config"]["nfft"] == 256 and checkpoint["args"]["batch_size"] == 4
 
@@ -115,13 +148,16 @@ def test_unusable_files_are_skipped_counted_and_reported(train_dir, tmp_path, ca
     assert "left out by --channels: 1 SH" in out  # the real SH file is filtered, not counted as bad
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--val_split", "1.5"], "--val_split must be between 0 and 1"),
-    (["--noverlap", "300"], "noverlap < nperseg"),
-    (["--batch_size", "0"], "--batch_size must be >= 1"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
-    (["--resume", "missing.pt"], "missing.pt"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--val_split", "1.5"], "--val_split must be between 0 and 1"),
+        (["--noverlap", "300"], "noverlap < nperseg"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+        (["--resume", "missing.pt"], "missing.pt"),
+    ],
+)
 def test_bad_arguments_give_a_clear_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--checkpoint_dir", str(tmp_path)] + flags)
