@@ -17,7 +17,6 @@ the DataLoader workers; ratios compare figures of the same run only.
   startup     a new Python process, launch to first batch: cold (no index) and warm (index stored)
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -37,15 +36,15 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from file_index import available_cores
+from file_index import DEFAULT_DATA_DIR, available_cores
 from model import ConvAutoencoder, masked_mse
-from runtime import loader_options, mixed_precision, model_input, resolve_device
+from runtime import loader_options, mixed_precision, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog
 from training import train_epoch
 from transform import STFTConfig, spectrogram
 from waveforms import DEFAULT_FAMILIES, read_miniseed
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "filtered_waveforms")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_DATA_DIR)
 WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
 FILES_PER_FOLDER = 1000
 WORKER_COUNTS = (0, 1, 2)
@@ -62,17 +61,10 @@ print(time.time(), len(dataset))
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--data_dir", default="data/filtered_waveforms", help="directory of miniSEED files to measure on")
-    add(
-        "--num_files",
-        type=int,
-        default=0,
-        help="files taken for the throughput stages, spread over the directory (0 = all)",
-    )
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory of miniSEED files to measure on")
+    add("--num_files", type=int, default=0, help="files for the throughput stages, spread over the folder (0 = all)")
     add("--batch_size", type=int, default=32, help="spectrograms per batch")
     add("--device", default="auto", help="device of the training-step stages ('auto', 'cpu', 'cuda')")
     add("--amp", choices=("off", "auto", "bf16", "fp16"), default="off", help="mixed precision of the step stages")

@@ -15,6 +15,7 @@ from waveforms import MINISEED_EXTENSIONS, UnusableFile, read_stream
 
 log = logging.getLogger("file_index")
 
+DEFAULT_DATA_DIR = "data/filtered_waveforms"  # the shipped recordings, relative to the repository root
 INDEX_VERSION = 1
 PARALLEL_INDEX_MIN_FILES = 200  # fewer new files are read in this process: a pool would cost more than it saves
 

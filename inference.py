@@ -8,7 +8,6 @@ sample's time-averaged spectrum over time: a model that does not beat it has lea
 more than the average spectral shape of each record.
 """
 
-import argparse
 import logging
 import os
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from model import masked_errors
-from runtime import RunError, model_input, resolve_device
+from runtime import RunError, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from waveforms import COMPONENTS
@@ -72,9 +71,7 @@ def baseline(spectrogram, mask):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add = parser.add_argument
     add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
     add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")

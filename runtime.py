@@ -1,6 +1,7 @@
-"""Run-time helpers every script shares: device, mixed precision, batches to the device, DataLoader
+"""Run-time helpers every script shares: the argument parser, device, mixed precision, batches to the device, DataLoader
 options, and the distributed (torchrun) helpers. Without torchrun the distributed helpers are no-ops."""
 
+import argparse
 import os
 import platform
 from contextlib import nullcontext
@@ -22,6 +23,13 @@ PREPARE_MINUTES = 60  # how long processes wait for rank 0 to index and cache th
 
 class RunError(Exception):
     """A problem the user must fix (bad data directory, unusable split, ...): scripts print it as one line, exit 2."""
+
+
+def script_parser(doc):
+    """An argparse parser described by the first line of the script's docstring; --help shows every default."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
 
 
 def resolve_device(name):

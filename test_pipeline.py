@@ -15,10 +15,11 @@ import torch
 
 import inference
 import train
+from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder, masked_mse
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
-DATA_DIR = "data/filtered_waveforms"
+DATA_DIR = DEFAULT_DATA_DIR
 
 
 def check_dataset(work):
@@ -57,16 +58,8 @@ def check_training(work):
     os.makedirs(data)
     for name in work["dataset"].files[::12]:  # 14 real files across families
         shutil.copy(os.path.join(DATA_DIR, name), data)
-    common = [
-        "--num_workers",
-        "0",
-        "--batch_size",
-        "4",
-        "--checkpoint_dir",
-        os.path.join(work["tmp"], "checkpoints"),
-        "--log_dir",
-        os.path.join(work["tmp"], "logs"),
-    ]
+    runs, logs = os.path.join(work["tmp"], "checkpoints"), os.path.join(work["tmp"], "logs")
+    common = ["--num_workers", "0", "--batch_size", "4", "--checkpoint_dir", runs, "--log_dir", logs]
     summary = train.main(["--data_dir", data, "--num_epochs", "1", *common])
     work["run_dir"], work["common"] = summary["run_dir"], common
     assert os.path.exists(os.path.join(summary["run_dir"], "best_model.pt"))

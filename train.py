@@ -30,6 +30,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from checkpoints import checkpoint_dict, load_checkpoint, restore, save_epoch_checkpoints
+from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder
 from runtime import (
     RunError,
@@ -43,6 +44,7 @@ from runtime import (
     model_input,
     package_versions,
     rank_and_world_size,
+    script_parser,
     share_batchnorm_statistics,
     sum_over_processes,
     wrap_for_training,
@@ -60,17 +62,10 @@ RUN_KEYS = ("channels", "extensions", "val_split", "seed", "nperseg", "noverlap"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add = parser.add_argument
-    add("--data_dir", default="data/filtered_waveforms", help="directory searched recursively for miniSEED files")
-    add(
-        "--channels",
-        nargs="+",
-        default=list(DEFAULT_FAMILIES),
-        help="channel families (band + instrument code) to train on",
-    )
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory searched recursively for miniSEED files")
+    add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families (band + instrument) to use")
     add("--extensions", nargs="+", default=list(MINISEED_EXTENSIONS), help="file extensions taken as miniSEED")
     add("--batch_size", type=int, default=16, help="spectrograms per batch")
     add("--num_epochs", type=int, default=30, help="total epochs (with --resume: including those already done)")
@@ -259,32 +254,10 @@ def prepare(args, checkpoint, device):
     purge_step = state["global_step"] + 1 if checkpoint else None
     writer = SummaryWriter(log_dir, purge_step=purge_step) if rank == 0 else None
 
-    config = {
-        "run_name": run_name,
-        "args": vars(args),
-        "stft_config": asdict(stft),
-        "model_config": model.config.to_dict(),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(device),
-        "processes": world_size,
-        "amp": amp,
-        "versions": package_versions(),
-        "dataset": {
-            "usable_files": len(dataset),
-            "train_files": len(train_files),
-            "val_files": len(val_files),
-            "excluded_by_family": dict(dataset.excluded),
-        },
-    }
+    config = run_config(args, run_name, stft, model, device, amp, dataset, train_files, val_files)
     log.info(
         "run %s: %d train / %d validation files, device %s x %d, %d parameters, amp %s",
-        run_name,
-        len(train_files),
-        len(val_files),
-        device,
-        world_size,
-        config["num_parameters"],
-        amp,
+        *(run_name, len(train_files), len(val_files), device, world_size, config["num_parameters"], amp),
     )
     first_val_files = np.flatnonzero(np.isin(dataset.files, val_files))[:NUM_IMAGES]
     image_batch = pad_collate([dataset[i] for i in first_val_files]) if rank == 0 else None
@@ -312,6 +285,23 @@ def prepare(args, checkpoint, device):
         writer,
         image_batch,
     )
+
+
+def run_config(args, run_name, stft, model, device, amp, dataset, train_files, val_files):
+    """What config.json records: every setting, the dataset's sizes and the package versions."""
+    sizes = {"usable_files": len(dataset), "train_files": len(train_files), "val_files": len(val_files)}
+    return {
+        "run_name": run_name,
+        "args": vars(args),
+        "stft_config": asdict(stft),
+        "model_config": model.config.to_dict(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "processes": rank_and_world_size()[1],
+        "amp": amp,
+        "versions": package_versions(),
+        "dataset": {**sizes, "excluded_by_family": dict(dataset.excluded)},
+    }
 
 
 def train(args, checkpoint, device):

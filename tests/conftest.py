@@ -18,6 +18,11 @@ def shipped_files(families=("HH", "HN", "EH", "BH"), per_family=2):
     return [name for family in families for name in [n for n in names if n.split(".")[2] == family][:per_family]]
 
 
+def flags(**values):
+    """Command-line arguments: flags(num_epochs="1", data_dir=d) -> ["--num_epochs", "1", "--data_dir", d]."""
+    return [text for name, value in values.items() for text in (f"--{name}", str(value))]
+
+
 def copy_files(names, directory, source=SHIPPED):
     os.makedirs(directory, exist_ok=True)
     for name in names:

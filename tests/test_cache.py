@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHIPPED, copy_files, shipped_files
+from conftest import SHIPPED, copy_files, flags, shipped_files
 from test_stft_dataset import empty_file, nan_samples, truncated_file
 from torch.utils.data import DataLoader, Subset
 
@@ -295,22 +295,15 @@ def test_parallel_header_index_equals_serial(real_dir, tmp_path, monkeypatch):
 
 
 def test_training_with_cache_dir_builds_then_reuses_cache(train_dir, tmp_path, monkeypatch):
-    argv = [
-        "--data_dir",
-        train_dir,
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--num_epochs",
-        "1",
-        "--batch_size",
-        "4",
-        "--num_workers",
-        "0",
-        "--checkpoint_dir",
-        str(tmp_path / "checkpoints"),
-        "--log_dir",
-        str(tmp_path / "logs"),
-    ]
+    argv = flags(
+        data_dir=train_dir,
+        cache_dir=str(tmp_path / "cache"),
+        num_epochs="1",
+        batch_size="4",
+        num_workers="0",
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        log_dir=str(tmp_path / "logs"),
+    )
     first = train.main(argv)
     (folder,) = os.listdir(tmp_path / "cache")
     assert {"manifest.npz", "shard_0.f16"} <= set(os.listdir(tmp_path / "cache" / folder))
@@ -333,18 +326,13 @@ def test_unwritable_cache_dir_is_a_clear_error(train_dir, tmp_path, capsys):
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
         train.main(
-            [
-                "--data_dir",
-                train_dir,
-                "--cache_dir",
-                str(blocker / "cache"),
-                "--num_workers",
-                "0",
-                "--checkpoint_dir",
-                str(tmp_path / "checkpoints"),
-                "--log_dir",
-                str(tmp_path / "logs"),
-            ]
+            flags(
+                data_dir=train_dir,
+                cache_dir=str(blocker / "cache"),
+                num_workers="0",
+                checkpoint_dir=str(tmp_path / "checkpoints"),
+                log_dir=str(tmp_path / "logs"),
+            )
         )
     assert exit_info.value.code == 2
     assert "a_file" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import copy_files, shipped_files
+from conftest import copy_files, flags, shipped_files
 
 import inference
 import train
@@ -15,22 +15,15 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("run")
     data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
     summary = train.main(
-        [
-            "--data_dir",
-            data_dir,
-            "--num_epochs",
-            "1",
-            "--batch_size",
-            "4",
-            "--num_workers",
-            "0",
-            "--val_split",
-            "0.5",
-            "--checkpoint_dir",
-            str(base / "checkpoints"),
-            "--log_dir",
-            str(base / "logs"),
-        ]
+        flags(
+            data_dir=data_dir,
+            num_epochs="1",
+            batch_size="4",
+            num_workers="0",
+            val_split="0.5",
+            checkpoint_dir=str(base / "checkpoints"),
+            log_dir=str(base / "logs"),
+        )
     )
     return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
 

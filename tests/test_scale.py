@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, copy_files, shipped_files
+from conftest import ROOT, copy_files, flags, shipped_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_stft_dataset import nan_samples
 from torch.utils.data import DataLoader, Subset
@@ -323,20 +323,9 @@ def test_compiled_training_saves_plain_weights_that_inference_loads(tmp_path, mo
         return real_compile(model, *args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    argv = [
-        "--data_dir",
-        data_dir,
-        "--num_epochs",
-        "1",
-        "--batch_size",
-        "4",
-        "--num_workers",
-        "0",
-        "--val_split",
-        "0.5",
-        "--device",
-        "cpu",
-    ]  # one batch of 4 to train, one of 4 to validate
+    argv = flags(
+        data_dir=data_dir, num_epochs="1", batch_size="4", num_workers="0", val_split="0.5", device="cpu"
+    )  # one batch of 4 to train, one of 4 to validate
     summary = train.main(
         [*argv, "--compile", "--checkpoint_dir", str(tmp_path / "a"), "--log_dir", str(tmp_path / "la")]
     )

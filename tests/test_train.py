@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import INCOMPLETE, copy_files
+from conftest import INCOMPLETE, copy_files, flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -82,16 +82,12 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_pat
     straight = run(train_dir, tmp_path / "a", "--num_epochs", "4")
     first = run(train_dir, tmp_path / "b", "--num_epochs", "2")
     resumed = train.main(
-        [
-            "--resume",
-            os.path.join(first["run_dir"], "last.pt"),
-            "--num_epochs",
-            "4",
-            "--num_workers",
-            "0",
-            "--checkpoint_dir",
-            str(tmp_path / "b" / "checkpoints"),
-        ]
+        flags(
+            resume=os.path.join(first["run_dir"], "last.pt"),
+            num_epochs="4",
+            num_workers="0",
+            checkpoint_dir=str(tmp_path / "b" / "checkpoints"),
+        )
     )
     assert resumed["run_dir"] == first["run_dir"] and resumed["log_dir"] == first["log_dir"]
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
@@ -105,16 +101,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_pat
 def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path):
     first = run(train_dir, tmp_path, "--num_epochs", "1")
     resumed = train.main(
-        [
-            "--resume",
-            os.path.join(first["run_dir"], "last.pt"),
-            "--num_epochs",
-            "2",
-            "--num_workers",
-            "0",
-            "--nfft",
-            "512",
-        ]
+        flags(resume=os.path.join(first["run_dir"], "last.pt"), num_epochs="2", num_workers="0", nfft="512")
     )
     checkpoint = torch.load(os.path.join(resumed["run_dir"], "last.pt"), weights_only=True)
     assert checkpoint["stft_config"]["nfft"] == 256 and checkpoint["args"]["batch_size"] == 4
