@@ -1,11 +1,12 @@
-"""Evaluate a trained autoencoder: reconstruction plots, metrics.json and a table against a baseline.
+"""Evaluate a trained autoencoder: reconstruction plots, metrics.json and a table against two baselines.
 
     python inference.py checkpoints/<run>/best_model.pt                  # the run's validation files
     python inference.py checkpoints/<run>/best_model.pt --split all --data_dir /new/events
 
-Model, STFT and normalisation settings come from the checkpoint. The baseline repeats each
-sample's time-averaged spectrum over time: a model that does not beat it has learned little
-more than the average spectral shape of each record.
+Model, STFT and normalisation settings come from the checkpoint. Beside the model's figures stand two
+baselines (baselines.py): the time-mean one repeats each sample's time-averaged spectrum over time, and
+the blur one is each sample average-pooled 8 x 8 and scaled back up. A model that does not beat them has
+learned no more than each record's average spectral shape, or no finer detail than a coarse copy.
 """
 
 import logging
@@ -16,6 +17,7 @@ import torch
 from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
 from torch.utils.data import DataLoader, Subset
 
+from baselines import BASELINES
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from model import masked_errors
 from runtime import RunError, model_input, resolve_device, script_parser
@@ -24,6 +26,8 @@ from storage import write_json_atomic
 from waveforms import COMPONENTS
 
 log = logging.getLogger("inference")
+WHO = ("model", *BASELINES)  # the reconstructions compared, as keys of metrics.json
+LABELS = {"model": "model", "baseline": "time-mean", "blur": "blur"}  # their names in the printed table
 
 
 def plot_reconstruction(spectrogram, reconstruction, stft, title):
@@ -61,13 +65,6 @@ def plot_reconstruction(spectrogram, reconstruction, stft, title):
                 ax.set_ylabel("frequency (Hz)")
     figure.suptitle(f"{title}   MSE E {mse[0]:.4f}  N {mse[1]:.4f}  Z {mse[2]:.4f}")
     return figure
-
-
-def baseline(spectrogram, mask):
-    """Each sample's time-averaged spectrum over its valid bins, repeated over time: (B, 3, F, T)."""
-    weights = mask[:, None, None, :].to(spectrogram.dtype)
-    mean_spectrum = (spectrogram * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True)
-    return mean_spectrum.expand_as(spectrogram)
 
 
 def parse_args(argv=None):
@@ -126,20 +123,19 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
         if batch["spectrogram"] is None:
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
-        reconstruction, reference = model(x), baseline(x, mask)
+        reconstruction = model(x)
+        references = {"model": reconstruction, **{who: make(x, mask) for who, make in BASELINES.items()}}
         errors = {
-            ("model", "mse"): masked_errors(reconstruction, x, mask, 2),
-            ("model", "mae"): masked_errors(reconstruction, x, mask, 1),
-            ("baseline", "mse"): masked_errors(reference, x, mask, 2),
-            ("baseline", "mae"): masked_errors(reference, x, mask, 1),
+            (who, metric): masked_errors(reference, x, mask, power)
+            for who, reference in references.items()
+            for metric, power in (("mse", 2), ("mae", 1))
         }
         for k, meta in enumerate(batch["meta"]):
             sample = {
                 "path": os.path.relpath(meta["path"], dataset.data_dir),
                 "trace_id": meta["trace_id"],
                 "starttime": meta["starttime"],
-                "model": {},
-                "baseline": {},
+                **{who: {} for who in WHO},
             }
             for (who, metric), values in errors.items():
                 sample[who][metric] = {**dict(zip(COMPONENTS, values[k].tolist())), "overall": values[k].mean().item()}
@@ -163,25 +159,26 @@ def summarise(samples):
             metric: {key: float(np.mean([s[who][metric][key] for s in samples])) for key in (*COMPONENTS, "overall")}
             for metric in ("mse", "mae")
         }
-        for who in ("model", "baseline")
+        for who in WHO
     }
 
 
 def print_table(metrics):
-    """Two rows per file (model, baseline), then the means: MSE and MAE per component and overall."""
+    """Three rows per file (model, time-mean baseline, blur baseline), then the means: MSE and MAE per component
+    and overall."""
     keys = (*COMPONENTS, "overall")
     labels = (*COMPONENTS, "all")
     print(
-        f"{'file':36} {'':8} "
+        f"{'file':36} {'':9} "
         + " ".join(f"{'MSE ' + k:>8}" for k in labels)
         + "  "
         + " ".join(f"{'MAE ' + k:>8}" for k in labels)
     )
     rows = [(s["path"][-36:], s) for s in metrics["samples"]] + [(f"mean of {metrics['num_samples']} files", metrics)]
     for name, values in rows:
-        for who in ("model", "baseline"):
+        for who in WHO:
             print(
-                f"{name if who == 'model' else '':36} {who:8} "
+                f"{name if who == 'model' else '':36} {LABELS[who]:9} "
                 + " ".join(f"{values[who]['mse'][k]:8.5f}" for k in keys)
                 + "  "
                 + " ".join(f"{values[who]['mae'][k]:8.5f}" for k in keys)

@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from augment import crop_rng, random_time_crop
 from checkpoints import checkpoint_dict, load_checkpoint, restore, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder
@@ -51,7 +52,7 @@ from runtime import (
 )
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
-from training import evaluate, mean_loss, train_epoch
+from training import CROP_BINS, LR, NUM_EPOCHS, WEIGHT_DECAY, evaluate, mean_loss, one_cycle, train_epoch
 from transform import STFTConfig
 from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 
@@ -59,6 +60,9 @@ log = logging.getLogger("train")
 NUM_IMAGES = 4  # fixed validation samples drawn to TensorBoard each epoch
 # Settings that define a run: on --resume they come from the checkpoint, not the command line.
 RUN_KEYS = ("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir")
+RUN_KEYS += ("lr_schedule", "crop_bins", "weight_decay")
+# What runs written before a RUN_KEYS flag existed did, for resuming them.
+BEFORE_FLAG = {"lr_schedule": "constant", "crop_bins": [0, 0], "weight_decay": 0.0}
 
 
 def parse_args(argv=None):
@@ -68,8 +72,24 @@ def parse_args(argv=None):
     add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families (band + instrument) to use")
     add("--extensions", nargs="+", default=list(MINISEED_EXTENSIONS), help="file extensions taken as miniSEED")
     add("--batch_size", type=int, default=16, help="spectrograms per batch")
-    add("--num_epochs", type=int, default=30, help="total epochs (with --resume: including those already done)")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate")
+    add("--num_epochs", type=int, default=NUM_EPOCHS, help="total epochs (with --resume: including those already done)")
+    add("--lr", type=float, default=LR, help="Adam learning rate (with --lr_schedule onecycle: the peak)")
+    add(
+        "--lr_schedule",
+        choices=("onecycle", "constant"),
+        default="onecycle",
+        help="'onecycle': cosine warm-up over the first 30%% of the steps to --lr, cosine decay to --lr / 10000; "
+        "'constant': --lr throughout",
+    )
+    add("--weight_decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay (0: plain Adam)")
+    add(
+        "--crop_bins",
+        nargs=2,
+        type=int,
+        default=list(CROP_BINS),
+        metavar=("MIN", "MAX"),
+        help="training batches only: random time windows of MIN to MAX bins, normalised again (0 0: no cropping)",
+    )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of files held out for validation")
     add("--seed", type=int, default=42, help="seed of the split, the initial weights and the shuffling")
@@ -111,6 +131,12 @@ def argument_problems(args):
         ("val_split", 0 < args.val_split < 1, "between 0 and 1"),
         ("save_every", args.save_every >= 1, ">= 1"),
         ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
+        ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        (
+            "crop_bins",
+            args.crop_bins == [0, 0] or 1 <= args.crop_bins[0] <= args.crop_bins[1],
+            "0 0 or 1 <= MIN <= MAX",
+        ),
     ]
     problems = [f"--{name} must be {rule}" for name, ok, rule in rules if not ok]
     try:
@@ -129,9 +155,10 @@ def resume_settings(parser, args, checkpoint):
     saved = checkpoint["args"]
     for key in RUN_KEYS:
         given = getattr(args, key)
-        if given != parser.get_default(key) and given != saved[key]:
-            log.warning("--%s %s ignored: a resumed run keeps its checkpoint's value %s", key, given, saved[key])
-        setattr(args, key, saved[key])
+        kept = saved.get(key, BEFORE_FLAG.get(key))
+        if given != parser.get_default(key) and given != kept:
+            log.warning("--%s %s ignored: a resumed run keeps its checkpoint's value %s", key, given, kept)
+        setattr(args, key, kept)
     if args.data_dir == parser.get_default("data_dir"):
         args.data_dir = saved["data_dir"]  # a different --data_dir is honoured: the data may have moved
 
@@ -244,7 +271,7 @@ def prepare(args, checkpoint, device):
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler, amp = mixed_precision(args.amp, device)
     state = restore(checkpoint, model, optimizer, scaler)
     if checkpoint:
@@ -336,20 +363,33 @@ def train_one_epoch(run, epoch):
     torch.manual_seed(epoch_seed(run.args.seed, epoch, rank_and_world_size()[0]))  # DataLoader worker seeds
     run.sampler.set_epoch(epoch)  # the same order whether or not the run was resumed
     started = time.perf_counter()
+    loop = (run.trained, run.train_loader, run.optimizer, run.scaler, run.autocast, run.device, run.skips, epoch)
     sums, step_losses = train_epoch(
-        run.trained,
-        run.train_loader,
-        run.optimizer,
-        run.scaler,
-        run.autocast,
-        run.device,
-        run.skips,
-        epoch,
+        *loop,
         dist.is_initialized(),
+        augmentation(run.args, epoch),
+        learning_rate(run.args, epoch, len(run.train_loader)),
     )
     total, bins, samples = sum_over_processes(sums, run.device)
     share_batchnorm_statistics(run.model)
     return mean_loss(total, bins), step_losses, samples / (time.perf_counter() - started)
+
+
+def augmentation(args, epoch):
+    """The epoch's augmentation of training batches (augment.random_time_crop), or None with --crop_bins 0 0."""
+    min_bins, max_bins = args.crop_bins
+    if not min_bins:
+        return None
+    rng = crop_rng(args.seed, epoch, rank_and_world_size()[0])
+    return lambda x, mask: random_time_crop(x, mask, rng, min_bins, max_bins)
+
+
+def learning_rate(args, epoch, steps_per_epoch):
+    """step in the epoch -> learning rate, or None for a constant --lr."""
+    if args.lr_schedule == "constant":
+        return None
+    total = args.num_epochs * steps_per_epoch
+    return lambda step: args.lr * one_cycle(((epoch - 1) * steps_per_epoch + step) / total)
 
 
 def validate(run):

@@ -4,6 +4,8 @@ Both take batches from stft_dataset.pad_collate and return error sums weighted b
 that the mean over processes and batches of different lengths is exact (see runtime.sum_over_processes).
 """
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -11,7 +13,10 @@ from model import masked_mse
 from runtime import is_rank_zero, model_input
 from waveforms import COMPONENTS
 
+# The default training recipe, train.py's flag defaults (the README's "Generalisation" section says how it was chosen).
+NUM_EPOCHS, LR, WEIGHT_DECAY, CROP_BINS = 120, 2e-3, 0.0, (40, 142)
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the GPU)
+ONE_CYCLE_WARMUP = 0.3  # fraction of a one-cycle run spent raising the learning rate (torch's OneCycleLR default)
 
 
 def placeholder_batch():
@@ -19,9 +24,23 @@ def placeholder_batch():
     return torch.zeros(1, len(COMPONENTS), 32, 32), torch.zeros(1, 32, dtype=torch.bool)
 
 
-def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch, distributed=False):
+def train_epoch(
+    model,
+    loader,
+    optimizer,
+    scaler,
+    autocast,
+    device,
+    skips,
+    epoch,
+    distributed=False,
+    augment=None,
+    learning_rate=None,
+):
     """One pass over this process's training files.
 
+    augment: None, or (spectrogram, mask) -> (spectrogram, mask), applied to each training batch on the CPU.
+    learning_rate: None (keep the optimizer's), or step in this epoch -> learning rate of that step.
     Returns ((sum over batches of loss x valid bins, valid bins, samples), per-step losses).
     Losses stay on the device until the epoch ends: reading one waits for the GPU.
     """
@@ -30,24 +49,18 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
     bar = tqdm(
         loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True, disable=not is_rank_zero()
     )
-    for batch in bar:
+    for step, batch in enumerate(bar):
         skips.add_batch(batch["skipped"])
-        x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
-        placeholder = x is None
-        if placeholder:
-            if not distributed:
-                continue
-            # A zero loss on a placeholder, in eval mode so that BatchNorm statistics learn nothing from it.
-            x, mask = placeholder_batch()
-            model.eval()
+        if batch["spectrogram"] is None and not distributed:
+            continue
+        if learning_rate:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
+        x, mask = training_batch(batch, augment)
         n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
-        x = model_input(x, device)
-        mask = mask.to(device, non_blocking=True)
-        with autocast():
-            reconstruction = model(x)
-        if placeholder:
-            model.train()
-        loss = masked_mse(reconstruction.float(), x, mask) if n_bins else reconstruction.float().sum() * 0.0
+        loss = step_loss(
+            model, model_input(x, device), mask.to(device, non_blocking=True), autocast, placeholder=not n_bins
+        )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -59,6 +72,36 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
             if len(step_losses) % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{loss.item():.5f}")
     return (total, bins, samples), step_losses
+
+
+def training_batch(batch, augment):
+    """(spectrogram, mask) to train on: the batch's, augmented; a placeholder when no file of it could be read."""
+    if batch["spectrogram"] is None:
+        return placeholder_batch()
+    x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
+    return augment(x, mask) if augment else (x, mask)
+
+
+def step_loss(model, x, mask, autocast, placeholder=False):
+    """Masked MSE of the model's reconstruction of x. A placeholder gives a zero loss that still joins DDP's
+    gradient all-reduce, computed in eval mode so that BatchNorm statistics learn nothing from it."""
+    if placeholder:
+        model.eval()
+    with autocast():
+        reconstruction = model(x)
+    if placeholder:
+        model.train()
+        return reconstruction.float().sum() * 0.0
+    return masked_mse(reconstruction.float(), x, mask)
+
+
+def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=1 / 25, end=1e-4):
+    """Learning-rate factor at `progress` (0 to 1) of a run: a cosine rise from `start` to 1 over the first `warmup`
+    of the run, then a cosine fall to `end`; the shape of torch's OneCycleLR, as a function of the step alone so
+    that a resumed run (even with another --num_epochs) needs no scheduler state."""
+    if progress < warmup:
+        return start + (1 - start) * (1 - math.cos(math.pi * progress / warmup)) / 2
+    return end + (1 - end) * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))) / 2
 
 
 @torch.no_grad()

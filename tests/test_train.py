@@ -10,6 +10,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import checkpoints
 import train
+import training
 
 TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25"]
 
@@ -75,12 +76,17 @@ def test_tensorboard_events_hold_the_expected_tags(train_dir, tmp_path):
     start = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     ).session_start_info
-    assert start.hparams["lr"].number_value == pytest.approx(1e-3) and start.hparams["batch_size"].number_value == 4
+    assert (
+        start.hparams["lr"].number_value == pytest.approx(training.LR) and start.hparams["batch_size"].number_value == 4
+    )
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_path):
-    straight = run(train_dir, tmp_path / "a", "--num_epochs", "4")
-    first = run(train_dir, tmp_path / "b", "--num_epochs", "2")
+    # A constant learning rate: a 2-epoch run extended to 4 then repeats a 4-epoch one exactly. A one-cycle
+    # schedule spans --num_epochs; its interrupted-run case is in test_augment.py.
+    constant = ("--lr_schedule", "constant")
+    straight = run(train_dir, tmp_path / "a", "--num_epochs", "4", *constant)
+    first = run(train_dir, tmp_path / "b", "--num_epochs", "2", *constant)
     resumed = train.main(
         flags(
             resume=os.path.join(first["run_dir"], "last.pt"),

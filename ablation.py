@@ -1,0 +1,145 @@
+"""Which training levers make the model transfer: train with each, evaluate on networks it never saw.
+
+    python ablation.py                                     # every lever, both folds: about an hour on 2 cores
+    python ablation.py --levers default plain --folds NC   # a part of it
+
+Each fold holds some networks of the shipped data out: `python train.py` runs on the files of the other
+networks (its own random validation split inside them), then `python inference.py --split all` evaluates
+the best checkpoint on the held-out networks and on obspy's example recording (BW.RJOB, Germany, another
+instrument). With the default folds every shipped network is held out once. Each lever is one set of
+train.py flags; the table gives mean MSE per held-out group for the model, the time-mean and the blur
+baseline (baselines.py), and the ratios. Both scripts run as a user runs them, in subprocesses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+import obspy
+
+from file_index import DEFAULT_DATA_DIR
+from runtime import script_parser
+from training import NUM_EPOCHS
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+FOLDS = {"NC": ("NC",), "not-NC": ("BK", "CI", "PG", "NN", "NP", "WR", "AZ", "TA")}  # held-out networks
+LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
+    "default": [],
+    "plain (before): constant lr 1e-3, no crops, 30 epochs": [
+        *("--lr_schedule", "constant", "--lr", "1e-3", "--crop_bins", "0", "0", "--num_epochs", "30")
+    ],
+    "no crops": ["--crop_bins", "0", "0"],
+    "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
+    "half the epochs": ["--num_epochs", "EPOCHS/2"],
+}
+SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
+
+
+def parse_args(argv=None):
+    parser = script_parser(__doc__)
+    parser.add_argument("--levers", nargs="+", default=list(SHORT.values()), help="levers to run, by short name")
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), help="folds to run (held-out network groups)")
+    parser.add_argument("--work_dir", help="where data links, checkpoints and results go (default: a temporary one)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.levers if name not in SHORT.values()] + [f for f in args.folds if f not in FOLDS]
+    if unknown:
+        parser.error(f"unknown lever or fold: {', '.join(unknown)} (levers: {', '.join(SHORT.values())})")
+    return args
+
+
+def network_of(name):
+    return name.split(".")[0]
+
+
+def link_fold(held_out, work_dir):
+    """(training dir, held-out dir) of symbolic links to the shipped files, plus BW.RJOB in the held-out one."""
+    train_dir, test_dir = os.path.join(work_dir, "train"), os.path.join(work_dir, "held_out")
+    for folder in (train_dir, test_dir):
+        os.makedirs(folder, exist_ok=True)
+    shipped = os.path.join(ROOT, DEFAULT_DATA_DIR)
+    for name in sorted(os.listdir(shipped)):
+        if name.endswith(".mseed"):
+            target = test_dir if network_of(name) in held_out else train_dir
+            if not os.path.exists(os.path.join(target, name)):
+                os.symlink(os.path.join(shipped, name), os.path.join(target, name))
+    obspy.read().write(os.path.join(test_dir, "BW.RJOB.EH.20090825T014000.mseed"), format="MSEED")
+    return train_dir, test_dir
+
+
+def run_lever(flags, train_dir, test_dir, out_dir):
+    """Train with the flags, evaluate on test_dir: (metrics.json of the held-out files, training seconds)."""
+    checkpoints, results = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "results")
+    started = time.perf_counter()
+    script("train.py", "--data_dir", train_dir, "--checkpoint_dir", checkpoints, "--log_dir", out_dir, *flags)
+    seconds = time.perf_counter() - started
+    (run,) = os.listdir(checkpoints)
+    best = os.path.join(checkpoints, run, "best_model.pt")
+    script("inference.py", best, "--split", "all", "--data_dir", test_dir, "--num_samples", "0", "--num_plots", "0",
+           "--output_dir", results)  # fmt: skip
+    with open(os.path.join(results, "metrics.json")) as f:
+        return json.load(f), seconds
+
+
+def script(*argv):
+    """Run one of the repository's scripts as a user would; its output goes to out_dir's log, not here."""
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"error: {' '.join(argv[:2])} exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+
+
+def by_network(metrics):
+    """{network: {who: mean MSE}} of the evaluated files, plus "all" over every file."""
+    groups = defaultdict(list)
+    for sample in metrics["samples"]:
+        groups[sample["trace_id"].split(".")[0]].append(sample)
+        groups["all"].append(sample)
+    return {net: mean_mse(samples) for net, samples in groups.items()}
+
+
+def mean_mse(samples):
+    """{"model", "baseline", "blur": mean over the samples of their overall MSE, "files": how many}."""
+    means = {who: float(np.mean([s[who]["mse"]["overall"] for s in samples])) for who in ("model", "baseline", "blur")}
+    return {**means, "files": len(samples)}
+
+
+def print_table(figures):
+    columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in figures:
+        for net, v in row["networks"].items():
+            ratios = f"{v['model'] / v['baseline']:.2f} | {v['model'] / v['blur']:.2f}"
+            mse = f"{v['model']:.5f} | {v['baseline']:.5f} | {v['blur']:.5f}"
+            print(
+                f"| {row['lever']} | {row['fold']} | {net} | {v['files']} | {mse} | {ratios} | {row['train_s']:.0f} |"
+            )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="ablation_")
+    figures = []
+    for fold in args.folds:
+        train_dir, test_dir = link_fold(FOLDS[fold], os.path.join(work_dir, fold))
+        for name, flags in LEVERS.items():
+            if SHORT[name] not in args.levers:
+                continue
+            flags = [str(NUM_EPOCHS // 2) if flag == "EPOCHS/2" else flag for flag in flags]
+            metrics, seconds = run_lever(flags, train_dir, test_dir, os.path.join(work_dir, fold, SHORT[name]))
+            figures.append({"lever": SHORT[name], "flags": flags, "fold": fold, "train_s": seconds})
+            figures[-1]["networks"] = by_network(metrics)
+            print(f"{SHORT[name]}, fold {fold}: {figures[-1]['networks']['all']} ({seconds:.0f} s)", flush=True)
+    print_table(figures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Training-time levers: random time crops (augment.py), the one-cycle learning rate, and that both touch
+training batches only and repeat exactly in a resumed run. Real shipped recordings for the runs."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import flags
+
+import train
+from augment import crop_rng, random_time_crop
+from stft_dataset import SeismicSTFTDataset, pad_collate
+from training import ONE_CYCLE_WARMUP, one_cycle
+
+TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu")
+
+
+def real_batch(directory, lengths):
+    """A padded batch of real spectrograms cut to the given numbers of time bins."""
+    dataset = SeismicSTFTDataset(directory)
+    return pad_collate([(dataset[i][0][:, :, :n], dataset[i][1]) for i, n in enumerate(lengths)])
+
+
+def normalised(window):
+    """The transform's per-component min-max, written out with numpy."""
+    low, high = window.min(axis=(1, 2), keepdims=True), window.max(axis=(1, 2), keepdims=True)
+    return (window - low) / (high - low)
+
+
+def test_crop_is_a_window_of_each_sample_normalised_again(real_dir):
+    batch = real_batch(real_dir, [142, 120, 90])
+    x, mask = random_time_crop(batch["spectrogram"], batch["mask"], np.random.default_rng(3), 40, 142)
+    n_bins = x.shape[-1]
+    assert 40 <= n_bins <= 90 and mask.shape == (3, n_bins) and mask.all()  # no longer than the shortest sample
+    for k, n_valid in enumerate(batch["mask"].sum(dim=1).tolist()):
+        source = batch["spectrogram"][k].numpy()
+        windows = [normalised(source[:, :, s : s + n_bins]) for s in range(n_valid - n_bins + 1)]
+        matches = [w for w in windows if np.allclose(w, x[k].numpy(), atol=1e-6)]
+        assert len(matches) == 1  # exactly one window of the sample's own valid bins, normalised again
+
+
+def test_crop_draws_repeat_for_a_seed_and_differ_between_epochs(real_dir):
+    batch = real_batch(real_dir, [142, 142, 142, 142])
+    first = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0), 40, 142)[0]
+    again = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0), 40, 142)[0]
+    other = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 2, 0), 40, 142)[0]
+    assert torch.equal(first, again) and (first.shape != other.shape or not torch.equal(first, other))
+
+
+def test_dead_component_stays_zero_after_a_crop():
+    x = torch.rand(1, 3, 129, 60)
+    x[0, 1] = 0.0
+    cropped, _ = random_time_crop(x, torch.ones(1, 60, dtype=torch.bool), np.random.default_rng(0), 20, 30)
+    assert (cropped[0, 1] == 0).all() and torch.isfinite(cropped).all()
+
+
+def test_one_cycle_rises_to_the_peak_then_decays():
+    factors = [one_cycle(p) for p in np.linspace(0, 1, 101)]
+    assert factors[0] == pytest.approx(1 / 25) and one_cycle(ONE_CYCLE_WARMUP) == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(1e-4)
+    peak = int(ONE_CYCLE_WARMUP * 100)
+    assert np.all(np.diff(factors[: peak + 1]) > 0) and np.all(np.diff(factors[peak:]) < 0)
+
+
+def test_crops_reach_training_batches_only(train_dir, tmp_path, monkeypatch):
+    cropped = []
+    original = train.random_time_crop
+
+    def recording(x, mask, *args):
+        cropped.append(x.shape[0])
+        return original(x, mask, *args)
+
+    monkeypatch.setattr(train, "random_time_crop", recording)
+    common = flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l", data_dir=train_dir)
+    summary = train.main([*common, *TINY, "--num_epochs", "2", "--crop_bins", "20", "30"])
+    assert sum(cropped) == 2 * 9  # 9 training files per epoch; the 3 validation files never
+    plain = train.main([*common, *TINY, "--num_epochs", "2", "--crop_bins", "0", "0"])
+    assert sum(cropped) == 2 * 9 and plain["history"][0]["train_loss"] != summary["history"][0]["train_loss"]
+
+
+def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = flags(checkpoint_dir=tmp_path / "c", data_dir=train_dir, lr="0.004")
+    cycle = train.main([*common, *TINY, "--num_epochs", "3", "--log_dir", str(tmp_path / "a")])
+    constant = train.main(
+        [*common, *TINY, "--num_epochs", "3", "--lr_schedule", "constant", "--log_dir", str(tmp_path / "b")]
+    )
+    rates = [e.value for e in EventAccumulator(cycle["log_dir"]).Reload().Scalars("learning_rate")]
+    steps = 3 * 3  # 9 training files in batches of 4, per epoch
+    assert rates == pytest.approx([0.004 * one_cycle((3 * epoch - 1) / steps) for epoch in (1, 2, 3)], rel=1e-5)
+    assert [e.value for e in EventAccumulator(constant["log_dir"]).Reload().Scalars("learning_rate")] == pytest.approx(
+        [0.004] * 3
+    )
+
+
+def test_interrupted_run_with_crops_and_one_cycle_resumes_exactly(train_dir, tmp_path, monkeypatch):
+    straight = train.main([*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "a", log_dir=tmp_path / "la"), *TINY,
+                           "--num_epochs", "4"])  # fmt: skip
+    original_save = train.save
+
+    def killed_after_epoch_2(run, epoch, improved):
+        original_save(run, epoch, improved)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save", killed_after_epoch_2)
+    common = [*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "b", log_dir=tmp_path / "lb"), *TINY]
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*common, "--num_epochs", "4"])
+    assert stopped.value.code == 130
+    monkeypatch.undo()
+    (run,) = os.listdir(tmp_path / "b")
+    resumed = train.main([*common, "--num_epochs", "4", "--resume", str(tmp_path / "b" / run / "last.pt")])
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
