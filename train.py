@@ -395,9 +395,14 @@ def learning_rate(args, epoch, steps_per_epoch):
 def validate(run):
     """Mean validation loss over all processes; every process then knows every skipped file."""
     sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips)
-    val_loss = mean_loss(*sum_over_processes(sums, run.device))
+    total, bins = sum_over_processes(sums, run.device)
     gather_skips(run.skips)
-    return val_loss
+    if not bins:  # every process sees the same sums: all stop together, none waits at a collective
+        raise RunError(
+            f"none of the {len(run.val_files)} validation files could be read (see the warnings above); "
+            "a run needs at least one usable validation file"
+        )
+    return mean_loss(total, bins)
 
 
 def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):

@@ -35,3 +35,19 @@ def test_directory_without_usable_files_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="0 usable files"):
         bench.main(["--data_dir", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_files", "-1"], "--num_files must be >= 0"),
+        (["--batch_size", "0"], "--batch_size >= 1"),
+        (["--make_files", "many", "dir"], "N must be a whole number"),
+        (["--amp", "fp8"], "invalid choice: 'fp8'"),
+        (["--make_files", "10"], "expected 2 arguments"),
+    ],
+)
+def test_bad_flags_are_parse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

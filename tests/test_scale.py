@@ -159,15 +159,8 @@ def test_ddp_only_rank_zero_writes_one_run_folder(ddp_run):
     assert np.isfinite(last["history"][0]["train_loss"]) and np.isfinite(last["history"][0]["val_loss"])
 
 
-def test_ddp_processes_hold_the_same_weights_when_they_validate(ddp_run):
-    saved = ddp_run["best"]["model_state"]
-    for state in ddp_run["evaluated_states"]:
-        for key, value in saved.items():
-            if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
-                torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
-
-
 def test_ddp_processes_validate_the_model_that_is_saved(ddp_run):
+    """Every process validates exactly the saved weights, BatchNorm statistics included (rank 0's, broadcast)."""
     saved = ddp_run["best"]["model_state"]
     for rank, state in enumerate(ddp_run["evaluated_states"]):
         for key, value in saved.items():
@@ -270,9 +263,14 @@ def run_amp(data_dir, tmp_path, *extra):
     )
 
 
-def test_bf16_trains_with_finite_losses_and_no_scaler(amp_dir, tmp_path):
+def test_bf16_trains_with_finite_losses_close_to_fp32_and_no_scaler(amp_dir, tmp_path):
     summary = run_amp(amp_dir, tmp_path, "--num_epochs", "1", "--amp", "bf16")
     assert np.isfinite(summary["history"][0]["train_loss"]) and np.isfinite(summary["history"][0]["val_loss"])
+    fp32 = run_amp(amp_dir, tmp_path / "fp32", "--num_epochs", "1")
+    # bf16 rounds to 0.4 % per value, but the losses are means over 10^5 bins: 0.002 % (train) and 0.07 % (val,
+    # after 2 steps) apart on this machine; 0.5 % leaves room for other CPUs and still fails a broken bf16 path.
+    for key in ("train_loss", "val_loss"):
+        assert summary["history"][0][key] == pytest.approx(fp32["history"][0][key], rel=5e-3), key
     checkpoint = torch.load(os.path.join(summary["run_dir"], "last.pt"), weights_only=True)
     assert "scale" not in checkpoint["scaler_state"]
     with open(os.path.join(summary["run_dir"], "config.json")) as f:
@@ -380,4 +378,18 @@ def test_epoch_seed_is_reproducible_and_differs_across_processes_and_epochs():
     assert seeds == {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch, rank in seeds}
     assert runtime.epoch_seed(43, 1, 0) != seeds[1, 0]
     assert all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds.values())
-    torch.manual_seed(seeds[1, 0])  # accepted as a torch seed
+
+
+def test_each_epoch_seeds_torch_with_its_epoch_seed(real_dir, tmp_path, monkeypatch):
+    """What DataLoader workers and random draws start from in each epoch: what a resumed run repeats."""
+    seeds = []
+    real_train_epoch = train.train_epoch
+
+    def spy(*args, **kwargs):
+        seeds.append(torch.initial_seed())
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", spy)
+    argv = flags(data_dir=real_dir, num_epochs=2, seed=5, num_workers=0, val_split=0.5, device="cpu")
+    train.main([*argv, "--channels", "HH", *flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l")])
+    assert seeds == [runtime.epoch_seed(5, 1, 0), runtime.epoch_seed(5, 2, 0)]  # 2 HH files: 1 trains

@@ -17,6 +17,8 @@ import torch
 from conftest import INCOMPLETE, SHIPPED, copy_files, shipped_files
 
 import file_index
+import stft_dataset
+import test_pipeline
 from file_index import build_index, find_files
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from transform import STFTConfig, spectrogram
@@ -145,6 +147,29 @@ def long_gap(directory):
     return with_gap(2.0, directory, "AZ.KNW.HH.gap.mseed")
 
 
+def apart(directory):
+    """E holds the first 30 s and Z the last 30 s of a real file: no common time span."""
+    stream = real_stream()
+    start = stream[0].stats.starttime
+    stream.select(channel="HHE")[0].trim(None, start + 30)
+    stream.select(channel="HHZ")[0].trim(start + 40, None)
+    return write(stream, directory, "AZ.KNW.HH.apart.mseed")
+
+
+def two_rates(directory):
+    """Z in two traces 0.5 s apart, the second resampled to 50 Hz: obspy merges no differing sampling rates."""
+    stream = real_stream()
+    z = stream.select(channel="HHZ")[0]
+    stream.remove(z)
+    start = z.stats.starttime
+    second = z.slice(start + 30.5, z.stats.endtime)
+    second.resample(50.0)
+    stream.extend([z.slice(start, start + 30), second])
+    for trace in stream:
+        trace.data = trace.data.astype(np.float64)
+    return write(stream, directory, "AZ.KNW.HH.rates.mseed", encoding="FLOAT64")
+
+
 # --- spectrogram against scipy -------------------------------------------------------------------
 
 
@@ -207,6 +232,20 @@ def test_channels_are_ordered_east_north_vertical(tmp_path):
     assert result[0].std() > 0.05 and result[2].std() > 0.05
 
 
+def test_channels_follow_the_component_codes_not_the_trace_order(tmp_path):
+    """Traces stored Z, E, N: channel 0 is E (made dead: all zeros), 1 is N and 2 is Z, each as scipy computes it."""
+    stream = real_stream()
+    stream.select(channel="HHE")[0].data[:] = 0
+    stream.traces = [stream.select(channel=f"HH{code}")[0] for code in "ZEN"]
+    path = write(stream, tmp_path, "zen.mseed")
+    assert [trace.stats.channel for trace in obspy.read(path)] == ["HHZ", "HHE", "HHN"]
+    result = spectrogram_of(path)
+    expected = reference_spectrogram(np.stack([stream.select(channel=f"HH{c}")[0].data for c in "NZ"]).astype(float))
+    assert np.all(result[0] == 0)
+    np.testing.assert_allclose(result[1:], expected, atol=1e-5)
+    assert np.abs(result[1] - result[2]).mean() > 0.01  # N and Z differ: a swap would show
+
+
 def test_dead_component_gives_finite_zeros(tmp_path):
     stream = real_stream()
     stream.select(channel="HHE")[0].data[:] = 0
@@ -249,6 +288,13 @@ def test_shipped_directory_default_families(tmp_path):
     assert dataset.excluded == Counter({"DP": 41, "EL": 8, "HL": 2})
     assert dataset.skips.files == {}
     assert sorted(os.listdir(SHIPPED)) == before and os.path.exists(tmp_path / "index.json")
+
+
+def test_smoke_test_leaves_the_shipped_directory_unchanged(tmp_path):
+    before = os.stat(SHIPPED).st_mtime_ns, sorted(os.listdir(SHIPPED))
+    test_pipeline.check_dataset({"tmp": str(tmp_path)})
+    assert (os.stat(SHIPPED).st_mtime_ns, sorted(os.listdir(SHIPPED))) == before  # no index written there
+    assert (tmp_path / "index.json").exists()
 
 
 def test_family_comes_from_headers_not_file_name(tmp_path):
@@ -300,8 +346,10 @@ def test_file_unusable_by_headers_is_skipped_with_reason(tmp_path, caplog, build
         (nan_samples, "NaN or infinite samples", "AZ.KNW..HHN"),
         (two_seconds, "too short for one STFT window", "201 common samples < nperseg=256"),
         (long_gap, "gap too long", "AZ.KNW..HHZ"),
+        (apart, "components do not overlap", "AZ.KNW..HH?"),
+        (two_rates, "unmergeable traces", "AZ.KNW..HHZ"),
     ],
-    ids=["nan_samples", "two_seconds", "long_gap"],
+    ids=["nan_samples", "two_seconds", "long_gap", "apart", "two_rates"],
 )
 def test_file_unusable_on_full_read_is_dropped_by_collate(tmp_path, caplog, build, reason, detail):
     directory = copy_files([KNW], tmp_path / "waveforms")
@@ -318,6 +366,18 @@ def test_file_unusable_on_full_read_is_dropped_by_collate(tmp_path, caplog, buil
     for skipped in batch["skipped"] * 2:  # what train.py / inference.py do with every batch
         skips.add(*skipped)
     assert skips.counts() == {reason: 1} and caplog.text.count(f"skipping {path}") == 1
+
+
+def test_unexpected_error_while_reading_is_a_skip_not_a_crash(real_dir, monkeypatch):
+    dataset = SeismicSTFTDataset(real_dir)
+
+    def fails(*args):
+        raise RuntimeError("decoder state lost")
+
+    monkeypatch.setattr(stft_dataset, "read_waveform", fails)
+    spectrogram_or_none, meta = dataset[0]
+    assert spectrogram_or_none is None and meta["skip_reason"] == "unexpected error"
+    assert meta["message"] == "RuntimeError: decoder state lost" and meta["path"].endswith(dataset.files[0])
 
 
 def test_obspy_gappy_single_channel_file_is_skipped(tmp_path):
