@@ -36,6 +36,7 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "no crops": ["--crop_bins", "0", "0"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
     "half the epochs": ["--num_epochs", "EPOCHS/2"],
+    "batch 8": ["--batch_size", "8"],
 }
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 

@@ -55,6 +55,28 @@ def test_dead_component_stays_zero_after_a_crop():
     assert (cropped[0, 1] == 0).all() and torch.isfinite(cropped).all()
 
 
+def test_one_cycle_follows_torch_one_cycle_lr():
+    """The reference: torch's OneCycleLR (cosine phases) with the same start (peak / 25) and end (peak / 10,000)."""
+    steps = 1000
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1.0, total_steps=steps, pct_start=ONE_CYCLE_WARMUP, div_factor=25, final_div_factor=400
+    )
+    reference = []
+    for _ in range(steps):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # torch ends each phase one step early (at step pct_start * steps - 1 and steps - 1): compare on its grid
+    ours = [one_cycle(min(step / (ONE_CYCLE_WARMUP * steps - 1), 1) * ONE_CYCLE_WARMUP) for step in range(300)]
+    np.testing.assert_allclose(ours, reference[:300], rtol=1e-6)
+    decay = [
+        one_cycle(ONE_CYCLE_WARMUP + (step - 299) / (steps - 300) * (1 - ONE_CYCLE_WARMUP))
+        for step in range(299, steps)
+    ]
+    np.testing.assert_allclose(decay, reference[299:], rtol=1e-6)
+
+
 def test_one_cycle_rises_to_the_peak_then_decays():
     factors = [one_cycle(p) for p in np.linspace(0, 1, 101)]
     assert factors[0] == pytest.approx(1 / 25) and one_cycle(ONE_CYCLE_WARMUP) == pytest.approx(1.0)
