@@ -2,6 +2,7 @@
 
     python ablation.py                                     # every lever, both folds: about an hour on 2 cores
     python ablation.py --levers default plain --folds NC   # a part of it
+    python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
 
 Each fold holds some networks of the shipped data out: `python train.py` runs on the files of the other
 networks (its own random validation split inside them), then `python inference.py --split all` evaluates
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--folds", nargs="+", default=list(FOLDS), help="folds to run (held-out network groups)")
     parser.add_argument("--work_dir", help="where data links, checkpoints and results go (default: a temporary one)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
+    parser.add_argument("--tables", nargs="+", metavar="JSON", help="only print the tables of earlier --json files")
     args = parser.parse_args(argv)
     unknown = [name for name in args.levers if name not in SHORT.values()] + [f for f in args.folds if f not in FOLDS]
     if unknown:
@@ -109,20 +111,23 @@ def mean_mse(samples):
     return {**means, "files": len(samples)}
 
 
-def print_table(figures):
+def print_tables(figures):
+    """Markdown tables: each lever and fold over all its held-out files, then each held-out network alone."""
     columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in figures:
-        for net, v in row["networks"].items():
-            ratios = f"{v['model'] / v['baseline']:.2f} | {v['model'] / v['blur']:.2f}"
-            mse = f"{v['model']:.5f} | {v['baseline']:.5f} | {v['blur']:.5f}"
-            print(
-                f"| {row['lever']} | {row['fold']} | {net} | {v['files']} | {mse} | {ratios} | {row['train_s']:.0f} |"
-            )
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    for title, keep in (("all held-out files", lambda net: net == "all"), ("per network", lambda net: net != "all")):
+        print(f"\n{title}:\n{header}")
+        for row in figures:
+            for net, v in sorted(row["networks"].items()):
+                if keep(net):
+                    mse = f"{v['model']:.5f} | {v['baseline']:.5f} | {v['blur']:.5f}"
+                    ratios = f"{v['model'] / v['baseline']:.2f} | {v['model'] / v['blur']:.2f}"
+                    print(f"| {row['lever']} | {row['fold']} | {net} | {v['files']} | {mse} | {ratios} | "
+                          f"{row['train_s']:.0f} |")  # fmt: skip
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_folds(args):
+    """Every chosen lever trained and evaluated on every chosen fold: one figures row each."""
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="ablation_")
     figures = []
     for fold in args.folds:
@@ -135,8 +140,22 @@ def main(argv=None):
             figures.append({"lever": SHORT[name], "flags": flags, "fold": fold, "train_s": seconds})
             figures[-1]["networks"] = by_network(metrics)
             print(f"{SHORT[name]}, fold {fold}: {figures[-1]['networks']['all']} ({seconds:.0f} s)", flush=True)
-    print_table(figures)
-    if args.json:
+    return figures
+
+
+def read_figures(paths):
+    figures = []
+    for path in paths:
+        with open(path) as f:
+            figures += json.load(f)
+    return figures
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    figures = read_figures(args.tables) if args.tables else run_folds(args)
+    print_tables(figures)
+    if args.json and not args.tables:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     return figures

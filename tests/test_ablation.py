@@ -1,0 +1,45 @@
+"""ablation.py without training: folds built from the shipped files, per-network means, its errors and tables."""
+
+import json
+import os
+
+import pytest
+
+import ablation
+
+
+def test_fold_holds_its_networks_out_and_adds_the_foreign_recording(tmp_path):
+    train_dir, test_dir = ablation.link_fold(("BK", "CI"), str(tmp_path))
+    trained, held_out = set(os.listdir(train_dir)), set(os.listdir(test_dir))
+    assert not trained & held_out and "BW.RJOB.EH.20090825T014000.mseed" in held_out
+    assert {name.split(".")[0] for name in held_out} == {"BK", "CI", "BW"}
+    assert "BK" not in {name.split(".")[0] for name in trained} and len(trained) + len(held_out) == 214 + 1
+
+
+def test_means_per_network_and_over_all_files():
+    def sample(trace_id, *mse):  # model, time-mean, blur
+        return {
+            "trace_id": trace_id,
+            **{w: {"mse": {"overall": v}} for w, v in zip(("model", "baseline", "blur"), mse)},
+        }
+
+    metrics = {"samples": [sample("BK.A..HH?", 1, 2, 3), sample("BK.B..HH?", 3, 4, 5), sample("CI.C..HH?", 5, 6, 7)]}
+    groups = ablation.by_network(metrics)
+    assert groups["BK"] == {"model": 2, "baseline": 3, "blur": 4, "files": 2}
+    assert groups["all"] == {"model": 3, "baseline": 4, "blur": 5, "files": 3}
+
+
+def test_unknown_lever_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--levers", "warp drive"])
+    assert exit_info.value.code == 2 and "unknown lever or fold: warp drive" in capsys.readouterr().err
+
+
+def test_tables_of_a_stored_run(tmp_path, capsys):
+    means = {"model": 1.0, "baseline": 2.0, "blur": 4.0, "files": 3}
+    row = {"lever": "default", "fold": "NC", "train_s": 1.0, "flags": [], "networks": {"all": means, "NC": means}}
+    (tmp_path / "a.json").write_text(json.dumps([row]))
+    ablation.main(["--tables", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in out
+    assert "| default | NC | NC | 3 |" in out.split("per network")[1]
