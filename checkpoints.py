@@ -20,12 +20,14 @@ from storage import atomic_write
 from transform import STFTConfig
 
 CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
-RUN_STATE_KEYS = ("epoch", "global_step", "best_val_loss", "best_epoch", "history")
 
 
 def new_run_state():
-    """Where a new run stands: the keys of RUN_STATE_KEYS."""
+    """Where a new run stands: epoch, global_step, best_val_loss, best_epoch, history."""
     return {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "history": []}
+
+
+RUN_STATE_KEYS = tuple(new_run_state())
 
 
 def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_files):

@@ -52,15 +52,29 @@ from runtime import (
 )
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
-from training import CROP_BINS, LR, NUM_EPOCHS, WEIGHT_DECAY, evaluate, mean_loss, one_cycle, train_epoch
+from training import (
+    CROP_BINS,
+    LR,
+    NUM_EPOCHS,
+    ONE_CYCLE_END,
+    ONE_CYCLE_START,
+    ONE_CYCLE_WARMUP,
+    WEIGHT_DECAY,
+    evaluate,
+    mean_loss,
+    one_cycle,
+    train_epoch,
+)
 from transform import STFTConfig
 from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 
 log = logging.getLogger("train")
 NUM_IMAGES = 4  # fixed validation samples drawn to TensorBoard each epoch
 # Settings that define a run: on --resume they come from the checkpoint, not the command line.
-RUN_KEYS = ("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir")
-RUN_KEYS += ("lr_schedule", "crop_bins", "weight_decay")
+RUN_KEYS = (
+    *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
+    *("lr_schedule", "crop_bins", "weight_decay"),
+)
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
 BEFORE_FLAG = {"lr_schedule": "constant", "crop_bins": [0, 0], "weight_decay": 0.0}
 
@@ -78,7 +92,8 @@ def parse_args(argv=None):
         "--lr_schedule",
         choices=("onecycle", "constant"),
         default="onecycle",
-        help="'onecycle': cosine warm-up over the first 30%% of the steps to --lr, cosine decay to --lr / 10000; "
+        help=f"'onecycle': cosine rise from --lr / {1 / ONE_CYCLE_START:.0f} to --lr over the first "
+        f"{ONE_CYCLE_WARMUP * 100:.0f}%% of the steps, cosine fall to --lr / {1 / ONE_CYCLE_END:.0f}; "
         "'constant': --lr throughout",
     )
     add("--weight_decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay (0: plain Adam)")

@@ -17,6 +17,7 @@ from waveforms import COMPONENTS
 NUM_EPOCHS, LR, WEIGHT_DECAY, CROP_BINS = 120, 2e-3, 0.0, (40, 142)
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the GPU)
 ONE_CYCLE_WARMUP = 0.3  # fraction of a one-cycle run spent raising the learning rate (torch's OneCycleLR default)
+ONE_CYCLE_START, ONE_CYCLE_END = 1 / 25, 1e-4  # learning-rate factors at the start and the end of a one-cycle run
 
 
 def placeholder_batch():
@@ -95,7 +96,7 @@ def step_loss(model, x, mask, autocast, placeholder=False):
     return masked_mse(reconstruction.float(), x, mask)
 
 
-def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=1 / 25, end=1e-4):
+def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=ONE_CYCLE_START, end=ONE_CYCLE_END):
     """Learning-rate factor at `progress` (0 to 1) of a run: a cosine rise from `start` to 1 over the first `warmup`
     of the run, then a cosine fall to `end`; the shape of torch's OneCycleLR, as a function of the step alone so
     that a resumed run (even with another --num_epochs) needs no scheduler state."""
