@@ -4,7 +4,7 @@ random_time_crop: every sample of a batch becomes one window of the same random 
 at its own random start, and each component is min-max normalised again over that window, as a real
 recording of that length would be (transform.spectrogram scales each component to [0, 1]; an affine
 map of the log-magnitude, so scaling a window again gives exactly what the transform gives for it).
-Draws come from a numpy Generator the caller seeds, so a resumed run repeats them.
+Draws come from a numpy Generator the caller seeds per batch (crop_rng), so a run resumed at any step repeats them.
 """
 
 import numpy as np
@@ -32,6 +32,6 @@ def rescale(windows):
     return torch.where(span > 0, (windows - low) / span.clamp_min(torch.finfo(windows.dtype).tiny), 0.0)
 
 
-def crop_rng(seed, epoch, rank):
-    """The crop draws of one epoch of one process: the same in a resumed run."""
-    return np.random.default_rng([seed, epoch, rank])
+def crop_rng(seed, epoch, rank, step):
+    """The crop draws of one batch (step of an epoch) of one process: the same in a run resumed at any step."""
+    return np.random.default_rng([seed, epoch, rank, step])

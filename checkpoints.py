@@ -6,10 +6,13 @@ torch.load(weights_only=True):
   model_config, stft_config                     ModelConfig and STFTConfig as dicts
   args                                          train.py's resolved flags (data_dir, channels, extensions, ...)
   run_name, val_files                           the run and its validation files (relative to data_dir)
-  epoch, global_step, best_val_loss, best_epoch, history   where the run stands
+  epoch, global_step, best_val_loss, best_epoch, history   where the run stands (after its last whole epoch)
+  in_epoch                                      None, or where a save in the middle of an epoch stood: the epoch,
+                                                its batches done, their error sums and rank 0's step losses
 Scripts rebuild the model with `model_from_checkpoint` and the data pipeline with `data_settings`.
 """
 
+import io
 import os
 from dataclasses import asdict
 
@@ -23,8 +26,15 @@ CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
 
 
 def new_run_state():
-    """Where a new run stands: epoch, global_step, best_val_loss, best_epoch, history."""
-    return {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "history": []}
+    """Where a new run stands: epoch, global_step, best_val_loss, best_epoch, history, in_epoch."""
+    return {
+        "epoch": 0,
+        "global_step": 0,
+        "best_val_loss": float("inf"),
+        "best_epoch": 0,
+        "history": [],
+        "in_epoch": None,  # {"epoch", "step", "sums", "step_losses"} in a checkpoint written mid-epoch
+    }
 
 
 RUN_STATE_KEYS = tuple(new_run_state())
@@ -49,7 +59,10 @@ def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_f
 
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    """Atomic save; storage.WriteFailed names the file and the cause (torch.save into a file would hide it)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -102,7 +115,8 @@ def restore(checkpoint, model, optimizer, scaler):
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     if scaler.is_enabled() and "scaler_state" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler_state"])
-    return {key: checkpoint[key] for key in RUN_STATE_KEYS}
+    fresh = new_run_state()  # checkpoints written before a key existed
+    return {key: checkpoint.get(key, fresh[key]) for key in RUN_STATE_KEYS}
 
 
 def save_epoch_checkpoints(checkpoint, run_dir, epoch, improved, save_every, keep):
@@ -124,3 +138,62 @@ def prune_checkpoints(run_dir, keep):
     )
     for _, name in periodic[:-keep] if keep else []:
         os.remove(os.path.join(run_dir, name))
+
+
+def progress(checkpoint):
+    """(whole epochs, batches of the next one) a checkpoint has trained: orders checkpoints of one run."""
+    in_epoch = checkpoint.get("in_epoch")
+    return checkpoint["epoch"], in_epoch["step"] if in_epoch else 0
+
+
+def newest_intact(run_dir):
+    """(path, checkpoint) of the loadable checkpoint in run_dir that has trained furthest (last.pt on a tie),
+    or (None, None) when none loads."""
+    names = sorted(name for name in os.listdir(run_dir) if name.endswith(".pt")) if os.path.isdir(run_dir) else []
+    found = []
+    for name in names:
+        try:
+            checkpoint = load_checkpoint(os.path.join(run_dir, name))
+        except (OSError, ValueError):
+            continue
+        found.append((progress(checkpoint), name == "last.pt", os.path.join(run_dir, name), checkpoint))
+    if not found:
+        return None, None
+    *_, path, checkpoint = max(found, key=lambda item: item[:2])
+    return path, checkpoint
+
+
+def newest_run_dir(checkpoint_dir):
+    """The run folder under checkpoint_dir whose newest file was written last, or None."""
+    runs = (
+        [os.path.join(checkpoint_dir, name) for name in os.listdir(checkpoint_dir)]
+        if os.path.isdir(checkpoint_dir)
+        else []
+    )
+
+    def written(run_dir):
+        return max((entry.stat().st_mtime for entry in os.scandir(run_dir) if entry.name.endswith(".pt")), default=0)
+
+    runs = [run for run in runs if os.path.isdir(run) and written(run)]
+    return max(runs, key=written, default=None)
+
+
+def resume_point(resume, checkpoint_dir):
+    """--resume PATH -> (checkpoint path, checkpoint). PATH: a checkpoint file; a run folder (its newest intact
+    checkpoint); or 'auto' (that of the run under checkpoint_dir written last). A file that does not load raises
+    ValueError naming the newest intact checkpoint beside it."""
+    if resume == "auto" or os.path.isdir(resume):
+        run_dir = newest_run_dir(checkpoint_dir) if resume == "auto" else resume
+        path, checkpoint = newest_intact(run_dir) if run_dir else (None, None)
+        if checkpoint is None:
+            where = run_dir or f"a run folder under {checkpoint_dir}"
+            raise FileNotFoundError(f"--resume {resume}: no loadable checkpoint in {where}")
+        return path, checkpoint
+    try:
+        return resume, load_checkpoint(resume)
+    except ValueError as err:
+        path, _ = newest_intact(os.path.dirname(os.path.abspath(resume)))
+        advice = (
+            f"the newest intact checkpoint there is {path} (--resume {path})" if path else "no checkpoint there loads"
+        )
+        raise ValueError(f"{err}; {advice}") from None

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from matplotlib import colormaps
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from augment import crop_rng, random_time_crop
-from checkpoints import checkpoint_dict, load_checkpoint, restore, save_epoch_checkpoints
+from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder
+from preemption import Preempted, SkipFirst, StepCheck, StopSignals
 from runtime import (
     RunError,
     epoch_seed,
@@ -51,7 +52,7 @@ from runtime import (
     wrap_for_training,
 )
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import write_json_atomic
+from storage import atomic_write, probe_writable, write_json_atomic
 from training import (
     CROP_BINS,
     LR,
@@ -70,6 +71,7 @@ from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 
 log = logging.getLogger("train")
 NUM_IMAGES = 4  # fixed validation samples drawn to TensorBoard each epoch
+SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may cost a long epoch
 # Settings that define a run: on --resume they come from the checkpoint, not the command line.
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
@@ -115,7 +117,20 @@ def parse_args(argv=None):
     add("--log_dir", default="logs", help="parent directory of the run's TensorBoard folder")
     add("--save_every", type=int, default=5, help="write checkpoint_epoch_N.pt every this many epochs")
     add("--keep_checkpoints", type=int, default=3, help="periodic checkpoints kept (older ones removed; 0 keeps all)")
-    add("--resume", metavar="PATH", help="checkpoint to continue (e.g. checkpoints/<run>/last.pt)")
+    add("--save_every_steps", type=int, default=0, help="also write last.pt every N batches of an epoch (0: off)")
+    add(
+        "--save_every_minutes",
+        type=float,
+        default=SAVE_EVERY_MINUTES,
+        help="also write last.pt in an epoch once this many minutes have passed since the last save (0: off); "
+        "short epochs never reach it, a long one loses at most this much to a kill",
+    )
+    add(
+        "--resume",
+        metavar="PATH",
+        help="checkpoint to continue (e.g. checkpoints/<run>/last.pt); a run folder: its newest intact checkpoint; "
+        "'auto': that of the run under --checkpoint_dir written last",
+    )
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     add(
         "--cache_dir",
@@ -146,6 +161,8 @@ def argument_problems(args):
         ("val_split", 0 < args.val_split < 1, "between 0 and 1"),
         ("save_every", args.save_every >= 1, ">= 1"),
         ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
+        ("save_every_steps", args.save_every_steps >= 0, ">= 0"),
+        ("save_every_minutes", args.save_every_minutes >= 0, ">= 0"),
         ("weight_decay", args.weight_decay >= 0, ">= 0"),
         (
             "crop_bins",
@@ -227,8 +244,8 @@ def plan_run(args, checkpoint, files):
         train_files, val_files = split_files(files, args.val_split, args.seed)
     if is_rank_zero():
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "val_files.txt"), "w") as f:
-            f.write("".join(name + "\n" for name in val_files))
+        text = "".join(name + "\n" for name in val_files)
+        atomic_write(os.path.join(run_dir, "val_files.txt"), lambda f: f.write(text.encode()))
     return run_name, run_dir, train_files, val_files
 
 
@@ -245,7 +262,10 @@ def build_loaders(dataset, train_files, val_files, args, device):
     val_set = Subset(dataset, val_indices[rank::world_size])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     common = loader_options(args.batch_size, args.num_workers, device)
-    return DataLoader(train_set, sampler=sampler, **common), DataLoader(val_set, **common), sampler
+    # Batches by index, so that a run resumed in the middle of an epoch leaves out those done (SkipFirst.skip).
+    batches = SkipFirst(BatchSampler(sampler, common.pop("batch_size"), drop_last=False))
+    train_loader = DataLoader(train_set, batch_sampler=batches, **common)
+    return train_loader, DataLoader(val_set, batch_size=args.batch_size, **common), sampler
 
 
 @dataclass
@@ -289,8 +309,10 @@ def prepare(args, checkpoint, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler, amp = mixed_precision(args.amp, device)
     state = restore(checkpoint, model, optimizer, scaler)
+    if rank == 0:  # a folder that cannot take a checkpoint (weights and Adam's two moments) stops the run now
+        probe_writable(run_dir, 3 * sum(p.numel() * p.element_size() for p in model.parameters()))
     if checkpoint:
-        log.info("resuming run %s after epoch %d", checkpoint["run_name"], checkpoint["epoch"])
+        log.info("resuming run %s after %s", checkpoint["run_name"], describe_position(state))
     forward, trained = wrap_for_training(model, args.compile, device)
     log_dir = os.path.join(args.log_dir, run_name)
     purge_step = state["global_step"] + 1 if checkpoint else None
@@ -347,47 +369,119 @@ def run_config(args, run_name, stft, model, device, amp, dataset, train_files, v
 
 
 def train(args, checkpoint, device):
-    """Prepare, then per epoch: train, validate, record, save. Returns the run's summary dict."""
-    run = prepare(args, checkpoint, device)
+    """Prepare, then per epoch: train, validate, record, save. Returns the run's summary dict.
+
+    SIGTERM or SIGUSR1 (preemption.StopSignals): the step in progress finishes, last.pt is written where the run
+    stands and the process exits with 128 + the signal number. Ctrl-C exits with 130 and saves nothing.
+    """
     try:
-        with logging_redirect_tqdm():
+        run = prepare(args, checkpoint, device)
+    except OSError as err:  # the run's folders cannot be made or written: nothing was trained yet
+        raise RunError(f"{err}; nothing was trained; free space or choose another --checkpoint_dir/--log_dir") from None
+    try:
+        with logging_redirect_tqdm(), StopSignals() as signals:
+            check = StepCheck(signals, args.save_every_steps, args.save_every_minutes)
             for epoch in range(run.state["epoch"] + 1, args.num_epochs + 1):
-                train_loss, step_losses, samples_per_s = train_one_epoch(run, epoch)
+                train_loss, step_losses, samples_per_s = train_one_epoch(run, epoch, check)
                 val_loss = validate(run)
                 improved = record(run, epoch, train_loss, val_loss, step_losses, samples_per_s)
                 if is_rank_zero():
                     save(run, epoch, improved)
+                check.saved()
+                signum = check.stop_signal()
+                if signum:  # received during validation or the save: last.pt is this epoch's
+                    raise Preempted(signum)
     except KeyboardInterrupt:
-        if run.writer:
-            run.writer.close()
-        command = "the same torchrun command with" if dist.is_initialized() else "python train.py"
-        log.warning(
-            "interrupted; continue with: %s --resume %s --num_epochs %d",
-            command,
-            os.path.join(run.run_dir, "last.pt"),
-            args.num_epochs,
-        )
+        stop(run, "interrupted")
         sys.exit(130)
+    except Preempted as signal_received:
+        stop(run, f"stopped by {signal_received} after {describe_position(run.state)}; last.pt saved")
+        sys.exit(signal_received.exit_code)
+    except OSError as err:  # disk full, quota, read-only: a checkpoint, config.json or a TensorBoard event file
+        path, _ = newest_intact(run.run_dir)
+        advice = f"continue with: {resume_command(run, path)}" if path else "no intact checkpoint to resume from"
+        raise RunError(f"{err}; the newest intact checkpoint is {path}; {advice}") from None
     if is_rank_zero():
         finish(run)
     return {**run.state, "run_dir": run.run_dir, "log_dir": run.log_dir, "skipped": run.skips.counts()}
 
 
-def train_one_epoch(run, epoch):
-    """(mean training loss over all processes, this process's per-step losses, samples/s of all processes)."""
-    torch.manual_seed(epoch_seed(run.args.seed, epoch, rank_and_world_size()[0]))  # DataLoader worker seeds
+def stop(run, what):
+    """Close TensorBoard and print, in one line, why the run stops and how to continue it."""
+    if run.writer:
+        run.writer.close()
+    log.warning("%s; continue with: %s", what, resume_command(run, os.path.join(run.run_dir, "last.pt")))
+
+
+def resume_command(run, path):
+    command = "the same torchrun command with" if dist.is_initialized() else "python train.py"
+    return f"{command} --resume {path} --num_epochs {run.args.num_epochs}"
+
+
+def describe_position(state):
+    """'epoch 3' or 'step 5 of epoch 4': how far the run (or its checkpoint) has trained."""
+    in_epoch = state["in_epoch"]
+    return f"step {in_epoch['step']} of epoch {in_epoch['epoch']}" if in_epoch else f"epoch {state['epoch']}"
+
+
+def train_one_epoch(run, epoch, check=None):
+    """(mean training loss over all processes, rank 0's per-step losses, samples/s of all processes).
+
+    A run resumed from a save in this epoch starts after the batches it had done, with their sums and step losses.
+    """
+    rank = rank_and_world_size()[0]
+    torch.manual_seed(epoch_seed(run.args.seed, epoch, rank))  # DataLoader worker seeds
     run.sampler.set_epoch(epoch)  # the same order whether or not the run was resumed
+    done = run.state["in_epoch"] if run.state["in_epoch"] and run.state["in_epoch"]["epoch"] == epoch else None
+    start_step = done["step"] if done else 0
+    # The sums of the batches done before the save are all processes' together: added once, by rank 0.
+    before = done["sums"] if done and rank == 0 else [0.0, 0, 0]
+    losses_before = [torch.tensor(loss) for loss in done["step_losses"]] if done and rank == 0 else []
+    run.train_loader.batch_sampler.skip = start_step
     started = time.perf_counter()
     loop = (run.trained, run.train_loader, run.optimizer, run.scaler, run.autocast, run.device, run.skips, epoch)
+
+    def after_step(step, sums, step_losses):
+        signum, due = check(step) if check else (0, False)
+        if signum or (due and step < len(run.train_loader)):
+            save_in_epoch(run, epoch, step, [a + b for a, b in zip(sums, before)], losses_before + step_losses)
+            check.saved()
+        if signum:
+            raise Preempted(signum)
+
     sums, step_losses = train_epoch(
         *loop,
         dist.is_initialized(),
         augmentation(run.args, epoch),
         learning_rate(run.args, epoch, len(run.train_loader)),
+        start_step,
+        after_step,
     )
-    total, bins, samples = sum_over_processes(sums, run.device)
+    run.state["in_epoch"] = None
+    total, bins, samples = sum_over_processes([a + b for a, b in zip(sums, before)], run.device)
     share_batchnorm_statistics(run.model)
-    return mean_loss(total, bins), step_losses, samples / (time.perf_counter() - started)
+    samples_now = samples - sum_over_processes([before[2]], run.device)[0]
+    return mean_loss(total, bins), losses_before + step_losses, samples_now / (time.perf_counter() - started)
+
+
+def save_in_epoch(run, epoch, step, sums, step_losses):
+    """last.pt with the position in the epoch (every process takes part in the sums; rank 0 writes)."""
+    total, bins, samples = sum_over_processes(sums, run.device)
+    if is_rank_zero():
+        run.state["in_epoch"] = {
+            "epoch": epoch,
+            "step": step,
+            "sums": [total, int(bins), int(samples)],
+            "step_losses": torch.stack(step_losses).tolist() if step_losses else [],
+        }
+        write_run_record(run)
+        checkpoint = checkpoint_dict(
+            run.state, run.model, run.optimizer, run.scaler, run.stft, vars(run.args), run.name, run.val_files
+        )
+        save_checkpoint(checkpoint, os.path.join(run.run_dir, "last.pt"))
+        log.info("saved last.pt at step %d of epoch %d", step, epoch)
+    if dist.is_initialized():
+        dist.barrier()  # no process exits (torchrun would end the others) before rank 0 has written last.pt
 
 
 def augmentation(args, epoch):
@@ -395,8 +489,8 @@ def augmentation(args, epoch):
     min_bins, max_bins = args.crop_bins
     if not min_bins:
         return None
-    rng = crop_rng(args.seed, epoch, rank_and_world_size()[0])
-    return lambda x, mask: random_time_crop(x, mask, rng, min_bins, max_bins)
+    rank = rank_and_world_size()[0]
+    return lambda x, mask, step: random_time_crop(x, mask, crop_rng(args.seed, epoch, rank, step), min_bins, max_bins)
 
 
 def learning_rate(args, epoch, steps_per_epoch):
@@ -518,7 +612,7 @@ def main(argv=None):
     """Train; returns a summary dict (best_val_loss, best_epoch, run_dir, log_dir, history, skipped)."""
     parser, args = parse_args(argv)
     try:
-        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        args.resume, checkpoint = resume_point(args.resume, args.checkpoint_dir) if args.resume else (None, None)
         rank, _, device = init_distributed(args.device)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")

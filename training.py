@@ -37,50 +37,63 @@ def train_epoch(
     distributed=False,
     augment=None,
     learning_rate=None,
+    start_step=0,
+    after_step=None,
 ):
     """One pass over this process's training files.
 
-    augment: None, or (spectrogram, mask) -> (spectrogram, mask), applied to each training batch on the CPU.
+    augment: None, or (spectrogram, mask, step in this epoch) -> (spectrogram, mask), applied to each training batch
+    on the CPU.
     learning_rate: None (keep the optimizer's), or step in this epoch -> learning rate of that step.
+    start_step: batches of this epoch trained before a resume (the loader leaves them out, see preemption.SkipFirst).
+    after_step: None, or called after every batch with (batches of this epoch done, (total, bins, samples) so far,
+    step losses so far); it may save, or raise to stop the epoch there.
     Returns ((sum over batches of loss x valid bins, valid bins, samples), per-step losses).
     Losses stay on the device until the epoch ends: reading one waits for the GPU.
     """
     model.train()
     total, bins, samples, step_losses = torch.zeros((), dtype=torch.float64, device=device), 0, 0, []
     bar = tqdm(
-        loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True, disable=not is_rank_zero()
+        loader,
+        desc=f"epoch {epoch} train",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not is_rank_zero(),
+        initial=start_step,
     )
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(bar, start=start_step):
         skips.add_batch(batch["skipped"])
-        if batch["spectrogram"] is None and not distributed:
-            continue
-        if learning_rate:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step)
-        x, mask = training_batch(batch, augment)
-        n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
-        loss = step_loss(
-            model, model_input(x, device), mask.to(device, non_blocking=True), autocast, placeholder=not n_bins
-        )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if n_bins:
-            total += loss.detach() * n_bins
-            bins, samples = bins + n_bins, samples + len(batch["meta"])
-            step_losses.append(loss.detach())
-            if len(step_losses) % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{loss.item():.5f}")
+        if batch["spectrogram"] is not None or distributed:
+            if learning_rate:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step)
+            x, mask = training_batch(batch, augment, step)
+            n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
+            loss = step_loss(
+                model, model_input(x, device), mask.to(device, non_blocking=True), autocast, placeholder=not n_bins
+            )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if n_bins:
+                total += loss.detach() * n_bins
+                bins, samples = bins + n_bins, samples + len(batch["meta"])
+                step_losses.append(loss.detach())
+                if len(step_losses) % PROGRESS_EVERY == 0:
+                    bar.set_postfix(loss=f"{loss.item():.5f}")
+        if after_step:
+            after_step(step + 1, (total, bins, samples), step_losses)
     return (total, bins, samples), step_losses
 
 
-def training_batch(batch, augment):
+def training_batch(batch, augment, step):
     """(spectrogram, mask) to train on: the batch's, augmented; a placeholder when no file of it could be read."""
     if batch["spectrogram"] is None:
         return placeholder_batch()
     x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
-    return augment(x, mask) if augment else (x, mask)
+    return augment(x, mask, step) if augment else (x, mask)
 
 
 def step_loss(model, x, mask, autocast, placeholder=False):

@@ -42,9 +42,9 @@ def test_crop_is_a_window_of_each_sample_normalised_again(real_dir):
 
 def test_crop_draws_repeat_for_a_seed_and_differ_between_epochs(real_dir):
     batch = real_batch(real_dir, [142, 142, 142, 142])
-    first = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0), 40, 142)[0]
-    again = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0), 40, 142)[0]
-    other = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 2, 0), 40, 142)[0]
+    first = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0, 0), 40, 142)[0]
+    again = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0, 0), 40, 142)[0]
+    other = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 2, 0, 0), 40, 142)[0]
     assert torch.equal(first, again) and (first.shape != other.shape or not torch.equal(first, other))
 
 

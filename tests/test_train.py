@@ -294,7 +294,7 @@ def test_validation_files_that_all_fail_stop_the_run_with_one_line(tmp_path, cap
 
 
 def test_ctrl_c_exits_130_and_prints_the_resume_command(real_dir, tmp_path, monkeypatch, capsys):
-    def interrupted(run, epoch):
+    def interrupted(run, epoch, *rest):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
