@@ -92,7 +92,7 @@ class SpectrogramCache:
         with FileLock(os.path.join(self.folder, "lock")):
             if not os.path.exists(os.path.join(self.folder, "settings.json")):  # for people: what the key stands for
                 write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
-            manifest = self.load_manifest()
+            manifest = self.without_damaged_shards(self.load_manifest())
             stale = self.stale_files(manifest, dataset.files, versions)
             if stale:
                 manifest = self.extend(manifest, dataset, stale, versions, processes)
@@ -123,6 +123,22 @@ class SpectrogramCache:
                     "rebuilding the cache in %s: manifest unreadable (%s: %s)", self.folder, type(err).__name__, err
                 )
         return empty_manifest()
+
+    def without_damaged_shards(self, manifest):
+        """The manifest less the rows of shards that are missing or shorter than it says: those files are computed
+        again. Damage that keeps a shard's size is not looked for (a checksum per read costs more than the read)."""
+        ends = 2 * (manifest["offset"] + 3 * self.n_freq * manifest["n_time"].astype(np.int64))  # bytes, per row
+        damaged = []
+        for shard in np.unique(manifest["shard"][manifest["shard"] >= 0]):
+            path = os.path.join(self.folder, f"shard_{shard}.f16")
+            needed = int(ends[manifest["shard"] == shard].max())
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size is None or size < needed:
+                damaged.append(shard)
+                found = "missing" if size is None else f"{size} of {needed} bytes"
+                log.warning("cache shard %s damaged (%s): its spectrograms are computed again", path, found)
+        keep = ~np.isin(manifest["shard"], damaged)
+        return {field: values[keep] for field, values in manifest.items()}
 
     def extend(self, manifest, dataset, stale, versions, processes):
         """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
@@ -164,7 +180,8 @@ class SpectrogramCache:
         return {**self.__dict__, "shards": {}}  # a worker maps the shards itself; never pickle mapped data
 
     def item(self, i):
-        """Dataset item i: (spectrogram (3, n_freq, n_time) float16, metadata), as SeismicSTFTDataset gives it."""
+        """Dataset item i: (spectrogram (3, n_freq, n_time) float16, metadata), as SeismicSTFTDataset gives it;
+        None when its shard has been cut short since the start (the dataset then reads the file)."""
         row = self.rows[i]
         m = self.manifest
         path = os.path.join(self.data_dir, str(m["path"][row]))
@@ -173,7 +190,10 @@ class SpectrogramCache:
         shard, offset, n_time = int(m["shard"][row]), int(m["offset"][row]), int(m["n_time"][row])
         if shard not in self.shards:
             self.shards[shard] = np.memmap(os.path.join(self.folder, f"shard_{shard}.f16"), dtype=np.float16, mode="r")
-        values = self.shards[shard][offset : offset + 3 * self.n_freq * n_time].reshape(3, self.n_freq, n_time)
+        values = self.shards[shard][offset : offset + 3 * self.n_freq * n_time]
+        if values.size != 3 * self.n_freq * n_time:  # the shard was cut short after this run checked it
+            return None
+        values = values.reshape(3, self.n_freq, n_time)
         meta = {
             "path": path,
             "trace_id": str(m["trace_id"][row]),

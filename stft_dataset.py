@@ -117,8 +117,9 @@ class SeismicSTFTDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        if self.cache is not None:
-            return self.cache.item(i)
+        item = self.cache.item(i) if self.cache is not None else None
+        if item is not None:
+            return item
         path = os.path.join(self.data_dir, self.files[i])
         try:
             waveform, meta = read_waveform(path, self.families, self.stft)

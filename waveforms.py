@@ -20,6 +20,7 @@ COMPONENT_CODES = {"E": "E", "N": "N", "Z": "Z", "1": "N", "2": "E"}
 DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
 MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
+FILE_GONE = "file missing or unreadable"  # removed, moved or locked after the index listed it
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
 
 
@@ -50,6 +51,8 @@ def read_stream(path, headonly=False):
         warnings.simplefilter("always")
         try:
             stream = read_miniseed(path, headonly=headonly)
+        except (FileNotFoundError, PermissionError) as err:  # e.g. removed or moved while a run goes on
+            raise UnusableFile(FILE_GONE, f"{type(err).__name__}: {err.strerror}") from None
         except Exception as err:  # obspy raises many types for broken input
             reason = "empty file" if os.path.getsize(path) == 0 else "not readable as miniSEED"
             raise UnusableFile(reason, f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
