@@ -147,8 +147,8 @@ def progress(checkpoint):
 
 
 def newest_intact(run_dir):
-    """(path, checkpoint) of the loadable checkpoint in run_dir that has trained furthest (last.pt on a tie),
-    or (None, None) when none loads."""
+    """(path, checkpoint) of the loadable checkpoint in run_dir that has trained furthest (on a tie: last.pt, then
+    checkpoint_epoch_N.pt, then best_model.pt), or (None, None) when none loads."""
     names = sorted(name for name in os.listdir(run_dir) if name.endswith(".pt")) if os.path.isdir(run_dir) else []
     found = []
     for name in names:
@@ -156,7 +156,8 @@ def newest_intact(run_dir):
             checkpoint = load_checkpoint(os.path.join(run_dir, name))
         except (OSError, ValueError):
             continue
-        found.append((progress(checkpoint), name == "last.pt", os.path.join(run_dir, name), checkpoint))
+        preference = 2 if name == "last.pt" else int(name.startswith("checkpoint_epoch_"))  # on a tie
+        found.append((progress(checkpoint), preference, os.path.join(run_dir, name), checkpoint))
     if not found:
         return None, None
     *_, path, checkpoint = max(found, key=lambda item: item[:2])
