@@ -72,7 +72,9 @@ def load_checkpoint(path, device="cpu"):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as err:
-        first_line = str(err).splitlines()[0] if str(err) else ""
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is not a loadable checkpoint (0 bytes)") from None
+        first_line = str(err).splitlines()[0].split(". ")[0] if str(err) else ""  # torch adds paragraphs of advice
         raise ValueError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
         raise ValueError(f"{path} is not a checkpoint of this project (needs keys {', '.join(CHECKPOINT_KEYS)})")

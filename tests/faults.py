@@ -188,7 +188,7 @@ class Outcome:
 
 def shorten(text):
     text = re.sub(r"/\S*/checkpoints/[\w-]+/", "<run>/", text)
-    text = re.sub(r"/\S*/mnt/[\w-]+/", "<run>/", text)
+    text = re.sub(r"/\S*/mnt_\w+/[\w-]+/", "<run>/", text)
     text = re.sub(r"/\S*/data/", "", text)
     return re.sub(
         r"continue with: python train.py --resume (\S+) --num_epochs \d+", r"continue with: --resume \1", text
