@@ -16,6 +16,7 @@ run's per-epoch training and validation losses equal those of an uninterrupted r
 """
 
 import argparse
+import copy
 import errno
 import json
 import math
@@ -115,9 +116,10 @@ class Lab:
             for name in [n for n in names if n.split(".")[2] == family][:files_per_family]:
                 shutil.copy(os.path.join(SHIPPED, name), self.data)
         n_files = len(os.listdir(self.data))
-        self.steps = math.ceil((n_files - round(n_files * 0.25)) / 4)  # --val_split 0.25, --batch_size 4
-        self.count = 0
-        self.reference = None
+        self.train_files = n_files - round(n_files * 0.25)  # --val_split 0.25
+        self.steps = math.ceil(self.train_files / 4)  # --batch_size 4
+        self.reference, self.reference_name = None, "reference"
+        self.wrap = None  # command -> command: how every child of this lab is started (torchrun, a namespace)
 
     def flags(self, name, *extra):
         return [
@@ -127,9 +129,8 @@ class Lab:
 
     def start(self, argv, plan=None, wrap=None):
         """Popen of a child run; returns (process, progress file, stderr file)."""
-        self.count += 1
-        progress = os.path.join(self.base, f"progress{self.count}.txt")
-        log = os.path.join(self.base, f"stderr{self.count}.txt")
+        progress = tempfile.mkstemp(prefix="progress", suffix=".txt", dir=self.base)[1]
+        log = tempfile.mkstemp(prefix="stderr", suffix=".txt", dir=self.base)[1]
         command = [
             sys.executable,
             os.path.abspath(__file__),
@@ -137,6 +138,7 @@ class Lab:
             json.dumps({**(plan or {}), "progress": progress}),
         ]
         command = [*command, "--", *argv]
+        wrap = wrap or self.wrap
         if wrap:
             command = wrap(command)
         with open(log, "w") as err:
@@ -158,9 +160,9 @@ class Lab:
 
     def uninterrupted(self):
         if self.reference is None:
-            outcome = self.run(self.flags("reference"))
+            outcome = self.run(self.flags(self.reference_name))
             assert outcome.code == 0, outcome.stderr
-            self.reference = history(last_checkpoint(os.path.join(self.base, "reference", "checkpoints")))
+            self.reference = history(last_checkpoint(os.path.join(self.base, self.reference_name, "checkpoints")))
         return self.reference
 
     def resume(self, name, resume, *extra):
@@ -287,6 +289,20 @@ def kill_in_save(lab):
     outcome = lab.run(lab.flags("kill_in_save"), plan=plan)
     start, exact = lab.resume("kill_in_save", "auto")
     return row("kill -9 while last.pt is being written", outcome, lost(outcome, start), exact)
+
+
+def torchrun_sigterm(lab):
+    """SIGTERM to torchrun, which passes it to its 2 processes (gloo on the CPU): all must stop after the same step."""
+    ddp = copy.copy(lab)
+    ddp.reference, ddp.reference_name = None, "torchrun_reference"
+    ddp.steps = math.ceil(math.ceil(lab.train_files / 2) / 4)  # each process trains on half the files
+    ddp.wrap = lambda command: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                "2", *command[1:]]  # fmt: skip
+    at = RNG.choice([s for s in range(2, EPOCHS * ddp.steps) if s % ddp.steps])
+    outcome = ddp.run(ddp.flags("torchrun"), signal_at=at, signum=signal.SIGTERM)
+    start, exact = ddp.resume("torchrun", "auto")
+    label = f"SIGTERM to torchrun (2 processes) after step {at} of {EPOCHS * ddp.steps}"
+    return row(label, outcome, lost(outcome, start), exact)
 
 
 def kill_mid_epoch(lab, name, *extra):
@@ -424,6 +440,7 @@ FAULTS = {
     "sigusr1": sigusr1,
     "sigterm_workers": sigterm_workers,
     "sigterm_in_save": sigterm_in_save,
+    "torchrun_sigterm": torchrun_sigterm,
     "kill_default": kill_default,
     "kill_save_every": kill_save_every,
     "kill_in_save": kill_in_save,
