@@ -399,8 +399,10 @@ def train(args, checkpoint, device):
         sys.exit(signal_received.exit_code)
     except OSError as err:  # disk full, quota, read-only: a checkpoint, config.json or a TensorBoard event file
         path, _ = newest_intact(run.run_dir)
-        advice = f"continue with: {resume_command(run, path)}" if path else "no intact checkpoint to resume from"
-        raise RunError(f"{err}; the newest intact checkpoint is {path}; {advice}") from None
+        advice = f"no intact checkpoint in {run.run_dir}"
+        if path:
+            advice = f"the newest intact checkpoint is {path}; once there is room: {resume_command(run, path)}"
+        raise RunError(f"{err}; {advice}") from None
     if is_rank_zero():
         finish(run)
     return {**run.state, "run_dir": run.run_dir, "log_dir": run.log_dir, "skipped": run.skips.counts()}
