@@ -57,9 +57,9 @@ def child(plan, argv):
         epoch, after = args[7], args[-1]
 
         def after_step(step, sums, losses):
+            after(step, sums, losses)  # the step, and its save if one was due
             with open(plan["progress"], "a") as f:
                 f.write(f"{epoch} {step}\n")
-            after(step, sums, losses)
 
         return original_epoch(*args[:-1], after_step)
 
@@ -182,6 +182,8 @@ class Outcome:
 
     def seen(self):
         """The exit code and the line that tells the user what happened."""
+        if self.code == -signal.SIGKILL:
+            return "killed (exit -9): nothing can be printed"
         lines = [line for line in self.stderr.splitlines() if re.search(r"error:|stopped by|skipping|damaged", line)]
         line = lines[-1] if lines else "(no message)"
         line = re.sub(r"^\S+ (INFO|WARNING|ERROR) ", "", line)
@@ -191,7 +193,8 @@ class Outcome:
 def shorten(text):
     text = re.sub(r"/\S*/checkpoints/[\w-]+/", "<run>/", text)
     text = re.sub(r"/\S*/mnt_\w+/[\w-]+/", "<run>/", text)
-    text = re.sub(r"/\S*/data/", "", text)
+    text = re.sub(r"/\S*/(data|vanish_data)/", "", text)
+    text = re.sub(r"/\S*/cache/", "<cache_dir>/", text)
     return re.sub(
         r"continue with: python train.py --resume (\S+) --num_epochs \d+", r"continue with: --resume \1", text
     )
@@ -253,7 +256,7 @@ def signal_at_random_step(lab, name, signum, *extra):
     at = RNG.choice([s for s in range(2, EPOCHS * lab.steps) if s % lab.steps])
     outcome = lab.run(lab.flags(name, *extra), signal_at=at, signum=signum)
     start, exact = lab.resume(name, "auto", *extra)
-    label = f"{signal.Signals(signum).name} after step {at} of {EPOCHS * lab.steps}" + (
+    label = f"{signal.Signals(signum).name} sent after step {at} of {EPOCHS * lab.steps}" + (
         f" ({' '.join(extra)})" if extra else ""
     )
     return row(label, outcome, lost(outcome, start), exact)
@@ -288,7 +291,7 @@ def kill_in_save(lab):
     plan = {"signal_in_write": ["last.pt", 2], "signal": signal.SIGKILL}
     outcome = lab.run(lab.flags("kill_in_save"), plan=plan)
     start, exact = lab.resume("kill_in_save", "auto")
-    return row("kill -9 while last.pt is being written", outcome, lost(outcome, start), exact)
+    return row("kill -9 while epoch 2's last.pt is being written (--resume auto)", outcome, lost(outcome, start), exact)
 
 
 def torchrun_sigterm(lab):
@@ -301,7 +304,7 @@ def torchrun_sigterm(lab):
     at = RNG.choice([s for s in range(2, EPOCHS * ddp.steps) if s % ddp.steps])
     outcome = ddp.run(ddp.flags("torchrun"), signal_at=at, signum=signal.SIGTERM)
     start, exact = ddp.resume("torchrun", "auto")
-    label = f"SIGTERM to torchrun (2 processes) after step {at} of {EPOCHS * ddp.steps}"
+    label = f"SIGTERM sent to torchrun (2 processes) after step {at} of {EPOCHS * ddp.steps}"
     return row(label, outcome, lost(outcome, start), exact)
 
 
@@ -309,7 +312,9 @@ def kill_mid_epoch(lab, name, *extra):
     at = RNG.choice([s for s in range(lab.steps + 2, EPOCHS * lab.steps) if s % lab.steps])
     outcome = lab.run(lab.flags(name, *extra), signal_at=at, signum=signal.SIGKILL)
     start, exact = lab.resume(name, "auto", *extra)
-    label = f"kill -9 after step {at}" + (f" ({' '.join(extra)})" if extra else " (no mid-epoch saves)")
+    label = f"kill -9 after step {at} of {EPOCHS * lab.steps}" + (
+        f" ({' '.join(extra)})" if extra else " (no saves within epochs)"
+    )
     return row(label, outcome, lost(outcome, start), exact)
 
 
@@ -400,16 +405,20 @@ def files_vanish(lab):
     def damage():
         for name in names[:2]:
             os.remove(os.path.join(data, name))
-        os.truncate(os.path.join(data, names[2]), os.path.getsize(os.path.join(data, names[2])) // 2)
+        path = os.path.join(data, names[2])
+        os.truncate(path, os.path.getsize(path) // 2 + 1000)  # within a record: cut at a record's end, it is shorter
 
     argv = [*lab.flags("vanish"), "--data_dir", data]
     outcome = lab.run(argv, signal_at=1, action=damage)
     reasons = sorted(set(re.findall(r"skipping \S+: ([a-z ]+):", outcome.stderr)))
     finished = "finished" if outcome.code == 0 else f"failed ({outcome.code})"
-    result = f"{finished}; skipped: {', '.join(reasons) or 'none'}"
-    return {"fault": "2 files removed, 1 cut to half during epoch 1", "seen": f"exit {outcome.code}: " + shorten(
-        next((line.split(" WARNING ")[-1] for line in outcome.stderr.splitlines() if "skipping" in line), "")
-    ), "lost": "0", "exact": result}  # fmt: skip
+    first_skip = next((line.split(" WARNING ")[-1] for line in outcome.stderr.splitlines() if "skipping" in line), "")
+    return {
+        "fault": "2 files removed, 1 cut within a record during epoch 1",
+        "seen": f"exit {outcome.code}: {shorten(first_skip)}",
+        "lost": "0",
+        "exact": f"{finished}; skipped: {', '.join(reasons) or 'none'}",
+    }
 
 
 def damaged_cache(lab):
