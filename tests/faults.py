@@ -57,9 +57,11 @@ def child(plan, argv):
         epoch, after = args[7], args[-1]
 
         def after_step(step, sums, losses):
-            after(step, sums, losses)  # the step, and its save if one was due
-            with open(plan["progress"], "a") as f:
-                f.write(f"{epoch} {step}\n")
+            try:
+                after(step, sums, losses)  # the step's save if one is due; a stop signal raises after it
+            finally:
+                with open(plan["progress"], "a") as f:
+                    f.write(f"{epoch} {step}\n")
 
         return original_epoch(*args[:-1], after_step)
 
