@@ -152,32 +152,27 @@ def newest_intact(run_dir):
     """(path, checkpoint) of the loadable checkpoint in run_dir that has trained furthest (on a tie: last.pt, then
     checkpoint_epoch_N.pt, then best_model.pt), or (None, None) when none loads."""
     names = sorted(name for name in os.listdir(run_dir) if name.endswith(".pt")) if os.path.isdir(run_dir) else []
-    found = []
+    best_key, best = None, (None, None)
     for name in names:
         try:
             checkpoint = load_checkpoint(os.path.join(run_dir, name))
         except (OSError, ValueError):
             continue
-        preference = 2 if name == "last.pt" else int(name.startswith("checkpoint_epoch_"))  # on a tie
-        found.append((progress(checkpoint), preference, os.path.join(run_dir, name), checkpoint))
-    if not found:
-        return None, None
-    *_, path, checkpoint = max(found, key=lambda item: item[:2])
-    return path, checkpoint
+        key = (progress(checkpoint), 2 if name == "last.pt" else int(name.startswith("checkpoint_epoch_")))
+        if best_key is None or key > best_key:
+            best_key, best = key, (os.path.join(run_dir, name), checkpoint)
+    return best
 
 
 def newest_run_dir(checkpoint_dir):
-    """The run folder under checkpoint_dir whose newest file was written last, or None."""
-    runs = (
-        [os.path.join(checkpoint_dir, name) for name in os.listdir(checkpoint_dir)]
-        if os.path.isdir(checkpoint_dir)
-        else []
-    )
+    """The run folder under checkpoint_dir whose newest checkpoint was written last, or None."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
 
     def written(run_dir):
         return max((entry.stat().st_mtime for entry in os.scandir(run_dir) if entry.name.endswith(".pt")), default=0)
 
-    runs = [run for run in runs if os.path.isdir(run) and written(run)]
+    runs = [entry.path for entry in os.scandir(checkpoint_dir) if entry.is_dir() and written(entry.path)]
     return max(runs, key=written, default=None)
 
 

@@ -9,6 +9,7 @@ step, on a gloo group: on the CPU, so it never waits for the GPU.
 """
 
 import signal
+import threading
 import time
 
 import torch
@@ -32,8 +33,9 @@ class StopSignals:
     process; the previous handlers come back on exit."""
 
     def __enter__(self):
-        self.received = 0
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+        self.received, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):

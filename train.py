@@ -10,6 +10,8 @@
 Under torchrun every process trains on its own part of each epoch (DistributedDataParallel); only
 rank 0 writes checkpoints and logs. Each run writes checkpoints/<run>/ (best_model.pt, last.pt,
 checkpoint_epoch_N.pt, config.json, val_files.txt, skipped_files.json) and logs/<run>/ (TensorBoard).
+SIGTERM or SIGUSR1 (a preempted job) ends the step in progress, writes last.pt with the position in the
+epoch and exits with 143 or 138; --resume continues from that step exactly.
 """
 
 import argparse

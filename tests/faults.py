@@ -412,7 +412,7 @@ def files_vanish(lab):
 
     argv = [*lab.flags("vanish"), "--data_dir", data]
     outcome = lab.run(argv, signal_at=1, action=damage)
-    reasons = sorted(set(re.findall(r"skipping \S+: ([a-z ]+):", outcome.stderr)))
+    reasons = sorted(set(re.findall(r"skipping \S+: ([a-z0-9 ]+):", outcome.stderr)))
     finished = "finished" if outcome.code == 0 else f"failed ({outcome.code})"
     first_skip = next((line.split(" WARNING ")[-1] for line in outcome.stderr.splitlines() if "skipping" in line), "")
     return {
