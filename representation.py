@@ -64,7 +64,7 @@ def cluster(reduced, k, seed):
     kmeans = fit_kmeans(reduced[sample], k, seed)
     labels = kmeans.predict(reduced)
     distances = np.linalg.norm(reduced - kmeans.cluster_centers_[labels], axis=1)
-    method = f"KMeans (k-means++, 10 starts) on the first {reduced.shape[1]} principal components of the standardised embeddings"
+    method = f"KMeans (k-means++, 10 starts) on {reduced.shape[1]} principal components of the standardised embeddings"
     description = {"method": method, "k": int(k), "k_chosen_by": chosen, "silhouette_by_k": scores}
     description["silhouette"] = silhouette(reduced, labels, seed)
     return labels, distances, description
@@ -79,36 +79,51 @@ def nearest(features, queries, k):
     return NearestNeighbors(n_neighbors=min(k, len(features))).fit(features).kneighbors(queries)
 
 
+def standardised(features):
+    return StandardScaler().fit_transform(features)
+
+
 def leave_one_out_neighbours(features, k=NEIGHBOURS):
-    """(N, k) rows of each row's k nearest other rows, in the standardised space."""
-    scaled = StandardScaler().fit_transform(features)
-    _, rows = NearestNeighbors(n_neighbors=k + 1).fit(scaled).kneighbors(scaled)
+    """(N, k) rows of each row's k nearest other rows, Euclidean."""
+    _, rows = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
     # Each row is its own nearest neighbour, unless an exact duplicate came first: drop the row itself, not column 0.
     return np.array([[r for r in found if r != i][:k] for i, found in enumerate(rows)])
 
 
+def majority(labels):
+    """The most frequent of labels ordered nearest first; a tie goes to the label of the nearer neighbour."""
+    values = list(labels)
+    return max(values, key=lambda label: (values.count(label), -values.index(label)))
+
+
 def label_scores(features, labels, seed, k=NEIGHBOURS):
-    """Leave-one-out k-NN accuracy (majority of the k nearest other rows; ties to the nearest), precision@k (share of
-    the k nearest with the row's label) and the silhouette of the labels, all in the standardised space."""
+    """Leave-one-out k-NN accuracy (majority of the k nearest other rows), precision@k (share of the k nearest with
+    the row's label) and the silhouette of the labels, Euclidean in the space of `features` as given."""
     labels = np.asarray(labels)
     neighbours = labels[leave_one_out_neighbours(features, k)]  # (N, k)
-    votes = [
-        max(row.tolist(), key=lambda label, row=row: (list(row).count(label), -list(row).index(label)))
-        for row in neighbours
-    ]
+    votes = np.array([majority(row) for row in neighbours])
     return {
-        "knn_accuracy": float(np.mean(np.array(votes) == labels)),
+        "knn_accuracy": float(np.mean(votes == labels)),
         "precision_at_k": float(np.mean(neighbours == labels[:, None])),
-        "silhouette": silhouette(StandardScaler().fit_transform(features), labels, seed),
+        "silhouette": silhouette(features, labels, seed),
     }
 
 
-def baseline_features(spectrograms, dim, seed):
-    """The baselines an embedding of `dim` values is compared with, from (N, 3, F, T) spectrograms of one length:
-    {"flattened spectrogram, PCA": (N, min(dim, N)), "time-mean spectrum": (N, 3 F), PCA to dim if 3 F > dim}."""
+def compared_features(embeddings, spectrograms, seed):
+    """The embeddings and the baselines an embedding of D values is compared with, each standardised (zero mean, unit
+    variance per value), then rotated by PCA to at most D values (no whitening: a rotation keeps the distances):
+    {"model": (N, D), "flattened spectrogram, PCA": (N, min(D, N)), "time-mean spectrum": (N, min(D, 3 F))}.
+
+    spectrograms: (N, 3, F, T) of one length.
+    """
+    dim = embeddings.shape[1]
     flat = spectrograms.reshape(len(spectrograms), -1)
     spectrum = spectrograms.mean(axis=-1).reshape(len(spectrograms), -1)
-    return {"flattened spectrogram, PCA": to_dim(flat, dim, seed), "time-mean spectrum": to_dim(spectrum, dim, seed)}
+    return {
+        "model": standardised(embeddings),
+        "flattened spectrogram, PCA": to_dim(standardised(flat), dim, seed),
+        "time-mean spectrum": to_dim(standardised(spectrum), dim, seed),
+    }
 
 
 def to_dim(features, dim, seed):
