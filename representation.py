@@ -74,13 +74,28 @@ def fit_kmeans(features, k, seed):
     return KMeans(k, n_init=10, random_state=seed).fit(features)
 
 
-def nearest(features, queries, k):
-    """(distances (Q, k), rows (Q, k)) of the k nearest rows of `features` to each query, Euclidean."""
-    return NearestNeighbors(n_neighbors=min(k, len(features))).fit(features).kneighbors(queries)
-
-
 def standardised(features):
     return StandardScaler().fit_transform(features)
+
+
+class SearchIndex:
+    """Nearest recordings by Euclidean distance between standardised embeddings (scikit-learn, brute force: trees
+    do not help in hundreds of dimensions). The scaler is fitted chunk by chunk; the index holds one float32 copy."""
+
+    def __init__(self, embeddings, chunk=20_000):
+        self.scaler = StandardScaler()
+        for start in range(0, len(embeddings), chunk):
+            self.scaler.partial_fit(embeddings[start : start + chunk])
+        scaled = np.concatenate([self.scale(embeddings[i : i + chunk]) for i in range(0, len(embeddings), chunk)])
+        self.neighbours = NearestNeighbors(algorithm="brute").fit(scaled)
+        self.size = len(embeddings)
+
+    def scale(self, embeddings):
+        return self.scaler.transform(np.asarray(embeddings)).astype(np.float32)
+
+    def nearest(self, queries, k):
+        """(distances (Q, k), rows (Q, k)) of the k nearest catalogue rows to each query embedding, nearest first."""
+        return self.neighbours.kneighbors(self.scale(queries), n_neighbors=min(k, self.size))
 
 
 def leave_one_out_neighbours(features, k=NEIGHBOURS):
