@@ -134,6 +134,7 @@ def embed(args):
     labels = read_labels(args.labels, dataset, positions) if args.labels else None
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
+    remove_stale_outputs(output_dir)
     rng = np.random.default_rng(args.seed)
     projector_keep = set(rng.permutation(positions)[: args.projector_points].tolist())
     label_keep = set()
@@ -171,6 +172,14 @@ def embed(args):
     )
     print(f"skipped files: {skips.describe()}")
     return summary
+
+
+def remove_stale_outputs(output_dir):
+    """Outputs of an earlier run into the same directory that this run may not write again (anomaly and cluster
+    figures are numbered; labels.json only comes with --labels)."""
+    for name in os.listdir(output_dir):
+        if (name.startswith(("anomaly_", "cluster_")) and name.endswith(".png")) or name == "labels.json":
+            os.remove(os.path.join(output_dir, name))
 
 
 @torch.no_grad()
@@ -282,9 +291,6 @@ def plot_outputs(rows, model, dataset, stft, args, output_dir, device):
         "coloured by channel family": np.array([row["family"] for row in rows]),
     }
     save_figure(plot_map(xy, colourings), os.path.join(output_dir, "map.png"))
-    for name in os.listdir(output_dir):  # figures of an earlier run that this one may not replace
-        if name.startswith("anomaly_") and name.endswith(".png"):
-            os.remove(os.path.join(output_dir, name))
     for row in sorted(rows, key=lambda row: row["anomaly_rank"])[: args.num_anomalies]:
         x = dataset[row["position"]][0].float()[None].to(device)
         reconstruction = model(x)[0].cpu().numpy()

@@ -192,10 +192,11 @@ def test_embedding_writer_streams_rows(tmp_path):
 
 def test_rerun_into_the_same_directory_replaces_the_outputs(embedded, trained, tmp_path):
     out = tmp_path / "out"
-    rerun(embedded, trained, out, "--num_anomalies", "3", "--projector_points", "4")
+    rerun(embedded, trained, out, "--num_anomalies", "3", "--projector_points", "4", "--clusters", "4")
     rerun(embedded, trained, out, "--num_anomalies", "1", "--projector_points", "0")
     names = sorted(os.listdir(out))
     assert len([n for n in names if n.startswith("anomaly_")]) == 1 and "projector" not in names
+    assert [n for n in names if n.startswith("cluster_")] == ["cluster_0.png", "cluster_1.png"]
     assert not [n for n in names if "tmp" in n or n.endswith(".rows")]
 
 
