@@ -27,7 +27,7 @@ from batching import LengthBatchSampler
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
-from representation import cluster, compared_features, label_scores, reduce
+from representation import chance_scores, cluster, compared_features, label_scores, reduce
 from runtime import RunError, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
@@ -341,12 +341,14 @@ def score_labels(embeddings, rows, labels, spectrograms, args, output_dir):
     table = {who: {"dim": int(f.shape[1]), **label_scores(f, values, args.seed)} for who, f in candidates.items()}
     counts = dict(zip(*np.unique(values, return_counts=True)))
     result = {"labels": name, "recordings": len(chosen), "counts": {str(k): int(v) for k, v in counts.items()}}
-    result["scores"] = table
+    result["scores"], result["chance"] = table, chance_scores(values)
     write_json_atomic(os.path.join(output_dir, "labels.json"), result)
     print(f"labels {name}: {len(chosen)} recordings, {len(counts)} labels; leave-one-out 5-NN, standardised features")
     print(f"{'representation':34} {'dim':>5} {'5-NN acc':>9} {'prec@5':>7} {'silhouette':>10}")
     for who, s in table.items():
         print(f"{who:34} {s['dim']:5d} {s['knn_accuracy']:9.3f} {s['precision_at_k']:7.3f} {s['silhouette']:10.3f}")
+    chance = result["chance"]
+    print(f"{'chance (the labels alone)':34} {'':5} {chance['knn_accuracy']:9.3f} {chance['precision_at_k']:7.3f}")
     return result
 
 

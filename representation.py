@@ -124,6 +124,17 @@ def label_scores(features, labels, seed, k=NEIGHBOURS):
     }
 
 
+def chance_scores(labels):
+    """What the labels alone give: the share of the commonest label (accuracy of always guessing it), and the
+    precision@k of neighbours drawn at random from the other rows."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    n = counts.sum()
+    return {
+        "knn_accuracy": float(counts.max() / n),
+        "precision_at_k": float((counts * (counts - 1)).sum() / (n * (n - 1))),
+    }
+
+
 def compared_features(embeddings, spectrograms, seed):
     """The embeddings and the baselines an embedding of D values is compared with, each standardised (zero mean, unit
     variance per value), then rotated by PCA to at most D values (no whitening: a rotation keeps the distances):

@@ -155,6 +155,7 @@ def test_labels_by_column_and_by_csv(embedded, trained, tmp_path):
     assert [s["dim"] for s in scores.values()] == [2304, 13, 387]
     assert all(0 <= s["knn_accuracy"] <= 1 and 0 <= s["precision_at_k"] <= 1 for s in scores.values())
     assert summary["labels"]["counts"] == {"BH": 3, "EH": 3, "HH": 4, "HN": 3}
+    assert summary["labels"]["chance"] == pytest.approx({"knn_accuracy": 4 / 13, "precision_at_k": 30 / 156})
     labels = tmp_path / "labels.csv"
     _, out, _ = embedded
     paths = pd.read_csv(out / "catalog.csv", keep_default_na=False)["path"].tolist()
