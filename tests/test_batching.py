@@ -5,12 +5,13 @@ import obspy
 import pytest
 import torch
 from conftest import copy_files, shipped_files
-from test_stft_dataset import KNW, PFO, first_seconds, real_stream, write
+from test_stft_dataset import KNW, PFO, first_seconds, real_stream, scipy_n_time, write
 
 from batching import LengthBatchSampler, length_groups, reconstruct
 from embedding import encode_batch
 from model import ConvAutoencoder
 from stft_dataset import SeismicSTFTDataset, pad_collate
+from transform import STFTConfig
 
 
 @pytest.fixture
@@ -34,6 +35,13 @@ def trained_like_model():
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+@pytest.mark.parametrize("nperseg, noverlap", [(256, 192), (255, 100), (128, 0)])
+def test_time_bins_of_a_sample_count_equal_scipy(nperseg, noverlap):
+    stft = STFTConfig(nperseg=nperseg, noverlap=noverlap, nfft=256)
+    for n_samples in (nperseg, nperseg + 1, 1000, 1001, 3000, 7001, 9001):
+        assert stft.n_time(n_samples) == scipy_n_time(n_samples, nperseg, noverlap, 256)
 
 
 def test_time_bins_from_headers_equal_the_spectrograms(real_dir, mixed_dir, tmp_path):
