@@ -134,7 +134,6 @@ def embed(args):
     labels = read_labels(args.labels, dataset, positions) if args.labels else None
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
-    remove_stale_outputs(output_dir)
     rng = np.random.default_rng(args.seed)
     projector_keep = set(rng.permutation(positions)[: args.projector_points].tolist())
     label_keep = set()
@@ -148,6 +147,7 @@ def embed(args):
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
     embeddings = np.load(os.path.join(output_dir, "embeddings.npy"), mmap_mode="r")
     rows = passed["rows"]
+    remove_stale_outputs(output_dir)
     describe_clusters(embeddings, rows, args, output_dir, dataset, stft)
     write_catalog(os.path.join(output_dir, "catalog.csv"), rows)
     plot_outputs(rows, model, dataset, stft, args, output_dir, device)
