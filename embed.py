@@ -43,21 +43,24 @@ def parse_args(argv=None):
     parser = script_parser(__doc__)
     add = parser.add_argument
     add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
-    add("--data_dir", help="directory of miniSEED files; default: the data_dir stored in the checkpoint")
+    add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")
     add(
         "--split",
         choices=("all", "val", "train"),
         default="all",
         help="'all': every usable file of --data_dir; 'val' / 'train': the run's validation / training files",
     )
-    add("--output_dir", help="where the outputs go; default: embeddings/<run name of the checkpoint>")
+    add("--output_dir", help="where the outputs go; None: embeddings/<run name of the checkpoint>")
     add("--batch_size", type=int, default=32, help="spectrograms per forward pass")
     add("--num_workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    add("--cache_dir", help="spectrogram cache as in train.py; default: none (read the miniSEED files)")
+    add("--cache_dir", help="spectrogram cache as in train.py; None: read the miniSEED files")
     add("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING, help="how the latent becomes one vector")
     add("--clusters", type=clusters_flag, default="auto", help="K of KMeans, >= 2, or 'auto' (best silhouette)")
-    add("--labels", help="catalogue column (network, station, location, family, trace_id) or CSV of path,label")
+    add(
+        "--labels",
+        help="catalogue column (network, station, location, family, trace_id) or CSV of path,label; None: no scores",
+    )
     add("--num_anomalies", type=int, default=5, help="figures of the most anomalous recordings")
     add("--projector_points", type=int, default=2000, help="recordings in the TensorBoard projector (0 = none)")
     add("--seed", type=int, default=0, help="seed of clustering, samples and the map")

@@ -37,9 +37,9 @@ def parse_args(argv=None):
     parser = script_parser(__doc__)
     add = parser.add_argument
     add("--data_dir", default=DEFAULT_DATA_DIR, help="directory of event files with the P arrival at about 30 s")
-    add("--output_dir", required=True, help="where the windows and labels.csv are written (required)")
+    add("--output_dir", required=True, help="where the windows and labels.csv are written (required, no default)")
     add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families to use")
-    add("--files_from", help="text file of paths relative to --data_dir to use, one a line; default: every file")
+    add("--files_from", help="text file of paths relative to --data_dir to use, one a line; None: every file")
     return parser, parser.parse_args(argv)
 
 

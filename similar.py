@@ -36,8 +36,8 @@ def parse_args(argv=None):
     add("embeddings_dir", help="output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)")
     add("query", help="a catalogue row number, a catalogue path, or a miniSEED file")
     add("-k", type=int, default=10, help="neighbours to list")
-    add("--data_dir", help="where the catalogue's files are; default: the data_dir embed.py read")
-    add("--output", help="figure of the query and its neighbours; default: EMBEDDINGS_DIR/similar_<query>.png")
+    add("--data_dir", help="where the catalogue's files are; None: the data_dir embed.py read")
+    add("--output", help="figure of the query and its neighbours; None: EMBEDDINGS_DIR/similar_<query>.png")
     add("--device", default="auto", help="device to encode a new file on: 'auto', 'cpu', 'cuda' or 'cuda:N'")
     args = parser.parse_args(argv)
     if args.k < 1:
