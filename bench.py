@@ -14,6 +14,7 @@ the DataLoader workers; ratios compare figures of the same run only.
   cached      the same through --cache_dir's SpectrogramCache; ratio to the uncached loader, same workers
   bare_step   model forward + backward + Adam step on ready batches; train_loop: train.py's train_epoch on them
   pipeline    train_epoch fed by the cached DataLoader (what an epoch with --cache_dir costs)
+  embed       embed.py's encode_batch on the same ready batches (embedding, reconstruction MSE, baseline MSE)
   startup     a new Python process, launch to first batch: cold (no index) and warm (index stored)
 """
 
@@ -36,6 +37,7 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from embedding import encode_batch
 from file_index import DEFAULT_DATA_DIR, available_cores
 from model import ConvAutoencoder, masked_mse
 from runtime import loader_options, mixed_precision, model_input, resolve_device, script_parser
@@ -158,7 +160,7 @@ def passing(batches):
 
 def step_stages(batches, cached_loader, device, amp):
     """Stages on the same data: bare forward/backward/step on ready batches, train.py's train_epoch on
-    them, and train_epoch fed by a cached DataLoader (the whole pipeline)."""
+    them, train_epoch fed by a cached DataLoader (the whole pipeline), and embed.py's encode_batch on them."""
     autocast, scaler, _ = mixed_precision(amp, device)
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters())
@@ -182,7 +184,16 @@ def step_stages(batches, cached_loader, device, amp):
         synchronize(device)
         return samples
 
+    def embed():
+        model.eval()
+        for x, mask in ready:
+            with autocast():
+                encode_batch(model, x, mask)  # its results come back to the CPU: no synchronize needed
+        model.train()
+        return sum(len(x) for x, _ in ready)
+
     return {
+        "embed": embed,
         "bare_step": bare_step,
         "train_loop": lambda: own_loop(batches),
         "pipeline": lambda: own_loop(cached_loader),
@@ -347,14 +358,19 @@ def print_table(f):
             f["pipeline"],
             f"{f['pipeline'] / f['bare_step']:.2f} x bare step",
         ),
+        (
+            "embedding (embed.py's encode_batch), same batches",
+            f["embed"],
+            f"{f['embed'] / f['bare_step']:.2f} x bare step",
+        ),
     ]
     print(
         f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
         f"amp {f['amp']}, batch {f['batch_size']}"
     )
-    print(f"{'stage':44s} {'samples/s':>10s}  ratio")
+    print(f"{'stage':50s} {'samples/s':>10s}  ratio")
     for name, value, ratio in rows:
-        print(f"{name:44s} {value:10.1f}  {ratio}")
+        print(f"{name:50s} {value:10.1f}  {ratio}")
     print(
         f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
         f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB"

@@ -16,7 +16,7 @@ from waveforms import MINISEED_EXTENSIONS, UnusableFile, read_stream
 log = logging.getLogger("file_index")
 
 DEFAULT_DATA_DIR = "data/filtered_waveforms"  # the shipped recordings, relative to the repository root
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: "spans" of each trace
 PARALLEL_INDEX_MIN_FILES = 200  # fewer new files are read in this process: a pool would cost more than it saves
 
 
@@ -39,7 +39,12 @@ def header_record(path):
     stat = os.stat(path)
     record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
-        record["seed_ids"] = [trace.id for trace in read_stream(path, headonly=True)]
+        traces = read_stream(path, headonly=True)
+        record["seed_ids"] = [trace.id for trace in traces]
+        # (start, end as POSIX seconds, sampling rate in Hz) of each trace: the length of a sample before reading it
+        record["spans"] = [
+            [t.stats.starttime.timestamp, t.stats.endtime.timestamp, t.stats.sampling_rate] for t in traces
+        ]
     except UnusableFile as err:
         record["error"] = [err.reason, str(err)]
     return record
@@ -49,7 +54,7 @@ def is_current(record, stat):
     """A stored header record still describes the file: same size and mtime, well formed."""
     if not isinstance(record, dict) or record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
         return False
-    return isinstance(record.get("seed_ids"), list) or isinstance(record.get("error"), list)
+    return isinstance(record.get("spans"), list) or isinstance(record.get("error"), list)
 
 
 def read_headers(paths, processes):

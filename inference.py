@@ -14,11 +14,12 @@ import os
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from baselines import BASELINES
+from batching import LengthBatchSampler, reconstruct
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from figures import plot_reconstruction
 from model import masked_errors
 from runtime import RunError, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
@@ -28,43 +29,6 @@ from waveforms import COMPONENTS
 log = logging.getLogger("inference")
 WHO = ("model", *BASELINES)  # the reconstructions compared, as keys of metrics.json
 LABELS = {"model": "model", "baseline": "time-mean", "blur": "blur"}  # their names in the printed table
-
-
-def plot_reconstruction(spectrogram, reconstruction, stft, title):
-    """Figure with one row per component (E, N, Z): input, reconstruction, difference.
-
-    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only.
-    """
-    freqs, times = stft.axes(spectrogram.shape[-1])
-    mse = ((reconstruction - spectrogram) ** 2).mean(axis=(1, 2))
-    figure = Figure(figsize=(13, 8))
-    axes = figure.subplots(3, 3, sharex=True, sharey=True)
-    for row, component in enumerate(COMPONENTS):
-        panels = [
-            (spectrogram[row], "input", "viridis", (0, 1)),
-            (reconstruction[row], "reconstruction", "viridis", (0, 1)),
-            (reconstruction[row] - spectrogram[row], "difference", "RdBu_r", (-0.5, 0.5)),
-        ]
-        for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
-            ax = axes[row, col]
-            mesh = ax.imshow(
-                image,
-                origin="lower",
-                aspect="auto",
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
-                interpolation="nearest",
-                extent=(times[0], times[-1], freqs[0], freqs[-1]),
-            )
-            figure.colorbar(mesh, ax=ax)
-            ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
-            if row == 2:
-                ax.set_xlabel("time (s)")
-            if col == 0:
-                ax.set_ylabel("frequency (Hz)")
-    figure.suptitle(f"{title}   MSE E {mse[0]:.4f}  N {mse[1]:.4f}  Z {mse[2]:.4f}")
-    return figure
 
 
 def parse_args(argv=None):
@@ -115,15 +79,19 @@ def choose_files(dataset, checkpoint, args):
 
 @torch.no_grad()
 def evaluate_files(model, dataset, positions, args, device, stft, skips):
-    """Per-sample metrics for model and baseline; saves up to --num_plots figures."""
-    loader = DataLoader(Subset(dataset, positions), batch_size=args.batch_size, collate_fn=pad_collate)
+    """Per-sample metrics for model and baseline; saves up to --num_plots figures.
+
+    Batches hold files of one length (batching.py), so a file's figures do not depend on which files are evaluated.
+    """
+    sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, positions)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate)
     samples = []
     for batch in loader:
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
-        reconstruction = model(x)
+        reconstruction = reconstruct(model, x, mask)
         references = {"model": reconstruction, **{who: make(x, mask) for who, make in BASELINES.items()}}
         errors = {
             (who, metric): masked_errors(reference, x, mask, power)

@@ -88,14 +88,15 @@ class SeismicSTFTDataset(Dataset):
         self.excluded = Counter()  # families found -> files left out by the channel filter
         usable = self.usable_files(build_index(data_dir, extensions, index_path, processes))
         # One numpy array, not a list of str: DataLoader workers would copy every object they touch.
-        self.files = np.array([relpath for relpath, _ in usable], dtype=str)
+        self.files = np.array([relpath for relpath, _, _ in usable], dtype=str)
+        self.n_samples = np.array([n for _, _, n in usable], dtype=np.int64)  # common samples at stft.sampling_rate
         self.cache = None
         if cache_dir is not None:
-            versions = np.array([version for _, version in usable], dtype=np.int64).reshape(-1, 2)
+            versions = np.array([version for _, version, _ in usable], dtype=np.int64).reshape(-1, 2)
             self.cache = SpectrogramCache(cache_dir, self, versions, processes or available_cores())
 
     def usable_files(self, index):
-        """[(relative path, (size, mtime_ns))] of the indexed files with a requested 3-component instrument."""
+        """[(relative path, (size, mtime_ns), samples)] of the indexed files with a requested 3-component instrument."""
         usable = []
         for relpath, record in index.items():
             path = os.path.join(self.data_dir, relpath)
@@ -103,15 +104,22 @@ class SeismicSTFTDataset(Dataset):
                 self.skips.add(path, *record["error"])
                 continue
             try:
-                choose_components(record["seed_ids"], self.families)
+                _, _, picks = choose_components(record["seed_ids"], self.families)
             except UnusableFile as err:
                 if err.reason == NOT_REQUESTED:
                     self.excluded[err.detail] += 1
                 else:
                     self.skips.add(path, err.reason, str(err))
                 continue
-            usable.append((relpath, (record["size"], record["mtime_ns"])))
+            n_samples = common_samples(record["spans"], picks, self.stft.sampling_rate)
+            usable.append((relpath, (record["size"], record["mtime_ns"]), n_samples))
         return usable
+
+    def time_bins(self):
+        """(N,) time bins of each file's spectrogram, known from the headers before any file is read (batching.py
+        groups files of one length by it). Estimated: gaps and resampling can shift it by a bin, which
+        batching.length_groups absorbs."""
+        return np.array([self.stft.n_time(int(n)) for n in self.n_samples], dtype=np.int64)
 
     def __len__(self):
         return len(self.files)
@@ -128,6 +136,16 @@ class SeismicSTFTDataset(Dataset):
         except Exception as err:  # one odd file among 100k must not end a run; it is reported like the others
             return None, {"path": path, "skip_reason": "unexpected error", "message": f"{type(err).__name__}: {err}"}
         return torch.from_numpy(spectrogram(waveform, self.stft)), {"path": path, **meta}
+
+
+def common_samples(spans, picks, sampling_rate):
+    """Samples at `sampling_rate` of the span that the chosen components share, from the header spans.
+
+    spans: [(start, end, sampling rate)] per trace (file_index); picks: {component: [trace positions]}.
+    """
+    starts = [min(spans[i][0] for i in positions) for positions in picks.values()]
+    ends = [max(spans[i][1] for i in positions) for positions in picks.values()]
+    return max(0, int(round((min(ends) - max(starts)) * sampling_rate)) + 1)
 
 
 def pad_collate(samples):

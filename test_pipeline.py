@@ -13,7 +13,9 @@ import traceback
 
 import torch
 
+import embed
 import inference
+import similar
 import train
 from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder, masked_mse
@@ -89,6 +91,20 @@ def check_inference(work):
     return f"{metrics['num_samples']} samples, model MSE {metrics['model']['mse']['overall']:.4f}"
 
 
+def check_embedding(work):
+    out, data = os.path.join(work["tmp"], "embeddings"), os.path.join(work["tmp"], "waveforms")
+    argv = [os.path.join(work["run_dir"], "best_model.pt"), "--data_dir", data, "--output_dir", out]
+    summary = embed.main(argv + ["--num_anomalies", "1", "--projector_points", "5", "--labels", "family"])
+    wanted = ("embeddings.npy", "catalog.csv", "clusters.json", "map.png", "projector")
+    assert all(os.path.exists(os.path.join(out, name)) for name in wanted), sorted(os.listdir(out))
+    nearest = similar.main(
+        [out, os.path.join(data, sorted(n for n in os.listdir(data) if n.endswith(".mseed"))[0]), "-k", "2"]
+    )
+    assert nearest[0]["distance"] < 1e-3, "a catalogued file is not its own nearest neighbour"
+    accuracy = summary["labels"]["scores"]["model (time-mean)"]["knn_accuracy"]
+    return f"{summary['rows']} recordings x {summary['dim']}, family 5-NN accuracy {accuracy:.2f}; similar.py answers"
+
+
 STEPS = [
     check_dataset,
     check_model,
@@ -98,6 +114,7 @@ STEPS = [
     check_resume,
     check_cache,
     check_inference,
+    check_embedding,
 ]
 
 

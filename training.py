@@ -9,6 +9,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from batching import reconstruct
 from model import masked_mse
 from runtime import is_rank_zero, model_input
 from waveforms import COMPONENTS
@@ -131,9 +132,10 @@ def evaluate(model, loader, autocast, device, skips):
             continue
         n_bins = int(batch["mask"].sum())
         x = model_input(batch["spectrogram"], device)
+        mask = batch["mask"].to(device, non_blocking=True)
         with autocast():
-            reconstruction = model(x)
-        total += masked_mse(reconstruction.float(), x, batch["mask"].to(device, non_blocking=True)) * n_bins
+            reconstruction = reconstruct(model, x, mask)  # each file at its own length: batch-independent
+        total += masked_mse(reconstruction.float(), x, mask) * n_bins
         bins += n_bins
     return total, bins
 

@@ -36,6 +36,11 @@ class STFTConfig:
     def n_freq(self):
         return self.nfft // 2 + 1
 
+    def n_time(self, n_samples):
+        """Time bins of the spectrogram of `n_samples` samples (scipy.signal.stft's zero boundary and padding)."""
+        hop = self.nperseg - self.noverlap
+        return -(-(n_samples + 2 * (self.nperseg // 2) - self.nperseg) // hop) + 1
+
     def axes(self, n_time):
         """Frequencies (Hz) and window-centre times (s) of a spectrogram, as scipy.signal.stft gives them."""
         freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)

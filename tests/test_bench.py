@@ -24,7 +24,7 @@ def test_bench_reports_every_stage_as_json(real_dir, tmp_path, capsys):
     figures = bench.main(["--data_dir", real_dir, "--batch_size", "4", "--json", str(path)])
     with open(path) as f:
         assert json.load(f) == json.loads(json.dumps(figures))
-    for key in ("limit", "cached", "bare_step", "train_loop", "startup_cold_s", "startup_warm_s"):
+    for key in ("limit", "cached", "bare_step", "train_loop", "embed", "startup_cold_s", "startup_warm_s"):
         assert figures[key] > 0, key
     assert set(figures["loader"]) == {"0", "1", "2"} and min(figures["loader"].values()) > 0
     assert figures["num_files"] == 8 and figures["peak_rss_mb"]["main"] > 0 and "cores" in figures["machine"]

@@ -1,0 +1,106 @@
+"""Build a labelled event-versus-noise set from real event files: 10 s windows before and after the P arrival.
+
+    python event_noise_windows.py --output_dir /tmp/event_noise                       # from the shipped data
+    python embed.py checkpoints/<run>/best_model.pt --data_dir /tmp/event_noise --labels /tmp/event_noise/labels.csv
+
+The shipped windows (data/README.md) have their P arrival at about 30 s: the windows 5-15 s and 15-25 s after a
+file's start are taken as noise, 30-40 s and 40-50 s as event. Each window is written as its own miniSEED file
+(the traces as they are, not resampled) under <output_dir>/<label>/, and labels.csv lists path,label,source.
+Files that cannot give a clean 3-component waveform of a requested family are skipped with their reason.
+"""
+
+import csv
+import io
+import logging
+import os
+
+from file_index import DEFAULT_DATA_DIR, find_files
+from runtime import RunError, script_parser
+from stft_dataset import SkipLog
+from storage import atomic_write
+from transform import STFTConfig
+from waveforms import (
+    DEFAULT_FAMILIES,
+    MINISEED_EXTENSIONS,
+    NOT_REQUESTED,
+    UnusableFile,
+    choose_components,
+    read_stream,
+    read_waveform,
+)
+
+log = logging.getLogger("event_noise_windows")
+WINDOWS = {"noise": ((5, 15), (15, 25)), "event": ((30, 40), (40, 50))}  # seconds after each file's start
+
+
+def parse_args(argv=None):
+    parser = script_parser(__doc__)
+    add = parser.add_argument
+    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory of event files with the P arrival at about 30 s")
+    add("--output_dir", required=True, help="where the windows and labels.csv are written (required, no default)")
+    add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families to use")
+    add("--files_from", help="text file of paths relative to --data_dir to use, one a line; None: every file")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Write the windows; returns the rows of labels.csv."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser, args = parse_args(argv)
+    try:
+        return write_windows(args)
+    except (FileNotFoundError, RunError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def source_files(args):
+    if not os.path.isdir(args.data_dir):
+        raise RunError(f"data directory not found: {args.data_dir}")
+    files = find_files(args.data_dir, MINISEED_EXTENSIONS)
+    if args.files_from:
+        with open(args.files_from) as f:
+            wanted = {line.strip() for line in f if line.strip()}
+        files = [relpath for relpath in files if relpath in wanted]
+    if not files:
+        raise RunError(f"no miniSEED files to use in {args.data_dir}")
+    return files
+
+
+def write_windows(args):
+    skips, rows, left_out = SkipLog(), [], 0
+    for relpath in source_files(args):
+        path = os.path.join(args.data_dir, relpath)
+        try:
+            read_waveform(path, args.channels, STFTConfig())  # the same checks as training: skip what it would skip
+            stream = read_stream(path)
+        except UnusableFile as err:
+            if err.reason == NOT_REQUESTED:
+                left_out += 1
+            else:
+                skips.add(path, err.reason, str(err))
+            continue
+        _, _, picks = choose_components([trace.id for trace in stream], args.channels)
+        stream.traces = [stream[i] for positions in picks.values() for i in positions]
+        start = max(trace.stats.starttime for trace in stream)
+        stem = os.path.splitext(os.path.basename(relpath))[0]
+        for label, windows in WINDOWS.items():
+            os.makedirs(os.path.join(args.output_dir, label), exist_ok=True)
+            for begin, end in windows:
+                name = os.path.join(label, f"{stem}.{begin:02d}-{end:02d}s.mseed")
+                window = stream.slice(start + begin, start + end)
+                atomic_write(os.path.join(args.output_dir, name), lambda f, w=window: w.write(f, format="MSEED"))
+                rows.append({"path": name, "label": label, "source": relpath})
+    if not rows:
+        raise RunError(f"no usable files in {args.data_dir} (skipped: {skips.describe()})")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ("path", "label", "source"), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(os.path.join(args.output_dir, "labels.csv"), lambda f: f.write(text.getvalue().encode()))
+    print(f"{len(rows)} windows of {len(rows) // 4} files in {args.output_dir}")
+    print(f"left out by --channels: {left_out} files; skipped files: {skips.describe()}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

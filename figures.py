@@ -1,0 +1,101 @@
+"""Figures of spectrograms, reconstructions and embeddings (matplotlib's object API: no pyplot state, no display).
+
+Spectrograms are (3, n_freq, n_time) arrays of valid bins, E, N, Z; axes in s and Hz, low frequencies at the bottom.
+"""
+
+import matplotlib.dates as mdates
+import numpy as np
+from matplotlib.figure import Figure
+
+from waveforms import COMPONENTS
+
+
+def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1):
+    """One component's (n_freq, n_time) image on `ax`, time in s and frequency in Hz; returns the image artist."""
+    freqs, times = stft.axes(image.shape[-1])
+    return ax.imshow(
+        image,
+        origin="lower",
+        aspect="auto",
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        interpolation="nearest",
+        extent=(times[0], times[-1], freqs[0], freqs[-1]),
+    )
+
+
+def plot_reconstruction(spectrogram, reconstruction, stft, title):
+    """Figure with one row per component (E, N, Z): input, reconstruction, difference.
+
+    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only.
+    """
+    mse = ((reconstruction - spectrogram) ** 2).mean(axis=(1, 2))
+    figure = Figure(figsize=(13, 8))
+    axes = figure.subplots(3, 3, sharex=True, sharey=True)
+    for row, component in enumerate(COMPONENTS):
+        panels = [
+            (spectrogram[row], "input", "viridis", (0, 1)),
+            (reconstruction[row], "reconstruction", "viridis", (0, 1)),
+            (reconstruction[row] - spectrogram[row], "difference", "RdBu_r", (-0.5, 0.5)),
+        ]
+        for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
+            ax = axes[row, col]
+            mesh = show_spectrogram(ax, image, stft, cmap, vmin, vmax)
+            figure.colorbar(mesh, ax=ax)
+            ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
+            if row == 2:
+                ax.set_xlabel("time (s)")
+            if col == 0:
+                ax.set_ylabel("frequency (Hz)")
+    figure.suptitle(f"{title}   MSE E {mse[0]:.4f}  N {mse[1]:.4f}  Z {mse[2]:.4f}")
+    return figure
+
+
+def plot_spectrogram_row(spectrograms, titles, stft, suptitle):
+    """The Z component of each spectrogram side by side (time in s, frequency in Hz)."""
+    figure = Figure(figsize=(2.6 * len(spectrograms) + 0.6, 2.8))
+    axes = np.atleast_1d(figure.subplots(1, len(spectrograms), sharey=True))
+    for ax, spectrogram, title in zip(axes, spectrograms, titles):
+        show_spectrogram(ax, spectrogram[COMPONENTS.index("Z")], stft)
+        ax.set_title(title, fontsize=7)
+        ax.set_xlabel("time (s)")
+    axes[0].set_ylabel("Z frequency (Hz)")
+    figure.suptitle(suptitle, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def plot_map(xy, colourings):
+    """The 2-D map once per colouring: {title: labels (N,)}; a legend of every label value."""
+    figure = Figure(figsize=(6.5 * len(colourings), 5.5))
+    for ax, (title, labels) in zip(np.atleast_1d(figure.subplots(1, len(colourings))), colourings.items()):
+        for value in sorted(set(labels)):
+            chosen = labels == value
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, label=f"{value} ({chosen.sum()})")
+        ax.set_xlabel("principal component 1 (standardised units)")
+        ax.set_ylabel("principal component 2 (standardised units)")
+        ax.set_title(title)
+        ax.legend(fontsize=7, markerscale=1.5)
+    figure.tight_layout()
+    return figure
+
+
+def plot_clusters_over_time(times, labels, n_bins=40):
+    """Recordings per cluster in each of `n_bins` equal time bins; times: numpy datetime64 (N,)."""
+    edges = np.linspace(times.min().astype("int64"), times.max().astype("int64"), n_bins + 1)
+    centres = ((edges[:-1] + edges[1:]) / 2).astype("datetime64[s]")
+    figure = Figure(figsize=(10, 4))
+    ax = figure.subplots()
+    bottom = np.zeros(n_bins)
+    width = (edges[1] - edges[0]) / 86_400  # days
+    for value in sorted(set(labels)):
+        counts, _ = np.histogram(times[labels == value].astype("int64"), edges)
+        ax.bar(centres, counts, width=width, bottom=bottom, label=f"cluster {value}")
+        bottom += counts
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
+    ax.set_xlabel(f"start time (UTC; bins of {width:.1f} days)")
+    ax.set_ylabel("recordings")
+    ax.legend(fontsize=7, ncols=2)
+    figure.tight_layout()
+    return figure

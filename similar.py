@@ -1,0 +1,138 @@
+"""The recordings most similar to a given one, from the outputs of embed.py.
+
+    python similar.py embeddings/<run> 12                                  # catalogue row 12 (0 = the first row)
+    python similar.py embeddings/<run> NC.MDPB.HH.20100203T015406.mseed    # a path of the catalogue
+    python similar.py embeddings/<run> /new/file.mseed -k 5                # a new file, encoded with the same model
+
+Distances are Euclidean between standardised embeddings (each value scaled to zero mean and unit variance over the
+catalogue), the space of embed.py's label scores; scikit-learn's NearestNeighbors (brute force) searches them.
+Prints a table and writes a figure of the query and its neighbours (Z spectrograms).
+"""
+
+import csv
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from embedding import encode_batch
+from figures import plot_spectrogram_row
+from representation import SearchIndex
+from runtime import RunError, resolve_device, script_parser
+from storage import atomic_write
+from transform import spectrogram
+from waveforms import UnusableFile, read_waveform
+
+log = logging.getLogger("similar")
+SHOWN_COLUMNS = {"path": 40, "trace_id": 14, "starttime": 27, "cluster": 7}  # printed columns and their widths
+
+
+def parse_args(argv=None):
+    parser = script_parser(__doc__)
+    add = parser.add_argument
+    add("embeddings_dir", help="output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)")
+    add("query", help="a catalogue row number, a catalogue path, or a miniSEED file")
+    add("-k", type=int, default=10, help="neighbours to list")
+    add("--data_dir", help="where the catalogue's files are; None: the data_dir embed.py read")
+    add("--output", help="figure of the query and its neighbours; None: EMBEDDINGS_DIR/similar_<query>.png")
+    add("--device", default="auto", help="device to encode a new file on: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error("-k must be >= 1")
+    return parser, args
+
+
+def main(argv=None):
+    """Search; returns the neighbours: catalogue rows (dicts) with "row" and "distance", nearest first."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser, args = parse_args(argv)
+    try:
+        return search(args)
+    except (FileNotFoundError, RunError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def load_outputs(directory):
+    """(embeddings memmap, catalogue rows as dicts, settings of embed.py) or RunError."""
+    paths = [os.path.join(directory, name) for name in ("embeddings.npy", "catalog.csv", "embedding.json")]
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        raise RunError(f"{directory} holds no outputs of embed.py (missing {', '.join(missing)})")
+    embeddings = np.load(paths[0], mmap_mode="r")
+    with open(paths[1], newline="") as f:
+        catalog = list(csv.DictReader(f))
+    if len(catalog) != len(embeddings):
+        raise RunError(f"{directory}: catalog.csv has {len(catalog)} rows, embeddings.npy {len(embeddings)}")
+    with open(paths[2]) as f:
+        return embeddings, catalog, json.load(f)
+
+
+def query_row(query, catalog):
+    """The catalogue row a query names, or None for a file that is not in the catalogue."""
+    if query.isdigit():
+        if int(query) >= len(catalog):
+            raise RunError(f"row {query}: the catalogue has {len(catalog)} rows (0 to {len(catalog) - 1})")
+        return int(query)
+    return next((i for i, entry in enumerate(catalog) if entry["path"] == query), None)
+
+
+def read_spectrogram(path, data):
+    """(3, F, T) spectrogram of a file as the checkpoint's run read it, or RunError naming the file and reason."""
+    try:
+        waveform, _ = read_waveform(path, data["families"], data["stft"])
+    except UnusableFile as err:
+        raise RunError(f"{path}: {err}") from None
+    return spectrogram(waveform, data["stft"])
+
+
+@torch.no_grad()
+def encode_file(spectrogram_, checkpoint, pooling, device):
+    """(1, D) embedding of a new file's spectrogram with the checkpoint and pooling that embed.py used."""
+    model = model_from_checkpoint(checkpoint, device).eval()
+    x = torch.from_numpy(spectrogram_)[None].to(device)
+    embedding, _, _ = encode_batch(model, x, torch.ones(1, x.shape[-1], dtype=torch.bool, device=device), pooling)
+    return embedding
+
+
+def search(args):
+    embeddings, catalog, settings = load_outputs(args.embeddings_dir)
+    row = query_row(args.query, catalog)
+    if row is None and not os.path.isfile(args.query):
+        raise RunError(f"{args.query}: neither a catalogue row or path nor a file")
+    try:
+        device = resolve_device(args.device)
+        checkpoint = load_checkpoint(settings["checkpoint"], device)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
+    if row is None:
+        name, query_spectrogram = os.path.basename(args.query), read_spectrogram(args.query, data)
+        vector = encode_file(query_spectrogram, checkpoint, settings["pooling"], device)
+    else:
+        name, vector = catalog[row]["path"], np.asarray(embeddings[row : row + 1])
+        query_spectrogram = read_spectrogram(os.path.join(data_dir, name), data)
+    distances, rows = SearchIndex(embeddings).nearest(vector, args.k + (row is not None))
+    neighbours = [(int(r), float(d)) for r, d in zip(rows[0], distances[0]) if r != row][: args.k]
+    print(f"query: {name}" + (f" (catalogue row {row})" if row is not None else " (new file)"))
+    print(f"{'row':>6} {'distance':>9}  " + "  ".join(f"{c:{w}}" for c, w in SHOWN_COLUMNS.items()))
+    for r, d in neighbours:
+        print(f"{r:6d} {d:9.3f}  " + "  ".join(f"{catalog[r][c]:{w}}" for c, w in SHOWN_COLUMNS.items()))
+    spectrograms = [query_spectrogram] + [
+        read_spectrogram(os.path.join(data_dir, catalog[r]["path"]), data) for r, _ in neighbours
+    ]
+    titles = [f"query\n{name[-40:]}"] + [f"{d:.2f}\n{catalog[r]['path'][-40:]}" for r, d in neighbours]
+    title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
+    figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)
+    output = args.output or os.path.join(
+        args.embeddings_dir, f"similar_{os.path.splitext(os.path.basename(name))[0]}.png"
+    )
+    atomic_write(output, lambda f: figure.savefig(f, format="png", dpi=80))
+    print(f"figure: {output}")
+    return [{**catalog[r], "row": r, "distance": d} for r, d in neighbours]
+
+
+if __name__ == "__main__":
+    main()
