@@ -29,7 +29,8 @@ from waveforms import MAX_GAP_SECONDS
 
 log = logging.getLogger("spectrogram_cache")
 
-CACHE_VERSION = 1  # raise when read_waveform() or spectrogram() change what they return
+WINDOW_KEY = re.compile(r"@\d{4}-\d\d-\d\dT[\d:.]+Z$")  # the start time in a window's key "<path>@<start>"
+CACHE_VERSION = 2  # raise when read_waveform() or spectrogram() change what they return
 MANIFEST_FIELDS = {
     "path": str,
     "shard": np.int32,
@@ -50,6 +51,7 @@ def cache_key(dataset):
         "data_dir": os.path.abspath(dataset.data_dir),
         "families": sorted(dataset.families),
         "stft": asdict(dataset.stft),
+        "window_seconds": dataset.window_seconds,
         "max_gap_seconds": MAX_GAP_SECONDS,
         "dead_relative_level": DEAD_RELATIVE_LEVEL,
         "normalisation": NORMALISATION,
@@ -81,10 +83,13 @@ def manifest_row(relpath, meta):
 class SpectrogramCache:
     """A dataset's spectrograms, computed once and then read through numpy memmaps (see the module docstring).
 
-    `versions`: (n_files, 2) int64 size and mtime_ns of the dataset's files, to tell changed files.
+    Rows are keyed by dataset.sample_key (a file's relative path, "<path>@<start>" for a window); the
+    size and mtime_ns of each sample's files tell changed files.
     """
 
-    def __init__(self, cache_dir, dataset, versions, processes):
+    def __init__(self, cache_dir, dataset, processes):
+        keys = np.array([dataset.sample_key(i) for i in range(len(dataset))], dtype=str)
+        versions = dataset.recordings.version[dataset.sample_recording]
         key, settings = cache_key(dataset)
         self.folder = os.path.join(cache_dir, key)
         self.data_dir, self.n_freq = dataset.data_dir, dataset.stft.n_freq
@@ -93,12 +98,12 @@ class SpectrogramCache:
             if not os.path.exists(os.path.join(self.folder, "settings.json")):  # for people: what the key stands for
                 write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
             manifest = self.load_manifest()
-            stale = self.stale_files(manifest, dataset.files, versions)
+            stale = self.stale_files(manifest, keys, versions)
             if stale:
-                manifest = self.extend(manifest, dataset, stale, versions, processes)
+                manifest = self.extend(manifest, dataset, keys, stale, versions, processes)
         self.manifest = manifest
         row_of = {path: row for row, path in enumerate(manifest["path"])}
-        self.rows = np.array([row_of[path] for path in dataset.files], dtype=np.int64)  # dataset index -> row
+        self.rows = np.array([row_of[key] for key in keys], dtype=np.int64)  # dataset index -> row
         self.shards = {}  # shard number -> memmap, opened lazily in each process
 
     @staticmethod
@@ -124,15 +129,15 @@ class SpectrogramCache:
                 )
         return empty_manifest()
 
-    def extend(self, manifest, dataset, stale, versions, processes):
+    def extend(self, manifest, dataset, keys, stale, versions, processes):
         """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
         # A new number every time: a running process may still read older shards through its own manifest.
         numbers = [int(name[6:-4]) for name in os.listdir(self.folder) if re.fullmatch(r"shard_\d+\.f16", name)]
         shard = max(numbers, default=-1) + 1
         shard_path = os.path.join(self.folder, f"shard_{shard}.f16")
         rows = []
-        atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, stale, processes)))
-        fresh = set(dataset.files[stale])
+        atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, keys, stale, processes)))
+        fresh = set(keys[stale])
         keep = np.array([path not in fresh for path in manifest["path"]], dtype=bool)
         merged = {
             field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
@@ -145,13 +150,13 @@ class SpectrogramCache:
         return merged
 
     @staticmethod
-    def write_shard(f, shard, dataset, stale, processes):
+    def write_shard(f, shard, dataset, keys, stale, processes):
         """Spectrograms of dataset[stale] into the open shard file f, in order; returns their manifest rows."""
         workers = min(processes, len(stale)) if processes > 1 else 0
         loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=workers)
         progress = tqdm(loader, desc=f"caching {len(stale)} spectrograms", unit="file", dynamic_ncols=True)
         rows, offset = [], 0
-        for relpath, (x, meta) in zip(dataset.files[stale], progress):  # the loader keeps the order
+        for relpath, (x, meta) in zip(keys[stale], progress):  # the loader keeps the order
             row = manifest_row(relpath, meta)
             if x is not None:
                 f.write(x.numpy().astype(np.float16).tobytes())
@@ -167,15 +172,19 @@ class SpectrogramCache:
         """Dataset item i: (spectrogram (3, n_freq, n_time) float16, metadata), as SeismicSTFTDataset gives it."""
         row = self.rows[i]
         m = self.manifest
-        path = os.path.join(self.data_dir, str(m["path"][row]))
+        key = str(m["path"][row])
         if m["skip_reason"][row]:
-            return None, {"path": path, "skip_reason": str(m["skip_reason"][row]), "message": str(m["message"][row])}
+            return None, {
+                "path": os.path.join(self.data_dir, key),
+                "skip_reason": str(m["skip_reason"][row]),
+                "message": str(m["message"][row]),
+            }
         shard, offset, n_time = int(m["shard"][row]), int(m["offset"][row]), int(m["n_time"][row])
         if shard not in self.shards:
             self.shards[shard] = np.memmap(os.path.join(self.folder, f"shard_{shard}.f16"), dtype=np.float16, mode="r")
         values = self.shards[shard][offset : offset + 3 * self.n_freq * n_time].reshape(3, self.n_freq, n_time)
         meta = {
-            "path": path,
+            "path": os.path.join(self.data_dir, WINDOW_KEY.sub("", key)),
             "trace_id": str(m["trace_id"][row]),
             "family": str(m["family"][row]),
             "starttime": str(m["starttime"][row]),

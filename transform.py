@@ -36,6 +36,11 @@ class STFTConfig:
     def n_freq(self):
         return self.nfft // 2 + 1
 
+    def n_time_bins(self, n_samples):
+        """Time bins scipy.signal.stft gives for n_samples (its defaults: boundary zeros, padded): 1 + ceil(n / hop)."""
+        hop = self.nperseg - self.noverlap
+        return 1 + -(-int(n_samples) // hop)
+
     def axes(self, n_time):
         """Frequencies (Hz) and window-centre times (s) of a spectrogram, as scipy.signal.stft gives them."""
         freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)
