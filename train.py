@@ -249,14 +249,15 @@ def load_dataset(args, stft, skips):
         raise RunError(str(err)) from None
     if dist.is_initialized() and is_rank_zero():
         dist.barrier()
-    if args.window_seconds and len(dataset) == 0 and len(skips.files):
+    if len(dataset) == 0 and skips.counts().get("shorter than --window_seconds"):
         raise RunError(
             f"--window_seconds {args.window_seconds:g} is longer than every usable recording in {args.data_dir} "
             "(see the warnings above)"
         )
     if len(dataset) < 2:
         raise RunError(
-            f"{len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
+            f"{len(dataset)} usable {'windows' if args.window_seconds else 'files'} of families "
+            f"{' '.join(args.channels)} in {args.data_dir} (skipped files: {skips.describe()}); "
             "need at least 2 (one to train, one to validate)"
         )
     return dataset

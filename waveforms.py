@@ -21,6 +21,8 @@ DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
 MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
+# A window with a component constant this long (a dead channel, zeros filled in by a datalogger) is skipped.
+DEAD_STRETCH_SECONDS = 10.0
 
 
 class UnusableFile(Exception):
@@ -242,7 +244,10 @@ def window_of(traces, start, seconds, prefix, stft):
         )
     except UnusableFile as err:
         return err
-    dead = [c for c, component in zip(COMPONENTS, waveform) if np.ptp(component) == 0]
+    limit = min(DEAD_STRETCH_SECONDS * stft.sampling_rate, waveform.shape[1]) - 1  # equal neighbours in a row
+    dead = [c for c, component in zip(COMPONENTS, waveform) if longest_run(np.diff(component) == 0) >= limit]
     if dead:
-        return UnusableFile("dead stretch", f"{prefix}{'/'.join(dead)}: constant over the window")
+        return UnusableFile(
+            "dead stretch", f"{prefix}{'/'.join(dead)}: constant for {DEAD_STRETCH_SECONDS:g} s or more in the window"
+        )
     return waveform
