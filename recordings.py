@@ -173,7 +173,7 @@ class RecordingFinder:
                     self.skip(
                         k,
                         "fewer than 3 components",
-                        f"{instrument}: {len(present)} of 3 components (missing {missing})",
+                        f"fewer than 3 components: {instrument}: {len(present)} of 3 components (missing {missing})",
                     )
                 continue
             rate = min(r for *_, r, _ in traces)
@@ -190,7 +190,8 @@ class RecordingFinder:
                 self.skip(
                     k,
                     "fewer than 3 components",
-                    f"{instrument}: only {', '.join(here)} from {iso(first)} to {iso(last)} (no file holds the others)",
+                    f"fewer than 3 components: {instrument}: only {', '.join(here)} from {iso(first)} to {iso(last)} "
+                    "(no file holds the others)",
                 )
 
     def recordings(self):

@@ -112,7 +112,8 @@ class SeismicSTFTDataset(Dataset):
                 self.skip(
                     relpath,
                     "too long without --window_seconds",
-                    f"{recordings.instrument[r]}: {hours:.1f} h > {MAX_RECORDING_SECONDS:.0f} s; "
+                    f"too long without --window_seconds: {recordings.instrument[r]}: {hours:.1f} h > "
+                    f"{MAX_RECORDING_SECONDS:.0f} s; "
                     "cut it into samples with --window_seconds (and --window_stride)",
                 )
         recordings = recordings.take(~too_long)
@@ -131,7 +132,8 @@ class SeismicSTFTDataset(Dataset):
                     self.skip(
                         relpath,
                         "shorter than --window_seconds",
-                        f"{recordings.instrument[r]}: {seconds:.1f} s of common data < {self.window_seconds:g} s",
+                        f"shorter than --window_seconds: {recordings.instrument[r]}: {seconds:.1f} s of common data "
+                        f"< {self.window_seconds:g} s",
                     )
         recordings = recordings.take(counts > 0)
         self.sample_recording, self.sample_start = window_samples(recordings, self.window_seconds, self.window_stride)
