@@ -274,10 +274,10 @@ def plan_run(args, checkpoint, dataset):
         run_name = from_rank_zero(new_run_name(args.checkpoint_dir) if is_rank_zero() else None)
         run_dir = os.path.join(args.checkpoint_dir, run_name)
     train_indices, val_indices, val_groups = split_samples(dataset, args, checkpoint)
-    if checkpoint and checkpoint.get("split_by", "file") == "file" and "val_groups" not in checkpoint:
-        val_files = checkpoint["val_files"]  # a run of before --split_by: its files, also those gone since
-    else:
-        val_files = sorted(set(dataset.files[dataset.sample_recording[val_indices]].tolist()))
+    val_files = set(dataset.files[dataset.sample_recording[val_indices]].tolist())
+    if checkpoint:
+        val_files |= set(checkpoint["val_files"])  # files gone since stay on record
+    val_files = sorted(val_files)
     if is_rank_zero():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "val_files.txt"), "w") as f:

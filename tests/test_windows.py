@@ -236,3 +236,13 @@ def test_windowed_sds_trains_resumes_exactly_and_evaluates_from_the_checkpoint(t
     assert metrics["num_samples"] == (360 - 60) // 30 + 1  # every window of the validation station, none other
     assert {s["trace_id"].rsplit(".", 2)[0] for s in metrics["samples"]} == {station}
     assert len({s["starttime"] for s in metrics["samples"]}) == metrics["num_samples"]
+
+
+def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_dir):
+    _, args = train.parse_args(["--data_dir", real_dir])
+    assert args.split_by == "station"
+    dataset = SeismicSTFTDataset(real_dir)
+    train_indices, val_indices, val_groups = train.split_samples(dataset, args, None)
+    stations = dataset.groups("station")
+    assert set(stations[val_indices]) == set(val_groups) and not set(stations[train_indices]) & set(val_groups)
+    assert len(train_indices) + len(val_indices) == len(dataset) == 8
