@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from baselines import BASELINES
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from model import masked_errors
-from recordings import window_problems
+from recordings import in_groups, window_problems
 from runtime import RunError, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
@@ -108,7 +108,8 @@ def choose_files(dataset, checkpoint, args):
     """Positions in `dataset` of the samples (files or windows) to evaluate."""
     if args.split == "val":
         settings = data_settings(checkpoint)
-        candidates = np.flatnonzero(np.isin(dataset.groups(settings["split_by"]), settings["val_groups"])).tolist()
+        keys, codes = dataset.groups(settings["split_by"])
+        candidates = np.flatnonzero(in_groups(keys, codes, settings["val_groups"])).tolist()
         present = set(dataset.files.tolist())
         gone = [f for f in checkpoint["val_files"] if f not in present]
         if gone:

@@ -244,29 +244,34 @@ def window_samples(recordings, seconds, stride):
 
 
 def sample_groups(split_by, recordings, sample_recording, sample_start, sample_seconds):
-    """Group key of each sample for a split that keeps each group on one side (numpy array).
+    """(keys, code of each sample) for a split that keeps each group on one side.
 
-    file: the recording's first file; station: "NET.STA"; network: "NET"; time: the UTC day the sample starts
-    in, or "" for a sample that ends in another day (it would overlap samples of that day: used on neither side).
+    keys: sorted str array, one per group: the recording's first file (file), "NET.STA" (station), "NET"
+    (network), or the UTC day number (time); codes: int64 per sample, an index into keys, or -1 for a sample
+    that starts and ends in different days with --split_by time (it overlaps samples of both: used on neither side).
     """
     if split_by == "time":
         first = np.floor(sample_start / TIME_BLOCK_SECONDS).astype(np.int64)
         last = np.floor((sample_start + sample_seconds - 1e-6) / TIME_BLOCK_SECONDS).astype(np.int64)
-        return np.where(first == last, first.astype(str), "")
+        days, codes = np.unique(first, return_inverse=True)
+        codes = np.where(first == last, codes, -1)
+        used = np.unique(codes[codes >= 0])  # days where only crossing samples start hold no group
+        return days[used].astype(str), np.searchsorted(used, codes).astype(np.int64) * (codes >= 0) - (codes < 0)
     if split_by == "file":
         per_recording = recordings.files
     else:
         parts = 2 if split_by == "station" else 1
         per_recording = np.array([".".join(name.split(".")[:parts]) for name in recordings.instrument], dtype=str)
-    return per_recording[sample_recording]
+    keys, per_recording_codes = np.unique(per_recording, return_inverse=True)
+    return keys, per_recording_codes.astype(np.int64)[sample_recording]
 
 
-def choose_val_groups(groups, val_split, seed):
+def choose_val_groups(keys, codes, val_split, seed):
     """Groups drawn in a seeded random order until about val_split of the samples are in them; a group that
     would overshoot the target by more than the shortfall it fills is passed over. At least one group on
     each side; None with fewer than 2 groups. With one sample per group (the file split of event files) the
-    same draw as the per-file split of before --split_by."""
-    keys, counts = np.unique(groups[groups != ""], return_counts=True)
+    same draw as the per-file split of before --split_by. keys, codes: as sample_groups returns them."""
+    counts = np.bincount(codes[codes >= 0], minlength=len(keys))
     if len(keys) < 2:
         return None
     order = np.random.default_rng(seed).permutation(len(keys))
@@ -280,3 +285,8 @@ def choose_val_groups(groups, val_split, seed):
             n_val += counts[g]
     chosen = chosen[: len(keys) - 1] or order[:1].tolist()
     return sorted(keys[chosen].tolist())
+
+
+def in_groups(keys, codes, groups):
+    """Bool per sample: its group is one of `groups` (str keys, e.g. a checkpoint's val_groups)."""
+    return np.isin(keys, np.array(groups, dtype=str))[codes] & (codes >= 0)

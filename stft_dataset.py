@@ -164,7 +164,7 @@ class SeismicSTFTDataset(Dataset):
         )
 
     def groups(self, split_by):
-        """Group key of every sample for --split_by (recordings.sample_groups): file, station, network or time."""
+        """(group keys, group code of every sample) for --split_by file, station, network or time (sample_groups)."""
         if self.window_seconds:
             seconds = self.window_seconds
         else:

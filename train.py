@@ -33,7 +33,7 @@ from augment import crop_rng, random_time_crop
 from checkpoints import checkpoint_dict, load_checkpoint, restore, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder
-from recordings import SPLITS, choose_val_groups, window_problems
+from recordings import SPLITS, choose_val_groups, in_groups, window_problems
 from runtime import (
     RunError,
     epoch_seed,
@@ -198,7 +198,8 @@ def resume_settings(parser, args, checkpoint):
 
 def split_files(files, val_split, seed):
     """Reproducible train/validation split of relative paths: (train, val), both sorted (--split_by file)."""
-    val = set(choose_val_groups(np.array(files, dtype=str), val_split, seed))
+    keys = np.array(sorted(files), dtype=str)
+    val = set(choose_val_groups(keys, np.arange(len(keys)), val_split, seed))
     return [f for f in files if f not in val], sorted(val)
 
 
@@ -208,18 +209,18 @@ def split_samples(dataset, args, checkpoint):
     A new run draws the groups (recordings.choose_val_groups); a resumed one keeps its checkpoint's, and
     samples of groups added since go to training.
     """
-    groups = dataset.groups(args.split_by)
+    keys, codes = dataset.groups(args.split_by)
     if checkpoint:
         val_groups = checkpoint.get("val_groups", checkpoint["val_files"])
     else:
-        val_groups = choose_val_groups(groups, args.val_split, args.seed)
+        val_groups = choose_val_groups(keys, codes, args.val_split, args.seed)
         if val_groups is None:
             raise RunError(
                 f"--split_by {args.split_by}: {args.data_dir} has fewer than 2 {args.split_by} groups with usable "
                 "samples; need one to train, one to validate (try --split_by file)"
             )
-    is_val = np.isin(groups, val_groups)
-    return np.flatnonzero(~is_val & (groups != "")), np.flatnonzero(is_val), val_groups
+    is_val = in_groups(keys, codes, val_groups)
+    return np.flatnonzero(~is_val & (codes >= 0)), np.flatnonzero(is_val), val_groups
 
 
 def new_run_name(checkpoint_dir):

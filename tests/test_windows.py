@@ -167,15 +167,17 @@ def test_split_by_station_and_time_keep_groups_and_overlaps_apart(tmp_path):
     write_sds(joined(GDXB[:6], MIDNIGHT - 200), root)
     write_sds(joined(OMMB[:6], MIDNIGHT - 100), root)
     dataset = SeismicSTFTDataset(root, window_seconds=60, window_stride=30)
-    stations = dataset.groups("station")
-    assert set(stations) == {"NC.GDXB", "NN.OMMB"}
-    val = choose_val_groups(stations, 0.2, 0)
+    keys, codes = dataset.groups("station")
+    assert keys.tolist() == ["NC.GDXB", "NN.OMMB"] and np.bincount(codes).tolist() == [17, 17]
+    val = choose_val_groups(keys, codes, 0.2, 0)
     assert len(val) == 1  # one station each side
-    days = dataset.groups("time")
-    assert set(days) == {"", str(int(MIDNIGHT.timestamp // 86400) - 1), str(int(MIDNIGHT.timestamp // 86400))}
-    ends = dataset.sample_start + 60
-    crossing = (dataset.sample_start < MIDNIGHT.timestamp) & (ends > MIDNIGHT.timestamp)
-    assert np.array_equal(days == "", crossing)  # a window over midnight sits on neither side
+    days, codes = dataset.groups("time")
+    day = int(MIDNIGHT.timestamp // 86400)
+    assert days.tolist() == [str(day - 1), str(day)]
+    crossing = (dataset.sample_start < MIDNIGHT.timestamp) & (dataset.sample_start + 60 > MIDNIGHT.timestamp)
+    assert crossing.any() and np.array_equal(codes == -1, crossing)  # a window over midnight sits on neither side
+    before = dataset.sample_start + 60 <= MIDNIGHT.timestamp
+    assert np.all(codes[before] == 0) and np.all(codes[~before & ~crossing] == 1)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +245,6 @@ def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_di
     assert args.split_by == "station"
     dataset = SeismicSTFTDataset(real_dir)
     train_indices, val_indices, val_groups = train.split_samples(dataset, args, None)
-    stations = dataset.groups("station")
-    assert set(stations[val_indices]) == set(val_groups) and not set(stations[train_indices]) & set(val_groups)
+    keys, codes = dataset.groups("station")
+    assert set(keys[codes[val_indices]]) == set(val_groups) and not set(keys[codes[train_indices]]) & set(val_groups)
     assert len(train_indices) + len(val_indices) == len(dataset) == 8
