@@ -14,6 +14,7 @@ import torch
 from conftest import SHIPPED, flags
 from test_stft_dataset import reference_spectrogram
 
+import bench
 import inference
 import train
 import waveforms
@@ -25,17 +26,12 @@ OMMB = sorted(name for name in os.listdir(SHIPPED) if name.startswith("NN.OMMB.H
 MIDNIGHT = obspy.UTCDateTime("2016-09-03T00:00:00")
 
 
-def joined(names, start, seconds_each=90):
-    """One 3-component recording (E, N, Z traces, int32) of the shipped files `names` back to back from `start`."""
-    streams = [obspy.read(os.path.join(SHIPPED, name)) for name in names]
-    n = int(seconds_each * 100)
-    joined_stream = obspy.Stream()
-    for component in "ENZ":
-        data = np.concatenate([stream.select(component=component)[0].data[:n] for stream in streams])
-        header = streams[0].select(component=component)[0].stats.copy()
-        header.starttime, header.npts = start, len(data)
-        joined_stream.append(obspy.Trace(data.astype(np.int32), header=header))
-    return joined_stream
+def joined(names, start):
+    """One 3-component recording (E, N, Z, int32) of the shipped 90 s files `names` back to back from `start`."""
+    stream = bench.joined_recording([os.path.join(SHIPPED, name) for name in names])
+    for trace in stream:
+        trace.stats.starttime = start
+    return stream
 
 
 def samples_of(stream):
@@ -44,20 +40,9 @@ def samples_of(stream):
 
 
 def write_sds(stream, root):
-    """Per-channel day files in SDS layout (YEAR/NET/STA/CHAN.D/NET.STA.LOC.CHAN.D.YEAR.DAY), cut at midnight."""
-    paths = []
-    for trace in stream:
-        day = obspy.UTCDateTime(trace.stats.starttime.date)
-        while day < trace.stats.endtime:
-            part = trace.slice(day, day + 86400 - trace.stats.delta)
-            s = part.stats
-            folder = os.path.join(root, str(day.year), s.network, s.station, f"{s.channel}.D")
-            os.makedirs(folder, exist_ok=True)
-            name = f"{s.network}.{s.station}.{s.location}.{s.channel}.D.{day.year}.{day.julday:03d}"
-            part.write(os.path.join(folder, name), format="MSEED", reclen=512)
-            paths.append(os.path.join(folder, name))
-            day += 86400
-    return paths
+    """Per-channel day files in SDS layout, cut at midnight (bench.write_sds); returns their paths."""
+    bench.write_sds(stream, root)
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names if ".D." in name)
 
 
 def assert_windows_match(dataset, samples, first_sample, seconds, stride):
@@ -155,10 +140,10 @@ def test_gap_nan_and_dead_stretch_skip_only_their_windows(tmp_path):
 def test_station_missing_a_component_on_a_day_is_counted(sds_root, tmp_path):
     root, _ = sds_root
     other = joined(OMMB[:2], MIDNIGHT + 3600)
-    paths = write_sds(other.select(component="Z") + other.select(component="N"), root)  # no E
+    paths = [p for p in write_sds(other.select(component="Z") + other.select(component="N"), root) if "OMMB" in p]
     dataset = SeismicSTFTDataset(root, index_path=str(tmp_path / "i.npz"), window_seconds=60, window_stride=45)
     assert dataset.skips.counts() == {"fewer than 3 components": 2}
-    assert "missing E" in dataset.skips.files[paths[0]][1]
+    assert len(paths) == 2 and "missing E" in dataset.skips.files[paths[0]][1]
     assert set(dataset.recordings.instrument) == {"NC.GDXB..HH?"}
 
 
