@@ -492,13 +492,6 @@ def print_table(f):
             f"{f['pipeline'] / f['bare_step']:.2f} x bare step",
         ),
     ]
-    print(
-        f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
-        f"amp {f['amp']}, batch {f['batch_size']}"
-    )
-    print(f"{'stage':44s} {'samples/s':>10s}  ratio")
-    for name, value, ratio in rows:
-        print(f"{name:44s} {value:10.1f}  {ratio}")
     rows.insert(
         len(rows) - 3,
         (
@@ -515,6 +508,13 @@ def print_table(f):
             f"{f['windows_shuffled'] / f['loader']['0']:.2f} x whole files",
         ),
     )
+    print(
+        f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
+        f"amp {f['amp']}, batch {f['batch_size']}"
+    )
+    print(f"{'stage':44s} {'samples/s':>10s}  ratio")
+    for name, value, ratio in rows:
+        print(f"{name:44s} {value:10.1f}  {ratio}")
     build_rate = f["usable_files_in_dir"] / f["cache_build_s"]
     print(
         f"cache build: {build_rate:.0f} files/s = {build_rate / (f['cores'] * limit):.2f} x "
