@@ -31,7 +31,7 @@ SDS_FILE_NAME = re.compile(r"[^.]*\.[^.]*\.[^.]*\.[^.]+\.[A-Z]\.\d{4}\.\d{3}", r
 
 @dataclass
 class FileIndex:
-    """Columns of a directory's index: one row per file (path ... n_traces), one per trace (trace_id ... trace_rate).
+    """Columns of a directory's index: one row per file (path ... n_traces), one per trace (trace_code ... trace_rate).
 
     The traces of file k are rows first_trace[k] to first_trace[k] + n_traces[k] - 1.
 
@@ -45,7 +45,8 @@ class FileIndex:
     error_message: np.ndarray  # str
     first_trace: np.ndarray  # int64
     n_traces: np.ndarray  # int64
-    trace_id: np.ndarray  # str "NET.STA.LOC.CHA"
+    trace_names: np.ndarray  # str "NET.STA.LOC.CHA", sorted and unique: trace ids are stored as codes into it
+    trace_code: np.ndarray  # int32 per trace
     trace_start: np.ndarray  # float64 s
     trace_end: np.ndarray  # float64 s
     trace_rate: np.ndarray  # float64 Hz
@@ -53,12 +54,16 @@ class FileIndex:
     def __len__(self):
         return len(self.path)
 
+    @property
+    def trace_id(self):
+        return self.trace_names[self.trace_code]
+
     def traces(self, k):
         """Row range of file k's traces."""
         return range(int(self.first_trace[k]), int(self.first_trace[k] + self.n_traces[k]))
 
     def seed_ids(self, k):
-        return tuple(self.trace_id[self.traces(k)].tolist())
+        return tuple(self.trace_names[self.trace_code[self.traces(k)]].tolist())
 
 
 FILE_COLUMNS = ("path", "size", "mtime_ns", "error_reason", "error_message", "first_trace", "n_traces")
@@ -108,6 +113,7 @@ def read_headers(paths, processes):
 def index_from_records(relpaths, records):
     """FileIndex of header records (header_record's dicts), in the order given."""
     traces = [trace for record in records for trace in record["traces"]]
+    names, codes = np.unique(np.array([trace[0] for trace in traces], dtype=str), return_inverse=True)
     n_traces = np.array([len(record["traces"]) for record in records], dtype=np.int64)
     return FileIndex(
         path=np.array(relpaths, dtype=str),
@@ -117,7 +123,8 @@ def index_from_records(relpaths, records):
         error_message=np.array([record["error"][1] for record in records], dtype=str),
         first_trace=np.cumsum(n_traces) - n_traces,
         n_traces=n_traces,
-        trace_id=np.array([trace[0] for trace in traces], dtype=str),
+        trace_names=names,
+        trace_code=codes.astype(np.int32).ravel(),
         trace_start=np.array([trace[1] for trace in traces], dtype=np.float64),
         trace_end=np.array([trace[2] for trace in traces], dtype=np.float64),
         trace_rate=np.array([trace[3] for trace in traces], dtype=np.float64),
@@ -133,7 +140,7 @@ def records_of(index, rows):
             "error": (str(index.error_reason[k]), str(index.error_message[k])),
             "traces": list(
                 zip(
-                    index.trace_id[index.traces(k)].tolist(),
+                    index.trace_names[index.trace_code[index.traces(k)]].tolist(),
                     index.trace_start[index.traces(k)].tolist(),
                     index.trace_end[index.traces(k)].tolist(),
                     index.trace_rate[index.traces(k)].tolist(),

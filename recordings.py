@@ -66,13 +66,17 @@ class Recordings:
         overlap = (self.member_start[rows] <= end) & (self.member_end[rows] >= start)
         return self.member_paths[rows][overlap]
 
+    def member_rows(self, rows):
+        """Positions in the member arrays of the members of recordings `rows` (int array), in order."""
+        counts = self.member_offsets[rows + 1] - self.member_offsets[rows]
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.repeat(self.member_offsets[rows], counts) + within
+
     def take(self, rows):
         """The recordings at positions `rows` (bool mask or indices)."""
         rows = np.arange(len(self))[rows]
         counts = self.member_offsets[rows + 1] - self.member_offsets[rows]
-        members = np.concatenate(
-            [np.arange(self.member_offsets[r], self.member_offsets[r + 1]) for r in rows] + [np.zeros(0, np.int64)]
-        )
+        members = self.member_rows(rows)
         per_member = {name: getattr(self, name)[members] for name in ("member_paths", "member_start", "member_end")}
         per_recording = {
             name: getattr(self, name)[rows]
@@ -121,7 +125,8 @@ class RecordingFinder:
     def __init__(self, index, families, skip, excluded, windowed):
         self.index, self.families, self.skip, self.excluded = index, tuple(families), skip, excluded
         self.windowed = windowed
-        self.rows = []  # (first file, instrument, family, start, end, rate, whole_file, [file rows])
+        self.rows = []  # (first file, instrument, family, start, end, rate, whole_file, [file rows]), one by one
+        self.chunks = []  # (files, instrument, family, start, end, rate, whole_file): one-file recordings as arrays
         self.partial = {}  # (instrument, family) -> [(component, start, end, rate, file row)]
 
     def trace_spans(self, k, positions):
@@ -129,30 +134,73 @@ class RecordingFinder:
         starts, ends, rates = (self.index.trace_start[rows], self.index.trace_end[rows], self.index.trace_rate[rows])
         return [(starts[i], ends[i], rates[i]) for i in positions]
 
-    def add_file(self, k):
+    def add_files(self):
+        """Every file of the index, grouped by its sequence of trace ids: one choice of components per group.
+
+        Files of one 3-component instrument with one trace per component (event files) are handled as arrays;
+        the others (per-channel files, gappy files) one by one.
+        """
         index = self.index
-        if index.error_reason[k]:
+        for k in np.flatnonzero(index.error_reason != ""):
             self.skip(k, str(index.error_reason[k]), str(index.error_message[k]))
-            return
-        seed_ids = index.seed_ids(k)
+        names, codes = index.trace_names, index.trace_code
+        readable = index.error_reason == ""
+        for n in np.unique(index.n_traces[readable]):
+            files = np.flatnonzero(readable & (index.n_traces == n))
+            rows = index.first_trace[files][:, None] + np.arange(n)  # (files, traces) rows of the trace table
+            ids = codes[rows].astype(np.int64)
+            if float(len(names)) ** n < 2**62:  # one int64 per file: a far faster unique than rows of n
+                _, first, which = np.unique(ids @ len(names) ** np.arange(n), return_index=True, return_inverse=True)
+                signatures = ids[first]
+            else:
+                signatures, which = np.unique(ids, axis=0, return_inverse=True)
+            order = np.argsort(which.ravel(), kind="stable")
+            bounds = np.cumsum(np.bincount(which.ravel(), minlength=len(signatures)))
+            for signature, group in zip(signatures, np.split(order, bounds[:-1])):
+                self.add_group(tuple(names[signature].tolist()), files[group], rows[group])
+
+    def add_group(self, seed_ids, files, rows):
+        """Files with the same trace ids: files (m,) index rows; rows (m, n_traces) their trace-table rows."""
         chosen, err = choose(seed_ids, self.families)
         if err is not None and err.reason == NOT_REQUESTED:
-            self.excluded[err.detail] += 1
+            self.excluded[err.detail] += len(files)
         elif err is not None and err.reason == "fewer than 3 components":
-            self.add_partial(k, seed_ids)
+            for k in files:
+                self.add_partial(k, seed_ids)
         elif err is not None:
-            self.skip(k, err.reason, str(err))
+            for k in files:
+                self.skip(k, err.reason, str(err))
+        elif any(len(positions) > 1 for positions in chosen[2].values()):
+            for k in files:
+                self.add_split_file(k, *chosen)
         else:
             instrument, family, positions = chosen
-            spans = [self.trace_spans(k, positions[c]) for c in COMPONENTS]
-            rate = min(r for component in spans for _, _, r in component)
-            if self.windowed:  # a long gap splits the file: windows on either side of it are used
-                for start, end in common_spans([[(s, e) for s, e, _ in c] for c in spans], MAX_GAP_SECONDS + 1 / rate):
-                    self.rows.append((k, instrument, family, start, end, rate, False, [k]))
-            else:
-                start = max(min(s for s, _, _ in component) for component in spans)
-                end = min(max(e for _, e, _ in component) for component in spans)
-                self.rows.append((k, instrument, family, start, end, rate, True, [k]))
+            picked = rows[:, [positions[c][0] for c in COMPONENTS]]  # (m, 3) rows of E, N, Z
+            start = self.index.trace_start[picked].max(axis=1)
+            end = self.index.trace_end[picked].min(axis=1)
+            if self.windowed:  # windows need common data; a whole-file read reports the files that lack it
+                for k in files[end <= start]:
+                    self.skip(k, "components do not overlap", f"components do not overlap: {instrument}")
+                files, start, end, picked = (
+                    files[end > start],
+                    start[end > start],
+                    end[end > start],
+                    picked[end > start],
+                )
+            rate = self.index.trace_rate[picked].min(axis=1)
+            self.chunks.append((files, instrument, family, start, end, rate, not self.windowed))
+
+    def add_split_file(self, k, instrument, family, positions):
+        """A file with several traces for some component (gaps): its spans of common data."""
+        spans = [self.trace_spans(k, positions[c]) for c in COMPONENTS]
+        rate = min(r for component in spans for _, _, r in component)
+        if self.windowed:  # a long gap splits the file: windows on either side of it are used
+            for start, end in common_spans([[(s, e) for s, e, _ in c] for c in spans], MAX_GAP_SECONDS + 1 / rate):
+                self.rows.append((k, instrument, family, start, end, rate, False, [k]))
+        else:
+            start = max(min(s for s, _, _ in component) for component in spans)
+            end = min(max(e for _, e, _ in component) for component in spans)
+            self.rows.append((k, instrument, family, start, end, rate, True, [k]))
 
     def add_partial(self, k, seed_ids):
         instruments, positions = group_by_instrument(seed_ids)
@@ -195,34 +243,70 @@ class RecordingFinder:
                 )
 
     def recordings(self):
+        """All recordings found, ordered by first file and start."""
         index = self.index
-        rows = sorted(self.rows, key=lambda row: (index.path[row[0]], row[3]))
-        members = [k for row in rows for k in row[7]]
-        counts = np.array([len(row[7]) for row in rows], dtype=np.int64)
-        return Recordings(
-            files=index.path[[row[0] for row in rows]] if rows else np.array([], dtype=str),
-            instrument=np.array([row[1] for row in rows], dtype=str),
-            family=np.array([row[2] for row in rows], dtype=str),
-            start=np.array([row[3] for row in rows], dtype=np.float64),
-            end=np.array([row[4] for row in rows], dtype=np.float64),
-            rate=np.array([row[5] for row in rows], dtype=np.float64),
-            whole_file=np.array([row[6] for row in rows], dtype=bool),
-            member_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            member_paths=index.path[members] if members else np.array([], dtype=str),
-            member_start=np.array([index.trace_start[index.traces(k)].min() for k in members], dtype=np.float64),
-            member_end=np.array([index.trace_end[index.traces(k)].max() for k in members], dtype=np.float64),
-            version=np.array(
-                [(index.size[row[7]].sum(), index.mtime_ns[row[7]].max()) for row in rows], dtype=np.int64
-            ).reshape(-1, 2),
+        chunks = self.chunks + [
+            (np.array([row[0]]), *row[1:7]) for row in self.rows
+        ]  # the one-by-one rows, as chunks of one
+        sizes = [len(chunk[0]) for chunk in chunks]
+        first = np.concatenate([chunk[0] for chunk in chunks] + [np.zeros(0, np.int64)]).astype(np.int64)
+        per_chunk = lambda position, dtype: np.concatenate(  # noqa: E731
+            [np.broadcast_to(np.asarray(chunk[position], dtype=dtype), size) for chunk, size in zip(chunks, sizes)]
+            + [np.zeros(0, dtype)]
         )
+        start, end = per_chunk(3, np.float64), per_chunk(4, np.float64)
+        order = np.lexsort((start, first))
+        # Members in the order of `chunks`: one file each for the array chunks, a list each for the one-by-one rows.
+        one_by_one = np.array([len(row[7]) for row in self.rows], dtype=np.int64)
+        counts = np.concatenate([np.ones(sum(sizes[: len(self.chunks)]), np.int64), one_by_one])
+        flat = np.concatenate(
+            [first[: len(counts) - len(self.rows)], np.array([k for row in self.rows for k in row[7]], dtype=np.int64)]
+        )
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        within = np.arange(counts[order].sum()) - np.repeat(np.cumsum(counts[order]) - counts[order], counts[order])
+        flat = flat.astype(np.int64)[np.repeat(offsets[order], counts[order]) + within]
+        counts = counts[order]
+        file_start, file_end = file_spans(index)
+        by_recording = np.repeat(np.arange(len(counts)), counts)
+        return Recordings(
+            files=index.path[first[order]],
+            instrument=per_chunk(1, str)[order],
+            family=per_chunk(2, str)[order],
+            start=start[order],
+            end=end[order],
+            rate=per_chunk(5, np.float64)[order],
+            whole_file=per_chunk(6, bool)[order],
+            member_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            member_paths=index.path[flat],
+            member_start=file_start[flat],
+            member_end=file_end[flat],
+            version=np.stack(
+                [
+                    np.bincount(by_recording, index.size[flat], minlength=len(counts)).astype(np.int64),
+                    np.maximum.reduceat(index.mtime_ns[flat], np.cumsum(counts) - counts)
+                    if len(flat)
+                    else np.zeros(0, np.int64),
+                ],
+                axis=1,
+            ),
+        )
+
+
+def file_spans(index):
+    """(first sample, last sample) of each file over all its traces, POSIX s; NaN for files without traces."""
+    start, end = np.full(len(index), np.nan), np.full(len(index), np.nan)
+    has = index.n_traces > 0
+    if has.any():
+        start[has] = np.minimum.reduceat(index.trace_start, index.first_trace[has])
+        end[has] = np.maximum.reduceat(index.trace_end, index.first_trace[has])
+    return start, end
 
 
 def find_recordings(index, families, skip, excluded, windowed):
     """Recordings of a FileIndex. skip(file row, reason, message) gets every unusable file; excluded counts the
     families of files left out by `families`."""
     finder = RecordingFinder(index, families, skip, excluded, windowed)
-    for k in range(len(index)):
-        finder.add_file(k)
+    finder.add_files()
     finder.group_partial()
     return finder.recordings()
 
@@ -261,7 +345,8 @@ def sample_groups(split_by, recordings, sample_recording, sample_start, sample_s
         per_recording = recordings.files
     else:
         parts = 2 if split_by == "station" else 1
-        per_recording = np.array([".".join(name.split(".")[:parts]) for name in recordings.instrument], dtype=str)
+        instruments, which = np.unique(recordings.instrument, return_inverse=True)
+        per_recording = np.array([".".join(name.split(".")[:parts]) for name in instruments], dtype=str)[which]
     keys, per_recording_codes = np.unique(per_recording, return_inverse=True)
     return keys, per_recording_codes.astype(np.int64)[sample_recording]
 

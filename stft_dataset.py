@@ -124,7 +124,7 @@ class SeismicSTFTDataset(Dataset):
     def windows(self, recordings):
         """Windows of every recording, counted from the headers; files of recordings too short for one are skipped."""
         counts = window_counts(recordings, self.window_seconds, self.window_stride)
-        with_windows = set(np.concatenate([recordings.members(r) for r in np.flatnonzero(counts)] + [[]]).tolist())
+        with_windows = set(recordings.member_paths[recordings.member_rows(np.flatnonzero(counts))].tolist())
         for r in np.flatnonzero(counts == 0):
             for relpath in recordings.members(r):
                 if relpath not in with_windows:

@@ -450,7 +450,7 @@ def test_second_construction_reads_no_file(real_dir, tmp_path, monkeypatch):
     first = SeismicSTFTDataset(real_dir, index_path=index_path)
     with np.load(index_path) as stored:
         assert stored["version"] == file_index.INDEX_VERSION and len(stored["path"]) == 8
-        assert len(stored["trace_id"]) == 24 and stored["trace_start"].dtype == np.float64
+        assert len(stored["trace_code"]) == 24 and stored["trace_start"].dtype == np.float64
     monkeypatch.setattr(file_index, "header_record", refuse)
     monkeypatch.setattr(file_index, "read_stream", refuse)
     monkeypatch.setattr(obspy, "read", refuse)
