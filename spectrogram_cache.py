@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from storage import atomic_write, write_json_atomic
 from transform import DEAD_RELATIVE_LEVEL, NORMALISATION
@@ -30,6 +29,7 @@ from waveforms import MAX_GAP_SECONDS
 log = logging.getLogger("spectrogram_cache")
 
 WINDOW_KEY = re.compile(r"@\d{4}-\d\d-\d\dT[\d:.]+Z$")  # the start time in a window's key "<path>@<start>"
+SHARD_BATCH = 64  # samples read together while building a shard
 CACHE_VERSION = 2  # raise when read_waveform() or spectrogram() change what they return
 MANIFEST_FIELDS = {
     "path": str,
@@ -78,6 +78,29 @@ def manifest_row(relpath, meta):
         "skip_reason": meta.get("skip_reason", ""),
         "message": meta.get("message", ""),
     }
+
+
+def write_shard(shard_path, shard, dataset, keys, positions):
+    """Spectrograms of dataset[positions] into a new shard file, in order; returns their manifest rows.
+
+    Samples are read SHARD_BATCH at a time (dataset.__getitems__), so the windows of one file are decoded together.
+    """
+    rows = []
+
+    def write(f):
+        offset = 0
+        for begin in range(0, len(positions), SHARD_BATCH):
+            batch = positions[begin : begin + SHARD_BATCH].tolist()
+            for key, (x, meta) in zip(keys[begin : begin + SHARD_BATCH], dataset.__getitems__(batch)):
+                row = manifest_row(key, meta)
+                if x is not None:
+                    f.write(x.numpy().astype(np.float16).tobytes())
+                    row.update(shard=shard, offset=offset, n_time=x.shape[-1])
+                    offset += x.numel()
+                rows.append(row)
+
+    atomic_write(shard_path, write)
+    return rows
 
 
 class SpectrogramCache:
@@ -130,40 +153,34 @@ class SpectrogramCache:
         return empty_manifest()
 
     def extend(self, manifest, dataset, keys, stale, versions, processes):
-        """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
-        # A new number every time: a running process may still read older shards through its own manifest.
+        """Compute the stale samples' spectrograms into new shards, one per process; returns the new manifest."""
+        # New numbers every time: a running process may still read older shards through its own manifest.
         numbers = [int(name[6:-4]) for name in os.listdir(self.folder) if re.fullmatch(r"shard_\d+\.f16", name)]
-        shard = max(numbers, default=-1) + 1
-        shard_path = os.path.join(self.folder, f"shard_{shard}.f16")
-        rows = []
-        atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, keys, stale, processes)))
+        first = max(numbers, default=-1) + 1
+        parts = [part for part in np.array_split(np.array(stale), max(1, min(processes, len(stale)))) if len(part)]
+        jobs = [
+            (os.path.join(self.folder, f"shard_{first + j}.f16"), first + j, dataset, keys[part], part)
+            for j, part in enumerate(parts)
+        ]
+        log.info("caching %d spectrograms with %d processes in %s", len(stale), len(jobs), self.folder)
+        if len(jobs) == 1:
+            rows = write_shard(*jobs[0])
+        else:  # each process writes its own shard: no spectrogram crosses between processes
+            with ProcessPoolExecutor(len(jobs)) as pool:
+                rows = [row for part in pool.map(write_shard, *zip(*jobs)) for row in part]
         fresh = set(keys[stale])
         keep = np.array([path not in fresh for path in manifest["path"]], dtype=bool)
         merged = {
             field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
             for field, dtype in MANIFEST_FIELDS.items()
         }
-        merged["version"] = np.concatenate([manifest["version"][keep], versions[stale]])
+        merged["version"] = np.concatenate([manifest["version"][keep], versions[np.concatenate(parts)]])
         atomic_write(os.path.join(self.folder, "manifest.npz"), lambda f: np.savez(f, **merged))
-        if all(row["shard"] != shard for row in rows):  # every new file was unusable
-            os.remove(shard_path)
+        used = {row["shard"] for row in rows}
+        for shard_path, shard, *_ in jobs:
+            if shard not in used:  # every sample of this part was unusable
+                os.remove(shard_path)
         return merged
-
-    @staticmethod
-    def write_shard(f, shard, dataset, keys, stale, processes):
-        """Spectrograms of dataset[stale] into the open shard file f, in order; returns their manifest rows."""
-        workers = min(processes, len(stale)) if processes > 1 else 0
-        loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=workers)
-        progress = tqdm(loader, desc=f"caching {len(stale)} spectrograms", unit="file", dynamic_ncols=True)
-        rows, offset = [], 0
-        for relpath, (x, meta) in zip(keys[stale], progress):  # the loader keeps the order
-            row = manifest_row(relpath, meta)
-            if x is not None:
-                f.write(x.numpy().astype(np.float16).tobytes())
-                row.update(shard=shard, offset=offset, n_time=x.shape[-1])
-                offset += x.numel()
-            rows.append(row)
-        return rows
 
     def __getstate__(self):
         return {**self.__dict__, "shards": {}}  # a worker maps the shards itself; never pickle mapped data

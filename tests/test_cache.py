@@ -90,13 +90,14 @@ def set_mtime(path, seconds_later):
 
 def test_cached_items_equal_uncached_items_up_to_float16(real_dir, tmp_path, monkeypatch):
     reference = items(SeismicSTFTDataset(real_dir))
-    dataset = cached(real_dir, tmp_path / "cache", processes=2)  # computed by 2 DataLoader workers
+    dataset = cached(real_dir, tmp_path / "cache", processes=2)  # computed by 2 processes, one shard each
     monkeypatch.setattr(stft_dataset, "read_waveform", refuse)
     result = items(dataset)
     assert_same_items(result, reference)
     assert any((x.float() != expected).any() for (x, _), (expected, _) in zip(result, reference))  # rounded
-    assert shards(dataset) == ["shard_0.f16"]
-    assert os.path.getsize(os.path.join(dataset.cache.folder, "shard_0.f16")) == 2 * sum(x.numel() for x, _ in result)
+    assert shards(dataset) == ["shard_0.f16", "shard_1.f16"]
+    sizes = [os.path.getsize(os.path.join(dataset.cache.folder, name)) for name in shards(dataset)]
+    assert sizes == [2 * sum(x.numel() for x, _ in part) for part in (result[:4], result[4:])]
 
 
 def test_reopening_up_to_date_cache_computes_nothing(real_dir, tmp_path, monkeypatch):

@@ -233,3 +233,22 @@ def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_di
     keys, codes = dataset.groups("station")
     assert set(keys[codes[val_indices]]) == set(val_groups) and not set(keys[codes[train_indices]]) & set(val_groups)
     assert len(train_indices) + len(val_indices) == len(dataset) == 8
+
+
+def test_the_cache_stores_windows(sds_root, tmp_path, monkeypatch):
+    root, _ = sds_root
+    settings = {"index_path": str(tmp_path / "i.npz"), "window_seconds": 60, "window_stride": 45}
+    uncached = SeismicSTFTDataset(root, **settings)
+    reference = [uncached[i] for i in range(len(uncached))]
+    cached = SeismicSTFTDataset(root, cache_dir=str(tmp_path / "cache"), processes=2, **settings)
+    monkeypatch.setattr(waveforms, "read_stream", None)  # nothing is read from here on
+    again = SeismicSTFTDataset(root, cache_dir=str(tmp_path / "cache"), processes=2, **settings)
+    assert len(again) == len(reference) == 11
+    for (x, meta), (y, cached_meta) in zip(reference, again):
+        assert y.dtype == torch.float16 and meta == cached_meta
+        np.testing.assert_allclose(y.float().numpy(), x.numpy(), atol=2.5e-4)
+    assert cached.cache.folder == again.cache.folder
+    other = SeismicSTFTDataset(
+        root, index_path=settings["index_path"], window_seconds=30, cache_dir=str(tmp_path / "cache")
+    )
+    assert other.cache.folder != again.cache.folder  # another window length never reads these windows
