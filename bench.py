@@ -3,6 +3,8 @@
     python bench.py                                            # shipped data, 30 s on 2 cores
     python bench.py --make_files 20000 /tmp/bench20k --num_files 2000 --json bench20k.json
                     # first writes 20,000 files cut from the shipped data (those already there are kept)
+    python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
+    python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -104,7 +106,21 @@ def parse_args(argv=None):
         help="also write an SDS archive of STATIONS stations x DAYS days of 1 Hz day files into DIR (those already "
         "there are kept) and measure windows of it (10 365 DIR: 10.5 million windows; default: off)",
     )
+    add(
+        "--link_files",
+        nargs=2,
+        metavar=("N", "DIR"),
+        help="first make N hard links to the shipped files in DIR (1,000 per folder; seconds, not minutes, for "
+        "132k files), then measure on DIR; default: off",
+    )
+    add(
+        "--startup_only",
+        action="store_true",
+        help="measure only the start-up to the first batch, cold and warm (default: every stage)",
+    )
     args = parser.parse_args(argv)
+    if args.link_files and not args.link_files[0].isdigit():
+        parser.error("--link_files N DIR: N must be a whole number")
     if args.make_archive and not all(n.isdigit() for n in args.make_archive[:2]):
         parser.error("--make_archive STATIONS DAYS DIR: STATIONS and DAYS must be whole numbers")
     if args.num_files < 0 or args.batch_size < 1:
@@ -263,6 +279,31 @@ def archive_figures(root):
     }
 
 
+def link_files(n_files, out_dir):
+    """n_files hard links to the shipped files of the default families (folder k // 1000, file NET.STA.<k>.mseed);
+    links already there are kept. Returns how many were made."""
+    sources = [
+        os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES
+    ]
+    made = 0
+    for k in range(n_files):
+        source = sources[k % len(sources)]
+        folder = os.path.join(out_dir, f"{k // FILES_PER_FOLDER:03d}")
+        path = os.path.join(folder, ".".join(os.path.basename(source).split(".")[:2] + [f"{k:06d}", "mseed"]))
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            os.link(source, path)
+            made += 1
+    return made
+
+
+def startup_figures(data_dir):
+    """Start-up to the first batch of a new process: cold (no index) and warm; and the files found."""
+    figures = {"startup_cold_s": startup_seconds(data_dir, cold=True)}
+    figures["startup_warm_s"] = startup_seconds(data_dir, cold=False)
+    return figures
+
+
 def best_rates(stages, rounds=REPEATS):
     """{stage: best samples/s}: `rounds` rounds that each run every stage once, after a warm-up round.
 
@@ -417,8 +458,7 @@ def measure(args):
         "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN),
     }
     figures |= window_rates(args.batch_size)
-    figures["startup_cold_s"] = startup_seconds(args.data_dir, cold=True)
-    figures["startup_warm_s"] = startup_seconds(args.data_dir, cold=False)
+    figures |= startup_figures(args.data_dir)
     figures["cores"] = available_cores()
     return figures
 
@@ -524,10 +564,7 @@ def print_table(f):
         f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
         f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB"
     )
-    print(
-        f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm "
-        f"({f['startup_warm_s'] / WARM_STARTUP_TARGET_S:.2f} x the {WARM_STARTUP_TARGET_S:g} s target)"
-    )
+    print_startup(f)
     if "archive_windows" in f:
         print(
             f"archive: {f['archive_windows']:,} windows of 60 s (stride 30 s) on {f['archive_stations']} stations; "
@@ -542,6 +579,13 @@ def print_table(f):
     )
 
 
+def print_startup(f):
+    print(
+        f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm "
+        f"({f['startup_warm_s'] / WARM_STARTUP_TARGET_S:.2f} x the {WARM_STARTUP_TARGET_S:g} s target)"
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.make_files:
@@ -552,8 +596,15 @@ def main(argv=None):
             f"wrote {written} files to {args.data_dir} in {time.perf_counter() - started:.1f} s "
             f"({n_files - written} already there)"
         )
+    if args.link_files:
+        n_files, args.data_dir = int(args.link_files[0]), args.link_files[1]
+        print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
+    if args.startup_only:
+        figures = startup_figures(args.data_dir)
+        print_startup(figures)
+        return figures
     archive = {}
     if args.make_archive:
         n_stations, n_days, root = int(args.make_archive[0]), int(args.make_archive[1]), args.make_archive[2]
