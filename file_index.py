@@ -80,10 +80,12 @@ def is_waveform_file(name, extensions):
 def find_files(data_dir, extensions=MINISEED_EXTENSIONS):
     """Relative paths (sorted) of files under data_dir (recursive) with a listed extension, or SDS day files."""
     extensions = tuple(e.lower() for e in extensions)
+    top = os.path.join(data_dir, "")
     found = []
     for root, dirs, files in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.relpath(os.path.join(root, f), data_dir) for f in files if is_waveform_file(f, extensions)]
+        prefix = os.path.join(root, "")[len(top) :]  # os.path.relpath costs more than the walk
+        found += [prefix + f for f in files if is_waveform_file(f, extensions)]
     return sorted(found)
 
 
@@ -180,7 +182,8 @@ def build_index(data_dir, extensions=MINISEED_EXTENSIONS, index_path=None, proce
     index_path = index_path or os.path.join(data_dir, INDEX_NAME)
     stored = load_stored_index(index_path)
     relpaths = find_files(data_dir, extensions)
-    stats = [os.stat(os.path.join(data_dir, relpath)) for relpath in relpaths]
+    top = os.path.join(data_dir, "")
+    stats = [os.stat(top + relpath) for relpath in relpaths]
     size = np.array([stat.st_size for stat in stats], dtype=np.int64)
     mtime_ns = np.array([stat.st_mtime_ns for stat in stats], dtype=np.int64)
     if (

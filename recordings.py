@@ -319,11 +319,14 @@ def window_counts(recordings, seconds, stride):
 
 
 def window_samples(recordings, seconds, stride):
-    """(recording of each window int64, start of each window float64 POSIX s), counted from headers alone."""
+    """(recording of each window int32, start of each window float64 POSIX s), counted from headers alone."""
     counts = window_counts(recordings, seconds, stride)
-    recording = np.repeat(np.arange(len(recordings), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    start = recordings.start[recording] + stride * (np.arange(len(recording)) - first)
+    dtype = np.int32 if len(recordings) < 2**31 else np.int64  # 4 bytes a window, not 8
+    recording = np.repeat(np.arange(len(recordings), dtype=dtype), counts)
+    position = np.arange(len(recording)) - np.repeat(
+        np.cumsum(counts) - counts, counts
+    )  # window number in its recording
+    start = np.repeat(recordings.start, counts) + stride * position
     return recording, start
 
 
@@ -348,7 +351,7 @@ def sample_groups(split_by, recordings, sample_recording, sample_start, sample_s
         instruments, which = np.unique(recordings.instrument, return_inverse=True)
         per_recording = np.array([".".join(name.split(".")[:parts]) for name in instruments], dtype=str)[which]
     keys, per_recording_codes = np.unique(per_recording, return_inverse=True)
-    return keys, per_recording_codes.astype(np.int64)[sample_recording]
+    return keys, per_recording_codes.astype(np.int32)[sample_recording]
 
 
 def choose_val_groups(keys, codes, val_split, seed):
