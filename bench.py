@@ -613,7 +613,16 @@ def main(argv=None):
     if args.startup_only:
         figures = startup_figures(args.data_dir)
         print_startup(figures)
-        return figures
+    else:
+        figures = measure_all(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    return figures
+
+
+def measure_all(args):
+    """Every stage on args.data_dir (and the generated archive of --make_archive); prints the table."""
     archive = {}
     if args.make_archive:
         n_stations, n_days, root = int(args.make_archive[0]), int(args.make_archive[1]), args.make_archive[2]
@@ -623,9 +632,6 @@ def main(argv=None):
         archive = archive_figures(root)
     figures = measure(args) | archive
     print_table(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
     return figures
 
 
