@@ -107,12 +107,12 @@ class SeismicSTFTDataset(Dataset):
         """One sample per recording; recordings longer than MAX_RECORDING_SECONDS are skipped."""
         too_long = recordings.end - recordings.start > MAX_RECORDING_SECONDS
         for r in np.flatnonzero(too_long):
-            hours = (recordings.end[r] - recordings.start[r]) / 3600
+            seconds = recordings.end[r] - recordings.start[r]
             for relpath in recordings.members(r):
                 self.skip(
                     relpath,
                     "too long without --window_seconds",
-                    f"too long without --window_seconds: {recordings.instrument[r]}: {hours:.1f} h > "
+                    f"too long without --window_seconds: {recordings.instrument[r]}: {seconds:.0f} s > "
                     f"{MAX_RECORDING_SECONDS:.0f} s; "
                     "cut it into samples with --window_seconds (and --window_stride)",
                 )
