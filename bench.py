@@ -3,6 +3,8 @@
     python bench.py                                            # shipped data, 30 s on 2 cores
     python bench.py --make_files 20000 /tmp/bench20k --num_files 2000 --json bench20k.json
                     # first writes 20,000 files cut from the shipped data (those already there are kept)
+    python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
+    python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -15,7 +17,14 @@ the DataLoader workers; ratios compare figures of the same run only.
   bare_step   model forward + backward + Adam step on ready batches; train_loop: train.py's train_epoch on them
   pipeline    train_epoch fed by the cached DataLoader (what an epoch with --cache_dir costs)
   embed       embed.py's encode_batch on the same ready batches (embedding, reconstruction MSE, baseline MSE)
-  startup     a new Python process, launch to first batch: cold (no index) and warm (index stored)
+  startup     a new Python process, launch to first batch: cold (no index) and warm (index stored); against
+              the 2 s target for a warm start
+  cache build files/s of building --cache_dir, against cores x limit (target 0.7)
+  windows     the shipped recordings joined back to back per instrument and written as an SDS archive (one
+              file per channel and day), read as 90 s windows every 90 s through the DataLoader (0 workers),
+              in order and shuffled, against the same 90 s read as whole files ("DataLoader, 0 workers")
+With --make_archive, also: a generated SDS archive of 1 Hz day files (LHE/LHN/LHZ, constant samples: only the
+headers matter here) counted as 60 s windows every 30 s: windows, start-up cold and warm, memory.
 """
 
 import contextlib
@@ -38,10 +47,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from embedding import encode_batch
-from file_index import DEFAULT_DATA_DIR, available_cores
+from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
 from model import ConvAutoencoder, masked_mse
 from runtime import loader_options, mixed_precision, model_input, resolve_device, script_parser
-from stft_dataset import SeismicSTFTDataset, SkipLog
+from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from training import train_epoch
 from transform import STFTConfig, spectrogram
 from waveforms import DEFAULT_FAMILIES, read_miniseed
@@ -52,14 +61,31 @@ FILES_PER_FOLDER = 1000
 WORKER_COUNTS = (0, 1, 2)
 REPEATS = 3  # measured passes per stage; the best one is reported
 STEP_BATCHES = 10  # batches in the training-step stages
+WARM_STARTUP_TARGET_S = 2.0  # a warm start of a 132k-file archive, launch to first batch
 FIRST_BATCH = """
 import sys, time
 from torch.utils.data import DataLoader
 from stft_dataset import SeismicSTFTDataset, pad_collate
+imported = time.process_time()
 dataset = SeismicSTFTDataset(sys.argv[1])
+indexed = time.process_time()
 next(iter(DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, collate_fn=pad_collate)))
-print(time.time(), len(dataset))
+print(time.time(), len(dataset), imported, indexed - imported)
 """
+
+
+FIRST_WINDOWS = """
+import resource, sys, time
+from stft_dataset import SeismicSTFTDataset
+imported = time.process_time()
+dataset = SeismicSTFTDataset(sys.argv[1], families=("LH",), window_seconds=60, window_stride=30)
+keys, codes = dataset.groups("station")
+cpu = time.process_time() - imported
+arrays = dataset.sample_recording.nbytes + dataset.sample_start.nbytes + codes.nbytes
+print(time.time(), len(dataset), len(keys), arrays, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cpu)
+"""
+ARCHIVE_START = obspy.UTCDateTime("2020-01-01")
+SDS_DAY = 86400
 
 
 def parse_args(argv=None):
@@ -79,7 +105,30 @@ def parse_args(argv=None):
         "from the shipped recordings into DIR (files already "
         "there are kept), then measure on DIR",
     )
+    add(
+        "--make_archive",
+        nargs=3,
+        metavar=("STATIONS", "DAYS", "DIR"),
+        help="also write an SDS archive of STATIONS stations x DAYS days of 1 Hz day files into DIR (those already "
+        "there are kept) and measure windows of it (10 365 DIR: 10.5 million windows; default: off)",
+    )
+    add(
+        "--link_files",
+        nargs=2,
+        metavar=("N", "DIR"),
+        help="first make N hard links to the shipped files in DIR (1,000 per folder; seconds, not minutes, for "
+        "132k files), then measure on DIR; default: off",
+    )
+    add(
+        "--startup_only",
+        action="store_true",
+        help="measure only the start-up to the first batch, cold and warm (default: every stage)",
+    )
     args = parser.parse_args(argv)
+    if args.link_files and not args.link_files[0].isdigit():
+        parser.error("--link_files N DIR: N must be a whole number")
+    if args.make_archive and not all(n.isdigit() for n in args.make_archive[:2]):
+        parser.error("--make_archive STATIONS DAYS DIR: STATIONS and DAYS must be whole numbers")
     if args.num_files < 0 or args.batch_size < 1:
         parser.error("--num_files must be >= 0 and --batch_size >= 1")
     if args.make_files and not args.make_files[0].isdigit():
@@ -121,6 +170,148 @@ def write_folder(chunk):
         stream.slice(begin, begin + WINDOW_SECONDS).write(path, format="MSEED")
         written += 1
     return written
+
+
+def make_archive(n_stations, n_days, out_dir, processes=None):
+    """SDS archive of n_stations x n_days x 3 day files at 1 Hz (XX.S000..LHZ.D.2020.001, ...); returns files
+    written."""
+    tasks = [(out_dir, station, day) for station in range(n_stations) for day in range(n_days)]
+    with ProcessPoolExecutor(processes or available_cores()) as pool:
+        return sum(pool.map(write_archive_day, tasks, chunksize=64))
+
+
+def write_archive_day(task):
+    out_dir, station, day = task
+    header = {"network": "XX", "station": f"S{station:03d}", "sampling_rate": 1.0}
+    trace = obspy.Trace(np.zeros(SDS_DAY, dtype=np.int32), header=header | {"starttime": ARCHIVE_START + SDS_DAY * day})
+    written = 0
+    for component in "ENZ":
+        trace.stats.channel = f"LH{component}"
+        written += write_sds(obspy.Stream([trace]), out_dir, keep=True)
+    return written
+
+
+def joined_recording(paths, seconds_each=90):
+    """One 3-component stream (E, N, Z) of the files `paths` of one instrument at 100 Hz, back to back from the
+    first file's start: a continuous recording of real samples."""
+    streams = [obspy.read(path, format="MSEED") for path in paths]
+    n_samples = int(seconds_each * 100)
+    joined = obspy.Stream()
+    for component in "ENZ":
+        traces = [stream.select(component=component)[0] for stream in streams]
+        header = traces[0].stats.copy()
+        header.npts = len(traces) * n_samples
+        joined.append(obspy.Trace(np.concatenate([t.data[:n_samples] for t in traces]).astype(np.int32), header))
+    return joined
+
+
+def write_sds(stream, root, keep=False):
+    """Each trace as day files in SDS layout (YEAR/NET/STA/CHAN.D/NET.STA.LOC.CHAN.D.YEAR.DAY), cut at midnight.
+    Returns the number of files written (keep: files already there are kept)."""
+    written = 0
+    for trace in stream:
+        day = obspy.UTCDateTime(trace.stats.starttime.date)
+        while day < trace.stats.endtime:
+            part = trace.slice(day, day + SDS_DAY - trace.stats.delta)
+            s = part.stats
+            folder = os.path.join(root, str(day.year), s.network, s.station, f"{s.channel}.D")
+            path = os.path.join(
+                folder, f"{s.network}.{s.station}.{s.location}.{s.channel}.D.{day.year}.{day.julday:03d}"
+            )
+            if not (keep and os.path.exists(path)):
+                os.makedirs(folder, exist_ok=True)
+                part.write(path, format="MSEED", reclen=512)
+                written += 1
+            day += SDS_DAY
+    return written
+
+
+def shipped_as_sds(root):
+    """The shipped files of the default families joined back to back per instrument, as an SDS archive in root."""
+    by_instrument = {}
+    for name in sorted(os.listdir(SHIPPED)):
+        network, station, family = name.split(".")[:3]
+        if family in DEFAULT_FAMILIES:
+            by_instrument.setdefault((network, station, family), []).append(os.path.join(SHIPPED, name))
+    for paths in by_instrument.values():
+        write_sds(joined_recording(paths), root)
+
+
+def window_rates(batch_size):
+    """Samples/s of 90 s windows of the shipped recordings as SDS day files: in order and shuffled, 0 workers."""
+    root = tempfile.mkdtemp(prefix="bench_sds_")
+    try:
+        shipped_as_sds(root)
+        with contextlib.redirect_stderr(io.StringIO()):
+            windows = SeismicSTFTDataset(root, window_seconds=90, window_stride=90)
+        shuffled = torch.Generator().manual_seed(0)
+        rates = best_rates(
+            {
+                "in order": passing(loader(windows, batch_size, 0)),
+                "shuffled": passing(
+                    DataLoader(windows, batch_size, shuffle=True, generator=shuffled, collate_fn=pad_collate)
+                ),
+            }
+        )
+        return {"windows": len(windows), "windows_in_order": rates["in order"], "windows_shuffled": rates["shuffled"]}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def archive_figures(root):
+    """Windows of a generated archive: count, start-up of a new process cold (no index) and warm, memory."""
+    figures = {}
+    for state in ("cold", "warm"):
+        index = os.path.join(root, INDEX_NAME)
+        if state == "cold" and os.path.exists(index):
+            os.remove(index)
+        launched = time.time()
+        result = subprocess.run(
+            [sys.executable, "-c", FIRST_WINDOWS, root],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=True,
+        )
+        done, n_windows, n_stations, array_bytes, peak_kb, cpu = result.stdout.split()
+        figures |= {
+            f"archive_startup_{state}_s": float(done) - launched,
+            f"archive_peak_rss_{state}_mb": int(peak_kb) / 1024,
+            f"archive_dataset_{state}_cpu_s": float(cpu),
+        }
+    return figures | {
+        "archive_windows": int(n_windows),
+        "archive_stations": int(n_stations),
+        "archive_window_array_mb": int(array_bytes) / 2**20,
+    }
+
+
+def link_files(n_files, out_dir):
+    """n_files hard links to the shipped files of the default families (folder k // 1000, file NET.STA.<k>.mseed);
+    links already there are kept. Returns how many were made."""
+    sources = [
+        os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES
+    ]
+    made = 0
+    for k in range(n_files):
+        source = sources[k % len(sources)]
+        folder = os.path.join(out_dir, f"{k // FILES_PER_FOLDER:03d}")
+        path = os.path.join(folder, ".".join(os.path.basename(source).split(".")[:2] + [f"{k:06d}", "mseed"]))
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            os.link(source, path)
+            made += 1
+    return made
+
+
+def startup_figures(data_dir):
+    """Start-up to the first batch of a new process: cold (no index) and warm; and the files found."""
+    figures = {}
+    for state in ("cold", "warm"):
+        wall, import_cpu, dataset_cpu = startup_seconds(data_dir, cold=state == "cold")
+        figures |= {f"startup_{state}_s": wall, f"startup_{state}_import_cpu_s": import_cpu}
+        figures[f"startup_{state}_dataset_cpu_s"] = dataset_cpu
+    return figures
 
 
 def best_rates(stages, rounds=REPEATS):
@@ -206,9 +397,10 @@ def synchronize(device):
 
 
 def startup_seconds(data_dir, cold):
-    """Launch of a new Python process to its first batch (index and DataLoader as train.py uses them)."""
+    """Launch of a new Python process to its first batch (index and DataLoader as train.py uses them):
+    (wall seconds, CPU seconds of the imports, CPU seconds of building the dataset from the index)."""
     if cold:
-        with_index = os.path.join(data_dir, ".stft_index.json")
+        with_index = os.path.join(data_dir, INDEX_NAME)
         if os.path.exists(with_index):
             os.remove(with_index)
     launched = time.time()
@@ -219,7 +411,8 @@ def startup_seconds(data_dir, cold):
         cwd=os.path.dirname(os.path.abspath(__file__)),
         check=True,
     )
-    return float(result.stdout.split()[0]) - launched
+    done, _, import_cpu, dataset_cpu = result.stdout.split()
+    return float(done) - launched, float(import_cpu), float(dataset_cpu)
 
 
 def current_rss_mb():
@@ -285,8 +478,9 @@ def measure(args):
         "main": peak_rss_mb(resource.RUSAGE_SELF),
         "largest_worker": peak_rss_mb(resource.RUSAGE_CHILDREN),
     }
-    figures["startup_cold_s"] = startup_seconds(args.data_dir, cold=True)
-    figures["startup_warm_s"] = startup_seconds(args.data_dir, cold=False)
+    figures |= window_rates(args.batch_size)
+    figures |= startup_figures(args.data_dir)
+    figures["cores"] = available_cores()
     return figures
 
 
@@ -364,6 +558,22 @@ def print_table(f):
             f"{f['embed'] / f['bare_step']:.2f} x bare step",
         ),
     ]
+    rows.insert(
+        len(rows) - 3,
+        (
+            "90 s windows of SDS day files, in order",
+            f["windows_in_order"],
+            f"{f['windows_in_order'] / f['loader']['0']:.2f} x whole files",
+        ),
+    )
+    rows.insert(
+        len(rows) - 3,
+        (
+            "90 s windows of SDS day files, shuffled",
+            f["windows_shuffled"],
+            f"{f['windows_shuffled'] / f['loader']['0']:.2f} x whole files",
+        ),
+    )
     print(
         f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
         f"amp {f['amp']}, batch {f['batch_size']}"
@@ -371,14 +581,37 @@ def print_table(f):
     print(f"{'stage':50s} {'samples/s':>10s}  ratio")
     for name, value, ratio in rows:
         print(f"{name:50s} {value:10.1f}  {ratio}")
+    build_rate = f["usable_files_in_dir"] / f["cache_build_s"]
+    print(
+        f"cache build: {build_rate:.0f} files/s = {build_rate / (f['cores'] * limit):.2f} x "
+        f"({f['cores']} cores x limit); target 0.7"
+    )
     print(
         f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
         f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB"
     )
-    print(f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm")
+    print_startup(f)
+    if "archive_windows" in f:
+        print(
+            f"archive: {f['archive_windows']:,} windows of 60 s (stride 30 s) on {f['archive_stations']} stations; "
+            f"new process to split windows: {f['archive_startup_cold_s']:.2f} s cold, "
+            f"{f['archive_startup_warm_s']:.2f} s warm; peak RSS {f['archive_peak_rss_cold_mb']:.0f} MB cold, "
+            f"{f['archive_peak_rss_warm_mb']:.0f} MB warm; CPU s of the dataset {f['archive_dataset_cold_cpu_s']:.2f} "
+            f"cold, {f['archive_dataset_warm_cpu_s']:.2f} warm; "
+            f"window arrays {f['archive_window_array_mb']:.0f} MB"
+        )
     print(
         f"peak RSS: main process {f['peak_rss_mb']['main']:.0f} MB, "
         f"largest worker {f['peak_rss_mb']['largest_worker']:.0f} MB"
+    )
+
+
+def print_startup(f):
+    print(
+        f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm "
+        f"({f['startup_warm_s'] / WARM_STARTUP_TARGET_S:.2f} x the {WARM_STARTUP_TARGET_S:g} s target); CPU s of "
+        f"the imports {f['startup_warm_import_cpu_s']:.2f}, of the dataset from the index "
+        f"{f['startup_warm_dataset_cpu_s']:.2f} warm, {f['startup_cold_dataset_cpu_s']:.2f} cold"
     )
 
 
@@ -392,13 +625,33 @@ def main(argv=None):
             f"wrote {written} files to {args.data_dir} in {time.perf_counter() - started:.1f} s "
             f"({n_files - written} already there)"
         )
+    if args.link_files:
+        n_files, args.data_dir = int(args.link_files[0]), args.link_files[1]
+        print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
-    figures = measure(args)
-    print_table(figures)
+    if args.startup_only:
+        figures = startup_figures(args.data_dir)
+        print_startup(figures)
+    else:
+        figures = measure_all(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
+    return figures
+
+
+def measure_all(args):
+    """Every stage on args.data_dir (and the generated archive of --make_archive); prints the table."""
+    archive = {}
+    if args.make_archive:
+        n_stations, n_days, root = int(args.make_archive[0]), int(args.make_archive[1]), args.make_archive[2]
+        started = time.perf_counter()
+        written = make_archive(n_stations, n_days, root)
+        print(f"wrote {written} day files to {root} in {time.perf_counter() - started:.1f} s")
+        archive = archive_figures(root)
+    figures = measure(args) | archive
+    print_table(figures)
     return figures
 
 

@@ -6,6 +6,8 @@ torch.load(weights_only=True):
   model_config, stft_config                     ModelConfig and STFTConfig as dicts
   args                                          train.py's resolved flags (data_dir, channels, extensions, ...)
   run_name, val_files                           the run and its validation files (relative to data_dir)
+  val_groups                                    what args["split_by"] put on the validation side (files, "NET.STA",
+                                                "NET" or UTC day numbers); absent in runs of before --split_by
   epoch, global_step, best_val_loss, best_epoch, history   where the run stands (after its last whole epoch)
   in_epoch                                      None, or where a save in the middle of an epoch stood: the epoch,
                                                 its batches done, their error sums and rank 0's step losses
@@ -40,10 +42,10 @@ def new_run_state():
 RUN_STATE_KEYS = tuple(new_run_state())
 
 
-def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_files):
+def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_files, val_groups=None):
     """The checkpoint of a run: its state (RUN_STATE_KEYS), weights, optimizer and the settings to rebuild it.
 
-    args: train.py's flags as a dict (vars(args)); val_files: relative paths.
+    args: train.py's flags as a dict (vars(args)); val_files: relative paths; val_groups: the validation groups.
     """
     return {
         **state,
@@ -55,6 +57,7 @@ def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_f
         "args": args,
         "run_name": run_name,
         "val_files": val_files,
+        "val_groups": val_files if val_groups is None else val_groups,
     }
 
 
@@ -99,13 +102,18 @@ def model_from_checkpoint(checkpoint, device="cpu"):
 
 
 def data_settings(checkpoint):
-    """What a script needs to read data as the run did: data_dir, families, extensions, stft (STFTConfig)."""
+    """What a script needs to read data as the run did: data_dir, families, extensions, stft (STFTConfig),
+    window_seconds, window_stride (None: one sample per file), split_by and val_groups (its validation side)."""
     args = checkpoint["args"]
     return {
         "data_dir": args["data_dir"],
         "families": args["channels"],
         "extensions": args["extensions"],
         "stft": STFTConfig(**checkpoint["stft_config"]),
+        "window_seconds": args.get("window_seconds"),
+        "window_stride": args.get("window_stride"),
+        "split_by": args.get("split_by", "file"),  # runs of before --split_by split by file
+        "val_groups": checkpoint.get("val_groups", checkpoint.get("val_files")),
     }
 
 

@@ -21,6 +21,7 @@ from batching import LengthBatchSampler, reconstruct
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from figures import plot_reconstruction
 from model import masked_errors
+from recordings import in_groups, window_problems
 from runtime import RunError, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
@@ -47,6 +48,16 @@ def parse_args(argv=None):
     add("--output_dir", default="inference_results", help="where PNG files and metrics.json go")
     add("--batch_size", type=int, default=16, help="spectrograms per forward pass")
     add("--seed", type=int, default=0, help="seed of the random choice of files")
+    add(
+        "--window_seconds",
+        type=float,
+        help="evaluate windows of this many seconds (default: the checkpoint's; none there: one sample per file)",
+    )
+    add(
+        "--window_stride",
+        type=float,
+        help="seconds between window starts (default: the checkpoint's, else --window_seconds)",
+    )
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     args = parser.parse_args(argv)
     for name in ("num_samples", "num_plots"):
@@ -58,14 +69,17 @@ def parse_args(argv=None):
 
 
 def choose_files(dataset, checkpoint, args):
-    """Positions in `dataset` of the files to evaluate."""
+    """Positions in `dataset` of the samples (files or windows) to evaluate."""
     if args.split == "val":
-        position = {f: i for i, f in enumerate(dataset.files)}
-        candidates = [position[f] for f in checkpoint["val_files"] if f in position]
-        if len(candidates) < len(checkpoint["val_files"]):
+        settings = data_settings(checkpoint)
+        keys, codes = dataset.groups(settings["split_by"])
+        candidates = np.flatnonzero(in_groups(keys, codes, settings["val_groups"])).tolist()
+        present = set(dataset.files.tolist())
+        gone = [f for f in checkpoint["val_files"] if f not in present]
+        if gone:
             log.warning(
                 "%d of the run's %d validation files are not usable in %s",
-                len(checkpoint["val_files"]) - len(candidates),
+                len(gone),
                 len(checkpoint["val_files"]),
                 dataset.data_dir,
             )
@@ -174,7 +188,20 @@ def evaluate_checkpoint(args):
     settings = data_settings(checkpoint)
     data_dir, stft, families = args.data_dir or settings["data_dir"], settings["stft"], settings["families"]
     skips = SkipLog()
-    dataset = SeismicSTFTDataset(data_dir, families, stft, settings["extensions"], skips=skips)
+    window_seconds = args.window_seconds or settings["window_seconds"]
+    window_stride = args.window_stride or (settings["window_stride"] if not args.window_seconds else None)
+    problems = window_problems(window_seconds, window_stride, stft)
+    if problems:
+        raise RunError("; ".join(problems))
+    dataset = SeismicSTFTDataset(
+        data_dir,
+        families,
+        stft,
+        settings["extensions"],
+        skips=skips,
+        window_seconds=window_seconds,
+        window_stride=window_stride,
+    )
     positions = choose_files(dataset, checkpoint, args)
     if not positions:
         raise RunError(f"no usable files of families {' '.join(families)} for --split {args.split} in {data_dir}")

@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from storage import atomic_write, write_json_atomic
 from transform import DEAD_RELATIVE_LEVEL, NORMALISATION
@@ -29,7 +28,9 @@ from waveforms import MAX_GAP_SECONDS
 
 log = logging.getLogger("spectrogram_cache")
 
-CACHE_VERSION = 1  # raise when read_waveform() or spectrogram() change what they return
+WINDOW_KEY = re.compile(r"@\d{4}-\d\d-\d\dT[\d:.]+Z$")  # the start time in a window's key "<path>@<start>"
+SHARD_BATCH = 64  # samples read together while building a shard
+CACHE_VERSION = 2  # raise when read_waveform() or spectrogram() change what they return
 MANIFEST_FIELDS = {
     "path": str,
     "shard": np.int32,
@@ -50,6 +51,7 @@ def cache_key(dataset):
         "data_dir": os.path.abspath(dataset.data_dir),
         "families": sorted(dataset.families),
         "stft": asdict(dataset.stft),
+        "window_seconds": dataset.window_seconds,
         "max_gap_seconds": MAX_GAP_SECONDS,
         "dead_relative_level": DEAD_RELATIVE_LEVEL,
         "normalisation": NORMALISATION,
@@ -78,13 +80,39 @@ def manifest_row(relpath, meta):
     }
 
 
+def write_shard(shard_path, shard, dataset, keys, positions):
+    """Spectrograms of dataset[positions] into a new shard file, in order; returns their manifest rows.
+
+    Samples are read SHARD_BATCH at a time (dataset.__getitems__), so the windows of one file are decoded together.
+    """
+    rows = []
+
+    def write(f):
+        offset = 0
+        for begin in range(0, len(positions), SHARD_BATCH):
+            batch = positions[begin : begin + SHARD_BATCH].tolist()
+            for key, (x, meta) in zip(keys[begin : begin + SHARD_BATCH], dataset.__getitems__(batch)):
+                row = manifest_row(key, meta)
+                if x is not None:
+                    f.write(x.numpy().astype(np.float16).tobytes())
+                    row.update(shard=shard, offset=offset, n_time=x.shape[-1])
+                    offset += x.numel()
+                rows.append(row)
+
+    atomic_write(shard_path, write)
+    return rows
+
+
 class SpectrogramCache:
     """A dataset's spectrograms, computed once and then read through numpy memmaps (see the module docstring).
 
-    `versions`: (n_files, 2) int64 size and mtime_ns of the dataset's files, to tell changed files.
+    Rows are keyed by dataset.sample_key (a file's relative path, "<path>@<start>" for a window); the
+    size and mtime_ns of each sample's files tell changed files.
     """
 
-    def __init__(self, cache_dir, dataset, versions, processes):
+    def __init__(self, cache_dir, dataset, processes):
+        keys = np.array([dataset.sample_key(i) for i in range(len(dataset))], dtype=str)
+        versions = dataset.recordings.version[dataset.sample_recording]
         key, settings = cache_key(dataset)
         self.folder = os.path.join(cache_dir, key)
         self.data_dir, self.n_freq = dataset.data_dir, dataset.stft.n_freq
@@ -93,12 +121,12 @@ class SpectrogramCache:
             if not os.path.exists(os.path.join(self.folder, "settings.json")):  # for people: what the key stands for
                 write_json_atomic(os.path.join(self.folder, "settings.json"), settings)
             manifest = self.without_damaged_shards(self.load_manifest())
-            stale = self.stale_files(manifest, dataset.files, versions)
+            stale = self.stale_files(manifest, keys, versions)
             if stale:
-                manifest = self.extend(manifest, dataset, stale, versions, processes)
+                manifest = self.extend(manifest, dataset, keys, stale, versions, processes)
         self.manifest = manifest
         row_of = {path: row for row, path in enumerate(manifest["path"])}
-        self.rows = np.array([row_of[path] for path in dataset.files], dtype=np.int64)  # dataset index -> row
+        self.rows = np.array([row_of[key] for key in keys], dtype=np.int64)  # dataset index -> row
         self.shards = {}  # shard number -> memmap, opened lazily in each process
 
     @staticmethod
@@ -140,41 +168,35 @@ class SpectrogramCache:
         keep = ~np.isin(manifest["shard"], damaged)
         return {field: values[keep] for field, values in manifest.items()}
 
-    def extend(self, manifest, dataset, stale, versions, processes):
-        """Compute the stale files' spectrograms into a new shard; returns the new manifest."""
-        # A new number every time: a running process may still read older shards through its own manifest.
+    def extend(self, manifest, dataset, keys, stale, versions, processes):
+        """Compute the stale samples' spectrograms into new shards, one per process; returns the new manifest."""
+        # New numbers every time: a running process may still read older shards through its own manifest.
         numbers = [int(name[6:-4]) for name in os.listdir(self.folder) if re.fullmatch(r"shard_\d+\.f16", name)]
-        shard = max(numbers, default=-1) + 1
-        shard_path = os.path.join(self.folder, f"shard_{shard}.f16")
-        rows = []
-        atomic_write(shard_path, lambda f: rows.extend(self.write_shard(f, shard, dataset, stale, processes)))
-        fresh = set(dataset.files[stale])
+        first = max(numbers, default=-1) + 1
+        parts = [part for part in np.array_split(np.array(stale), max(1, min(processes, len(stale)))) if len(part)]
+        jobs = [
+            (os.path.join(self.folder, f"shard_{first + j}.f16"), first + j, dataset, keys[part], part)
+            for j, part in enumerate(parts)
+        ]
+        log.info("caching %d spectrograms with %d processes in %s", len(stale), len(jobs), self.folder)
+        if len(jobs) == 1:
+            rows = write_shard(*jobs[0])
+        else:  # each process writes its own shard: no spectrogram crosses between processes
+            with ProcessPoolExecutor(len(jobs)) as pool:
+                rows = [row for part in pool.map(write_shard, *zip(*jobs)) for row in part]
+        fresh = set(keys[stale])
         keep = np.array([path not in fresh for path in manifest["path"]], dtype=bool)
         merged = {
             field: np.concatenate([manifest[field][keep], np.array([row[field] for row in rows], dtype=dtype)])
             for field, dtype in MANIFEST_FIELDS.items()
         }
-        merged["version"] = np.concatenate([manifest["version"][keep], versions[stale]])
+        merged["version"] = np.concatenate([manifest["version"][keep], versions[np.concatenate(parts)]])
         atomic_write(os.path.join(self.folder, "manifest.npz"), lambda f: np.savez(f, **merged))
-        if all(row["shard"] != shard for row in rows):  # every new file was unusable
-            os.remove(shard_path)
+        used = {row["shard"] for row in rows}
+        for shard_path, shard, *_ in jobs:
+            if shard not in used:  # every sample of this part was unusable
+                os.remove(shard_path)
         return merged
-
-    @staticmethod
-    def write_shard(f, shard, dataset, stale, processes):
-        """Spectrograms of dataset[stale] into the open shard file f, in order; returns their manifest rows."""
-        workers = min(processes, len(stale)) if processes > 1 else 0
-        loader = DataLoader(Subset(dataset, stale), batch_size=None, num_workers=workers)
-        progress = tqdm(loader, desc=f"caching {len(stale)} spectrograms", unit="file", dynamic_ncols=True)
-        rows, offset = [], 0
-        for relpath, (x, meta) in zip(dataset.files[stale], progress):  # the loader keeps the order
-            row = manifest_row(relpath, meta)
-            if x is not None:
-                f.write(x.numpy().astype(np.float16).tobytes())
-                row.update(shard=shard, offset=offset, n_time=x.shape[-1])
-                offset += x.numel()
-            rows.append(row)
-        return rows
 
     def __getstate__(self):
         return {**self.__dict__, "shards": {}}  # a worker maps the shards itself; never pickle mapped data
@@ -184,9 +206,13 @@ class SpectrogramCache:
         None when its shard has been cut short since the start (the dataset then reads the file)."""
         row = self.rows[i]
         m = self.manifest
-        path = os.path.join(self.data_dir, str(m["path"][row]))
+        key = str(m["path"][row])
         if m["skip_reason"][row]:
-            return None, {"path": path, "skip_reason": str(m["skip_reason"][row]), "message": str(m["message"][row])}
+            return None, {
+                "path": os.path.join(self.data_dir, key),
+                "skip_reason": str(m["skip_reason"][row]),
+                "message": str(m["message"][row]),
+            }
         shard, offset, n_time = int(m["shard"][row]), int(m["offset"][row]), int(m["n_time"][row])
         if shard not in self.shards:
             self.shards[shard] = np.memmap(os.path.join(self.folder, f"shard_{shard}.f16"), dtype=np.float16, mode="r")
@@ -195,7 +221,7 @@ class SpectrogramCache:
             return None
         values = values.reshape(3, self.n_freq, n_time)
         meta = {
-            "path": path,
+            "path": os.path.join(self.data_dir, WINDOW_KEY.sub("", key)),
             "trace_id": str(m["trace_id"][row]),
             "family": str(m["family"][row]),
             "starttime": str(m["starttime"][row]),

@@ -12,19 +12,14 @@ from collections import Counter
 
 import numpy as np
 import torch
+from obspy import UTCDateTime
 from torch.utils.data import Dataset
 
 from file_index import available_cores, build_index
+from recordings import MAX_RECORDING_SECONDS, find_recordings, sample_groups, window_counts, window_samples
 from spectrogram_cache import SpectrogramCache
 from transform import STFTConfig, spectrogram
-from waveforms import (
-    DEFAULT_FAMILIES,
-    MINISEED_EXTENSIONS,
-    NOT_REQUESTED,
-    UnusableFile,
-    choose_components,
-    read_waveform,
-)
+from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
 
 log = logging.getLogger("stft_dataset")
 
@@ -57,17 +52,21 @@ class SkipLog:
 
 
 class SeismicSTFTDataset(Dataset):
-    """3-component miniSEED event files -> (spectrogram (3, n_freq, n_time), metadata).
+    """3-component miniSEED recordings -> (spectrogram (3, n_freq, n_time), metadata), one sample per file or window.
 
     The spectrogram is float32, or float16 when read from the cache (runtime.model_input converts on the device).
 
-    Files are found recursively under `data_dir`; an index of their headers is kept so that a
-    restart does not re-read them. Files whose traces hold no requested family are left out
-    (counted in `excluded`); files that are unusable by their headers are recorded in `skips`.
-    `__getitem__` returns (None, metadata with "skip_reason") for a file that fails on a full
-    read (NaN samples, long gaps, ...), which `pad_collate` drops and reports.
-    With `cache_dir`, spectrograms are computed once with `processes` workers (default: all
-    cores) and then read from a `SpectrogramCache`.
+    Files are found recursively under `data_dir`; an index of their headers is kept so that a restart does
+    not re-read them. Event files that hold E, N and Z are one recording each; files that hold one or two
+    components (SDS day files, per-channel trees) are grouped into recordings (see recordings.py). Without
+    `window_seconds` a sample is a whole recording, and a recording longer than MAX_RECORDING_SECONDS is
+    skipped; with it, a sample is a window of `window_seconds` every `window_stride` seconds (numpy arrays
+    `sample_recording` and `sample_start`, counted from the headers). Files whose traces hold no requested
+    family are left out (counted in `excluded`); files unusable by their headers are recorded in `skips`.
+    `__getitem__` returns (None, metadata with "skip_reason") for a sample that fails on a full read (NaN
+    samples, long gaps, a dead stretch of a window, ...), which `pad_collate` drops and reports.
+    With `cache_dir`, spectrograms are computed once with `processes` workers (default: all cores) and then
+    read from a `SpectrogramCache`.
     """
 
     def __init__(
@@ -80,55 +79,127 @@ class SeismicSTFTDataset(Dataset):
         skips=None,
         cache_dir=None,
         processes=None,
+        window_seconds=None,
+        window_stride=None,
     ):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory not found: {data_dir}")
         self.data_dir, self.families, self.stft = data_dir, tuple(families), stft
+        self.window_seconds = window_seconds
+        self.window_stride = window_stride or window_seconds
         self.skips = skips if skips is not None else SkipLog()
         self.excluded = Counter()  # families found -> files left out by the channel filter
-        usable = self.usable_files(build_index(data_dir, extensions, index_path, processes))
-        # One numpy array, not a list of str: DataLoader workers would copy every object they touch.
-        self.files = np.array([relpath for relpath, _, _ in usable], dtype=str)
-        self.n_samples = np.array([n for _, _, n in usable], dtype=np.int64)  # common samples at stft.sampling_rate
+        index = build_index(data_dir, extensions, index_path, processes)
+        recordings = find_recordings(
+            index, self.families, lambda k, *why: self.skip(index.path[k], *why), self.excluded, window_seconds
+        )
+        self.recordings = self.windows(recordings) if window_seconds else self.whole(recordings)
+        # numpy arrays, not lists of str: DataLoader workers would copy every object they touch.
+        self.files = self.recordings.files  # per recording; without windows also per sample
         self.cache = None
         if cache_dir is not None:
-            versions = np.array([version for _, version, _ in usable], dtype=np.int64).reshape(-1, 2)
-            self.cache = SpectrogramCache(cache_dir, self, versions, processes or available_cores())
+            self.cache = SpectrogramCache(cache_dir, self, processes or available_cores())
 
-    def usable_files(self, index):
-        """[(relative path, (size, mtime_ns), samples)] of the indexed files with a requested 3-component instrument."""
-        usable = []
-        for relpath, record in index.items():
-            path = os.path.join(self.data_dir, relpath)
-            if "error" in record:
-                self.skips.add(path, *record["error"])
-                continue
-            try:
-                _, _, picks = choose_components(record["seed_ids"], self.families)
-            except UnusableFile as err:
-                if err.reason == NOT_REQUESTED:
-                    self.excluded[err.detail] += 1
-                else:
-                    self.skips.add(path, err.reason, str(err))
-                continue
-            n_samples = common_samples(record["spans"], picks, self.stft.sampling_rate)
-            usable.append((relpath, (record["size"], record["mtime_ns"]), n_samples))
-        return usable
+    def skip(self, relpath, reason, message):
+        self.skips.add(os.path.join(self.data_dir, relpath), reason, message)
 
-    def time_bins(self):
-        """(N,) time bins of each file's spectrogram, known from the headers before any file is read (batching.py
-        groups files of one length by it). Estimated: gaps and resampling can shift it by a bin, which
-        batching.length_groups absorbs."""
-        return np.array([self.stft.n_time(int(n)) for n in self.n_samples], dtype=np.int64)
+    def whole(self, recordings):
+        """One sample per recording; recordings longer than MAX_RECORDING_SECONDS are skipped."""
+        too_long = recordings.end - recordings.start > MAX_RECORDING_SECONDS
+        for r in np.flatnonzero(too_long):
+            seconds = recordings.end[r] - recordings.start[r]
+            for relpath in recordings.members(r):
+                self.skip(
+                    relpath,
+                    "too long without --window_seconds",
+                    f"too long without --window_seconds: {recordings.instrument[r]}: {seconds:.0f} s > "
+                    f"{MAX_RECORDING_SECONDS:.0f} s; "
+                    "cut it into samples with --window_seconds (and --window_stride)",
+                )
+        recordings = recordings.take(~too_long)
+        self.sample_recording = np.arange(len(recordings), dtype=np.int64)
+        self.sample_start = recordings.start
+        return recordings
+
+    def windows(self, recordings):
+        """Windows of every recording, counted from the headers; files of recordings too short for one are skipped."""
+        counts = window_counts(recordings, self.window_seconds, self.window_stride)
+        with_windows = set(recordings.member_paths[recordings.member_rows(np.flatnonzero(counts))].tolist())
+        for r in np.flatnonzero(counts == 0):
+            for relpath in recordings.members(r):
+                if relpath not in with_windows:
+                    seconds = recordings.end[r] - recordings.start[r] + 1 / recordings.rate[r]
+                    self.skip(
+                        relpath,
+                        "shorter than --window_seconds",
+                        f"shorter than --window_seconds: {recordings.instrument[r]}: {seconds:.1f} s of common data "
+                        f"< {self.window_seconds:g} s",
+                    )
+        recordings = recordings.take(counts > 0)
+        self.sample_recording, self.sample_start = window_samples(recordings, self.window_seconds, self.window_stride)
+        return recordings
 
     def __len__(self):
-        return len(self.files)
+        return len(self.sample_recording)
+
+    def sample_seconds(self, i):
+        """Length of sample i in seconds (from the headers)."""
+        if self.window_seconds:
+            return self.window_seconds
+        r = self.sample_recording[i]
+        return self.recordings.end[r] - self.recordings.start[r] + 1 / self.recordings.rate[r]
+
+    def time_bins(self):
+        """(N,) STFT time bins of every sample, from the headers before any file is read (batching.py groups samples
+        of one length by it). Exact for windows and for recordings at the target sampling rate; for resampled ones
+        within a bin, which batching.length_groups absorbs."""
+        if self.window_seconds:
+            return np.full(len(self), self.stft.n_time_bins(round(self.window_seconds * self.stft.sampling_rate)))
+        rec, rate = self.recordings, self.stft.sampling_rate
+        n_native = np.round((rec.end - rec.start) * rec.rate).astype(np.int64) + 1
+        n_samples = np.where(np.isclose(rec.rate, rate), n_native, (n_native * rate / rec.rate).astype(np.int64))
+        return self.stft.n_time_bins(n_samples)[self.sample_recording]
+
+    def groups(self, split_by):
+        """(group keys, group code of every sample) for --split_by file, station, network or time (sample_groups)."""
+        if self.window_seconds:
+            seconds = self.window_seconds
+        else:
+            rec = self.recordings
+            seconds = (rec.end - rec.start + 1 / rec.rate)[self.sample_recording]
+        return sample_groups(split_by, self.recordings, self.sample_recording, self.sample_start, seconds)
+
+    def sample_key(self, i):
+        """What names sample i in the cache: the file's relative path, with the start time for a window."""
+        r = self.sample_recording[i]
+        if self.recordings.whole_file[r]:
+            return str(self.files[r])
+        return f"{self.files[r]}@{obspy_time(self.sample_start[i])}"
 
     def __getitem__(self, i):
-        item = self.cache.item(i) if self.cache is not None else None
-        if item is not None:
-            return item
-        path = os.path.join(self.data_dir, self.files[i])
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        """Samples `indices` (a batch): from the cache, or read, the files of one recording decoded once for all of its
+        windows."""
+        samples = {}
+        if self.cache is not None:  # an item whose shard was cut short since the start is read from its file
+            samples = {i: item for i in indices if (item := self.cache.item(i)) is not None}
+        by_recording = {}
+        for i in indices:
+            if i in samples:
+                continue
+            r = int(self.sample_recording[i])
+            if self.recordings.whole_file[r]:
+                samples[i] = self.whole_file_sample(r)
+            else:
+                by_recording.setdefault(r, []).append(i)
+        for r, windows in by_recording.items():
+            samples.update(zip(windows, self.window_samples(r, windows)))
+        return [samples[i] for i in indices]
+
+    def whole_file_sample(self, r):
+        path = os.path.join(self.data_dir, self.files[r])
         try:
             waveform, meta = read_waveform(path, self.families, self.stft)
         except UnusableFile as err:
@@ -137,15 +208,32 @@ class SeismicSTFTDataset(Dataset):
             return None, {"path": path, "skip_reason": "unexpected error", "message": f"{type(err).__name__}: {err}"}
         return torch.from_numpy(spectrogram(waveform, self.stft)), {"path": path, **meta}
 
+    def window_samples(self, r, windows):
+        """Samples of the windows (dataset indices) of recording r, its files read once for all of them."""
+        starts = [float(self.sample_start[i]) for i in windows]
+        seconds = self.sample_seconds(windows[0])
+        paths = [os.path.join(self.data_dir, m) for m in self.recordings.members(r, min(starts), max(starts) + seconds)]
+        path = os.path.join(self.data_dir, self.files[r])
+        instrument = str(self.recordings.instrument[r])
+        try:
+            waveforms = read_windows(paths, instrument, starts, seconds, self.stft)
+        except Exception as err:  # one odd file must not end a run
+            waveforms = [UnusableFile("unexpected error", f"{type(err).__name__}: {err}")] * len(starts)
+        samples = []
+        for start, waveform in zip(starts, waveforms):
+            meta = {"path": path, "trace_id": instrument, "family": str(self.recordings.family[r])}
+            meta["starttime"] = obspy_time(start)
+            if isinstance(waveform, UnusableFile):
+                where = f"{path}@{meta['starttime']}" if self.window_seconds else path
+                samples.append((None, {"path": where, "skip_reason": waveform.reason, "message": str(waveform)}))
+            else:
+                samples.append((torch.from_numpy(spectrogram(waveform, self.stft)), meta))
+        return samples
 
-def common_samples(spans, picks, sampling_rate):
-    """Samples at `sampling_rate` of the span that the chosen components share, from the header spans.
 
-    spans: [(start, end, sampling rate)] per trace (file_index); picks: {component: [trace positions]}.
-    """
-    starts = [min(spans[i][0] for i in positions) for positions in picks.values()]
-    ends = [max(spans[i][1] for i in positions) for positions in picks.values()]
-    return max(0, int(round((min(ends) - max(starts)) * sampling_rate)) + 1)
+def obspy_time(seconds):
+    """POSIX seconds -> ISO 8601 as obspy writes it (the format of every sample's "starttime")."""
+    return str(UTCDateTime(float(seconds)))
 
 
 def pad_collate(samples):

@@ -36,6 +36,7 @@ from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, s
 from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder
 from preemption import Preempted, SkipFirst, StepCheck, StopSignals
+from recordings import SPLITS, choose_val_groups, in_groups, window_problems
 from runtime import (
     RunError,
     epoch_seed,
@@ -78,9 +79,11 @@ SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
     *("lr_schedule", "crop_bins", "weight_decay"),
+    *("window_seconds", "window_stride", "split_by"),
 )
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
-BEFORE_FLAG = {"lr_schedule": "constant", "crop_bins": [0, 0], "weight_decay": 0.0}
+BEFORE_FLAG = {"lr_schedule": "constant", "crop_bins": [0, 0], "weight_decay": 0.0, "split_by": "file"}
+SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
 
 
 def parse_args(argv=None):
@@ -110,7 +113,22 @@ def parse_args(argv=None):
         help="training batches only: random time windows of MIN to MAX bins, normalised again (0 0: no cropping)",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
-    add("--val_split", type=float, default=0.2, help="fraction of files held out for validation")
+    add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
+    add(
+        "--split_by",
+        choices=SPLITS,
+        default=SPLIT_BY,
+        help=f"what the validation split keeps on one side (default {SPLIT_BY}): 'file' (every window of a file), "
+        "'station' (every file and window of a station), 'network', or 'time' (whole UTC days; samples that "
+        "cross midnight into a day of the other side are used on neither)",
+    )
+    add(
+        "--window_seconds",
+        type=float,
+        help="cut every recording into windows of this many seconds, one sample each (default: off, one "
+        "sample per file; files over 600 s are then skipped)",
+    )
+    add("--window_stride", type=float, help="seconds from one window's start to the next (default: --window_seconds)")
     add("--seed", type=int, default=42, help="seed of the split, the initial weights and the shuffling")
     add("--nperseg", type=int, default=256, help="STFT window length in samples at 100 Hz")
     add("--noverlap", type=int, default=192, help="STFT window overlap in samples")
@@ -174,7 +192,7 @@ def argument_problems(args):
     ]
     problems = [f"--{name} must be {rule}" for name, ok, rule in rules if not ok]
     try:
-        stft_config(args)
+        problems += window_problems(args.window_seconds, args.window_stride, stft_config(args))
     except ValueError as err:
         problems.append(str(err))
     return problems
@@ -198,11 +216,30 @@ def resume_settings(parser, args, checkpoint):
 
 
 def split_files(files, val_split, seed):
-    """Reproducible train/validation split of relative paths: (train, val), both sorted."""
-    order = np.random.default_rng(seed).permutation(len(files))
-    n_val = min(max(1, round(len(files) * val_split)), len(files) - 1)
-    val = {files[i] for i in order[:n_val]}
+    """Reproducible train/validation split of relative paths: (train, val), both sorted (--split_by file)."""
+    keys = np.array(sorted(files), dtype=str)
+    val = set(choose_val_groups(keys, np.arange(len(keys)), val_split, seed))
     return [f for f in files if f not in val], sorted(val)
+
+
+def split_samples(dataset, args, checkpoint):
+    """(train indices, validation indices, validation groups) of the dataset for --split_by.
+
+    A new run draws the groups (recordings.choose_val_groups); a resumed one keeps its checkpoint's, and
+    samples of groups added since go to training.
+    """
+    keys, codes = dataset.groups(args.split_by)
+    if checkpoint:
+        val_groups = checkpoint.get("val_groups", checkpoint["val_files"])
+    else:
+        val_groups = choose_val_groups(keys, codes, args.val_split, args.seed)
+        if val_groups is None:
+            raise RunError(
+                f"--split_by {args.split_by}: {args.data_dir} has fewer than 2 {args.split_by} groups with usable "
+                "samples; need one to train, one to validate (try --split_by file)"
+            )
+    is_val = in_groups(keys, codes, val_groups)
+    return np.flatnonzero(~is_val & (codes >= 0)), np.flatnonzero(is_val), val_groups
 
 
 def new_run_name(checkpoint_dir):
@@ -219,47 +256,63 @@ def load_dataset(args, stft, skips):
         dist.barrier()
     try:
         dataset = SeismicSTFTDataset(
-            args.data_dir, args.channels, stft, args.extensions, skips=skips, cache_dir=args.cache_dir
+            args.data_dir,
+            args.channels,
+            stft,
+            args.extensions,
+            skips=skips,
+            cache_dir=args.cache_dir,
+            window_seconds=args.window_seconds,
+            window_stride=args.window_stride,
         )
     except OSError as err:  # a missing --data_dir; a --cache_dir that cannot be written (full, read-only)
         raise RunError(str(err)) from None
     if dist.is_initialized() and is_rank_zero():
         dist.barrier()
+    if len(dataset) == 0 and skips.counts().get("shorter than --window_seconds"):
+        raise RunError(
+            f"--window_seconds {args.window_seconds:g} is longer than every usable recording in {args.data_dir} "
+            "(see the warnings above)"
+        )
     if len(dataset) < 2:
         raise RunError(
-            f"{len(dataset)} usable files of families {' '.join(args.channels)} in {args.data_dir}; "
+            f"{len(dataset)} usable {'windows' if args.window_seconds else 'files'} of families "
+            f"{' '.join(args.channels)} in {args.data_dir} (skipped files: {skips.describe()}); "
             "need at least 2 (one to train, one to validate)"
         )
     return dataset
 
 
-def plan_run(args, checkpoint, files):
-    """Run name, run folder and split: new, or the checkpoint's (files added since then go to training)."""
+def plan_run(args, checkpoint, dataset):
+    """Run name, run folder and split: new, or the checkpoint's (groups added since then go to training).
+
+    Returns run name, run folder, train and validation sample indices, validation files, validation groups.
+    """
     if checkpoint:
         run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
-        val_files = checkpoint["val_files"]
-        held_out = set(val_files)
-        train_files = [f for f in files if f not in held_out]
     else:
         run_name = from_rank_zero(new_run_name(args.checkpoint_dir) if is_rank_zero() else None)
         run_dir = os.path.join(args.checkpoint_dir, run_name)
-        train_files, val_files = split_files(files, args.val_split, args.seed)
+    train_indices, val_indices, val_groups = split_samples(dataset, args, checkpoint)
+    val_files = set(dataset.files[dataset.sample_recording[val_indices]].tolist())
+    if checkpoint:
+        val_files |= set(checkpoint["val_files"])  # files gone since stay on record
+    val_files = sorted(val_files)
     if is_rank_zero():
         os.makedirs(run_dir, exist_ok=True)
         text = "".join(name + "\n" for name in val_files)
         atomic_write(os.path.join(run_dir, "val_files.txt"), lambda f: f.write(text.encode()))
-    return run_name, run_dir, train_files, val_files
+    return run_name, run_dir, train_indices, val_indices, val_files, val_groups
 
 
-def build_loaders(dataset, train_files, val_files, args, device):
+def build_loaders(dataset, train_indices, val_indices, val_files, args, device):
     """(train loader, validation loader, train sampler): this process's share of each, in index arrays."""
     rank, world_size = rank_and_world_size()
-    position = {f: i for i, f in enumerate(dataset.files)}
-    missing = [f for f in val_files if f not in position]
+    present = set(dataset.files.tolist())
+    missing = [f for f in val_files if f not in present]
     if missing:
         log.warning("%d validation files of this run are no longer in %s", len(missing), args.data_dir)
-    train_set = Subset(dataset, np.array([position[f] for f in train_files], dtype=np.int64))
-    val_indices = np.array([position[f] for f in val_files if f in position], dtype=np.int64)
+    train_set = Subset(dataset, train_indices)
     # Each validation file exactly once over all processes (DistributedSampler would repeat files to even out).
     val_set = Subset(dataset, val_indices[rank::world_size])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -283,6 +336,7 @@ class Run:
     run_dir: str
     log_dir: str
     val_files: list  # relative paths; stored in every checkpoint
+    val_groups: list  # what --split_by keeps on the validation side (files, stations, networks, days)
     train_loader: DataLoader
     val_loader: DataLoader
     sampler: DistributedSampler
@@ -303,8 +357,8 @@ def prepare(args, checkpoint, device):
     rank, world_size = rank_and_world_size()
     stft, skips = stft_config(args), SkipLog()
     dataset = load_dataset(args, stft, skips)
-    run_name, run_dir, train_files, val_files = plan_run(args, checkpoint, dataset.files.tolist())
-    train_loader, val_loader, sampler = build_loaders(dataset, train_files, val_files, args, device)
+    run_name, run_dir, train_indices, val_indices, val_files, val_groups = plan_run(args, checkpoint, dataset)
+    train_loader, val_loader, sampler = build_loaders(dataset, train_indices, val_indices, val_files, args, device)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
@@ -320,13 +374,13 @@ def prepare(args, checkpoint, device):
     purge_step = state["global_step"] + 1 if checkpoint else None
     writer = SummaryWriter(log_dir, purge_step=purge_step) if rank == 0 else None
 
-    config = run_config(args, run_name, stft, model, device, amp, dataset, train_files, val_files)
+    config = run_config(args, run_name, stft, model, device, amp, dataset, train_indices, val_indices)
     log.info(
-        "run %s: %d train / %d validation files, device %s x %d, %d parameters, amp %s",
-        *(run_name, len(train_files), len(val_files), device, world_size, config["num_parameters"], amp),
+        "run %s: %d train / %d validation samples (split by %s), device %s x %d, %d parameters, amp %s",
+        *(run_name, len(train_indices), len(val_indices), args.split_by, device, world_size),
+        *(config["num_parameters"], amp),
     )
-    first_val_files = np.flatnonzero(np.isin(dataset.files, val_files))[:NUM_IMAGES]
-    image_batch = pad_collate([dataset[i] for i in first_val_files]) if rank == 0 else None
+    image_batch = pad_collate([dataset[i] for i in val_indices[:NUM_IMAGES]]) if rank == 0 else None
     return Run(
         args=args,
         device=device,
@@ -337,6 +391,7 @@ def prepare(args, checkpoint, device):
         run_dir=run_dir,
         log_dir=log_dir,
         val_files=val_files,
+        val_groups=val_groups,
         train_loader=train_loader,
         val_loader=val_loader,
         sampler=sampler,
@@ -353,9 +408,12 @@ def prepare(args, checkpoint, device):
     )
 
 
-def run_config(args, run_name, stft, model, device, amp, dataset, train_files, val_files):
-    """What config.json records: every setting, the dataset's sizes and the package versions."""
-    sizes = {"usable_files": len(dataset), "train_files": len(train_files), "val_files": len(val_files)}
+def run_config(args, run_name, stft, model, device, amp, dataset, train_indices, val_indices):
+    """What config.json records: every setting, the dataset's sizes and the package versions.
+
+    usable_files, train_files, val_files count samples (files, or windows with --window_seconds).
+    """
+    sizes = {"usable_files": len(dataset), "train_files": len(train_indices), "val_files": len(val_indices)}
     return {
         "run_name": run_name,
         "args": vars(args),
@@ -550,7 +608,15 @@ def save(run, epoch, improved):
     """config.json, skipped_files.json, then the epoch's checkpoints (rank 0)."""
     write_run_record(run)
     checkpoint = checkpoint_dict(
-        run.state, run.model, run.optimizer, run.scaler, run.stft, vars(run.args), run.name, run.val_files
+        run.state,
+        run.model,
+        run.optimizer,
+        run.scaler,
+        run.stft,
+        vars(run.args),
+        run.name,
+        run.val_files,
+        run.val_groups,
     )
     save_epoch_checkpoints(checkpoint, run.run_dir, epoch, improved, run.args.save_every, run.args.keep_checkpoints)
     run.writer.flush()

@@ -36,8 +36,9 @@ class STFTConfig:
     def n_freq(self):
         return self.nfft // 2 + 1
 
-    def n_time(self, n_samples):
-        """Time bins of the spectrogram of `n_samples` samples (scipy.signal.stft's zero boundary and padding)."""
+    def n_time_bins(self, n_samples):
+        """Time bins scipy.signal.stft gives for `n_samples` samples (an int or an integer array) with its defaults:
+        nperseg // 2 zeros at each end, then zero padding to whole segments."""
         hop = self.nperseg - self.noverlap
         return -(-(n_samples + 2 * (self.nperseg // 2) - self.nperseg) // hop) + 1
 

@@ -22,6 +22,8 @@ MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
 FILE_GONE = "file missing or unreadable"  # removed, moved or locked after the index listed it
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
+# A window with a component constant this long (a dead channel, zeros filled in by a datalogger) is skipped.
+DEAD_STRETCH_SECONDS = 10.0
 
 
 class UnusableFile(Exception):
@@ -45,12 +47,16 @@ def miniseed_reader():
 read_miniseed = miniseed_reader()
 
 
-def read_stream(path, headonly=False):
-    """Read a file as miniSEED; a read error or a libmseed warning (damaged record) is UnusableFile."""
+def read_stream(path, headonly=False, starttime=None, endtime=None):
+    """Read a file as miniSEED; a read error or a libmseed warning (damaged record) is UnusableFile.
+
+    starttime, endtime (UTCDateTime): decode only the records that overlap them (libmseed's selection), so a
+    window of a day file costs the window's records, not the day's; an empty selection is then no error.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            stream = read_miniseed(path, headonly=headonly)
+            stream = read_miniseed(path, headonly=headonly, starttime=starttime, endtime=endtime)
         except (FileNotFoundError, PermissionError) as err:  # e.g. removed or moved while a run goes on
             raise UnusableFile(FILE_GONE, f"{type(err).__name__}: {err.strerror}") from None
         except Exception as err:  # obspy raises many types for broken input
@@ -58,7 +64,7 @@ def read_stream(path, headonly=False):
             raise UnusableFile(reason, f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
     if caught:
         raise UnusableFile("damaged or truncated miniSEED", str(caught[0].message).splitlines()[0])
-    if len(stream) == 0:
+    if len(stream) == 0 and starttime is None:
         raise UnusableFile("no traces")
     return stream
 
@@ -156,3 +162,95 @@ def read_waveform(path, families, stft):
         raise UnusableFile("too short for one STFT window", f"{n_samples} common samples < nperseg={stft.nperseg}")
     waveform = np.stack([trace.data[:n_samples] for trace in traces])
     return waveform, {"trace_id": instrument, "family": family, "starttime": str(start)}
+
+
+def longest_run(flags):
+    """Length of the longest run of True in a 1-d bool array."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return int(((edges == -1).nonzero()[0] - (edges == 1).nonzero()[0]).max(initial=0))
+
+
+def merged_span(traces, name):
+    """Traces of one component -> one float64 trace; gaps left masked (each window judges its own)."""
+    stream = obspy.Stream([trace.copy() for trace in traces])
+    for trace in stream:
+        if trace.stats.sampling_rate <= 0:
+            raise UnusableFile("invalid sampling rate", f"{name}: {trace.stats.sampling_rate} Hz")
+        trace.data = trace.data.astype(np.float64)
+    if len(stream) > 1:
+        try:
+            stream.merge(method=1, fill_value=None)  # overlaps resolved, gaps masked
+        except Exception as err:  # e.g. differing sampling rates within one channel
+            raise UnusableFile("unmergeable traces", f"{name}: {err}") from None
+    return stream[0]
+
+
+def cut_window(trace, start, seconds, name, sampling_rate):
+    """`seconds` s of a merged trace from `start` (POSIX s) -> float64 samples at `sampling_rate`.
+
+    Gaps up to MAX_GAP_SECONDS are interpolated; a longer gap, missing data or NaN samples raise UnusableFile.
+    """
+    rate = trace.stats.sampling_rate
+    first = int(round((start - trace.stats.starttime.timestamp) * rate))
+    n_native = int(round(seconds * rate))
+    if first < 0 or first + n_native > trace.stats.npts:
+        raise UnusableFile("gap too long", f"{name}: no data over part of the window")
+    data = trace.data[first : first + n_native]
+    missing = np.ma.getmaskarray(data)
+    data = np.ma.getdata(data)
+    if missing.any():
+        if longest_run(missing) > MAX_GAP_SECONDS * rate:
+            gap = longest_run(missing) / rate
+            raise UnusableFile("gap too long", f"{name}: {gap:.2f} s gap (limit {MAX_GAP_SECONDS} s)")
+        positions = np.arange(len(data))
+        data = np.interp(positions, positions[~missing], data[~missing])
+    if not np.all(np.isfinite(data)):
+        raise UnusableFile("NaN or infinite samples", name)
+    if not np.isclose(rate, sampling_rate):
+        data = obspy.Trace(data.copy(), header={"sampling_rate": rate}).resample(sampling_rate).data
+    n_samples = int(round(seconds * sampling_rate))
+    if len(data) < n_samples:
+        raise UnusableFile("gap too long", f"{name}: {len(data)} of {n_samples} samples after resampling")
+    return data[:n_samples]
+
+
+def read_windows(paths, instrument, starts, seconds, stft):
+    """Windows of one instrument's E, N, Z: `seconds` s from each of `starts` (POSIX s), from the files `paths`.
+
+    Each file is decoded once, for the records that the windows need, whatever the number of windows;
+    windows may cross from one file to the next (midnight in an SDS archive). Returns one entry per
+    start: a (3, round(seconds * sampling_rate)) float64 waveform in E, N, Z order, or the UnusableFile
+    that keeps that window out (a gap, NaN samples, a dead stretch); the other windows are still given.
+    """
+    try:
+        stream = obspy.Stream()
+        selection = {
+            "starttime": obspy.UTCDateTime(min(starts) - 1),
+            "endtime": obspy.UTCDateTime(max(starts) + seconds + 1),
+        }
+        for path in paths:
+            stream += read_stream(path, **selection)
+        prefix = instrument[:-1]  # "NET.STA.LOC.HH"
+        picked = [trace for trace in stream if trace.id.startswith(prefix)]
+        _, _, positions = choose_components([trace.id for trace in picked], (prefix.split(".")[3],))
+        traces = [merged_span([picked[i] for i in positions[c]], prefix + c) for c in COMPONENTS]
+    except UnusableFile as err:
+        return [err] * len(starts)
+    return [window_of(traces, start, seconds, prefix, stft) for start in starts]
+
+
+def window_of(traces, start, seconds, prefix, stft):
+    """(3, n) waveform of one window of merged E, N, Z traces, or the UnusableFile that keeps it out."""
+    try:
+        waveform = np.stack(
+            [cut_window(trace, start, seconds, prefix + c, stft.sampling_rate) for trace, c in zip(traces, COMPONENTS)]
+        )
+    except UnusableFile as err:
+        return err
+    limit = min(DEAD_STRETCH_SECONDS * stft.sampling_rate, waveform.shape[1]) - 1  # equal neighbours in a row
+    dead = [c for c, component in zip(COMPONENTS, waveform) if longest_run(np.diff(component) == 0) >= limit]
+    if dead:
+        return UnusableFile(
+            "dead stretch", f"{prefix}{'/'.join(dead)}: constant for {DEAD_STRETCH_SECONDS:g} s or more in the window"
+        )
+    return waveform

@@ -41,7 +41,7 @@ def trained_like_model():
 def test_time_bins_of_a_sample_count_equal_scipy(nperseg, noverlap):
     stft = STFTConfig(nperseg=nperseg, noverlap=noverlap, nfft=256)
     for n_samples in (nperseg, nperseg + 1, 1000, 1001, 3000, 7001, 9001):
-        assert stft.n_time(n_samples) == scipy_n_time(n_samples, nperseg, noverlap, 256)
+        assert stft.n_time_bins(n_samples) == scipy_n_time(n_samples, nperseg, noverlap, 256)
 
 
 def test_time_bins_from_headers_equal_the_spectrograms(real_dir, mixed_dir, tmp_path):

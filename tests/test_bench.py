@@ -21,14 +21,19 @@ def test_make_files_writes_real_70_s_windows_the_dataset_reads(tmp_path):
 
 def test_bench_reports_every_stage_as_json(real_dir, tmp_path, capsys):
     path = tmp_path / "bench.json"
-    figures = bench.main(["--data_dir", real_dir, "--batch_size", "4", "--json", str(path)])
+    archive = ["--make_archive", "2", "2", str(tmp_path / "archive")]
+    figures = bench.main(["--data_dir", real_dir, "--batch_size", "4", "--json", str(path), *archive])
     with open(path) as f:
         assert json.load(f) == json.loads(json.dumps(figures))
-    for key in ("limit", "cached", "bare_step", "train_loop", "embed", "startup_cold_s", "startup_warm_s"):
+    keys = ("limit", "cached", "bare_step", "train_loop", "embed", "startup_cold_s", "startup_warm_s")
+    for key in (*keys, "windows_in_order", "windows_shuffled", "archive_startup_cold_s", "archive_startup_warm_s"):
         assert figures[key] > 0, key
     assert set(figures["loader"]) == {"0", "1", "2"} and min(figures["loader"].values()) > 0
     assert figures["num_files"] == 8 and figures["peak_rss_mb"]["main"] > 0 and "cores" in figures["machine"]
-    assert "cached DataLoader, 2 workers" in capsys.readouterr().out
+    assert figures["archive_windows"] == 2 * ((2 * 86400 - 60) // 30 + 1) and figures["archive_stations"] == 2
+    assert figures["windows"] == 163  # every shipped 90 s file of the default families, as one window each
+    out = capsys.readouterr().out
+    assert "cached DataLoader, 2 workers" in out and "90 s windows of SDS day files, shuffled" in out
 
 
 def test_directory_without_usable_files_is_a_clear_error(tmp_path):
@@ -51,3 +56,21 @@ def test_bad_flags_are_parse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_make_archive_writes_sds_day_files_that_join_across_midnight(tmp_path):
+    root = str(tmp_path / "archive")
+    assert bench.make_archive(2, 3, root, processes=2) == 2 * 3 * 3
+    assert bench.make_archive(2, 3, root, processes=2) == 0  # kept
+    dataset = SeismicSTFTDataset(root, families=("LH",), window_seconds=60, window_stride=30)
+    assert len(dataset.recordings) == 2 and not dataset.skips.files  # one recording per station over 3 days
+    assert len(dataset) == 2 * ((3 * 86400 - 60) // 30 + 1)
+
+
+def test_link_files_and_startup_only(tmp_path, capsys):
+    figures = bench.main(["--link_files", "300", str(tmp_path / "links"), "--startup_only"])
+    assert {"startup_cold_s", "startup_warm_s", "startup_warm_dataset_cpu_s"} <= set(figures)
+    assert min(figures.values()) > 0
+    assert len(SeismicSTFTDataset(str(tmp_path / "links"))) == 300
+    assert bench.link_files(300, str(tmp_path / "links")) == 0  # kept
+    assert "s warm" in capsys.readouterr().out

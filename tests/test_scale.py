@@ -40,6 +40,8 @@ def torchrun(probe_dir, *argv):
         str(PROCESSES),
         os.path.join("tests", "ddp_probe.py"),
         *argv,
+        "--split_by",  # these tests count validation files
+        "file",
         "--num_workers",
         "0",
         "--device",

@@ -4,7 +4,6 @@ Broken files are built in tmp_path from the real shipped recordings (obspy read 
 or taken from obspy's own test data; only the unit tests of `spectrogram` use synthetic signals.
 """
 
-import json
 import os
 import shutil
 from collections import Counter
@@ -447,11 +446,11 @@ def refuse(*args, **kwargs):
 
 
 def test_second_construction_reads_no_file(real_dir, tmp_path, monkeypatch):
-    index_path = str(tmp_path / "index.json")
+    index_path = str(tmp_path / "index.npz")
     first = SeismicSTFTDataset(real_dir, index_path=index_path)
-    with open(index_path) as f:
-        stored = json.load(f)
-    assert stored["version"] == file_index.INDEX_VERSION and len(stored["files"]) == 8
+    with np.load(index_path) as stored:
+        assert stored["version"] == file_index.INDEX_VERSION and len(stored["path"]) == 8
+        assert len(stored["trace_code"]) == 24 and stored["trace_start"].dtype == np.float64
     monkeypatch.setattr(file_index, "header_record", refuse)
     monkeypatch.setattr(file_index, "read_stream", refuse)
     monkeypatch.setattr(obspy, "read", refuse)
@@ -467,7 +466,7 @@ def count_header_reads(monkeypatch):
 
 
 def test_modified_and_new_files_are_read_again(real_dir, tmp_path, monkeypatch):
-    index_path = str(tmp_path / "index.json")
+    index_path = str(tmp_path / "index.npz")
     SeismicSTFTDataset(real_dir, index_path=index_path)
     touched, replaced = (os.path.join(real_dir, name) for name in sorted(os.listdir(real_dir))[:2])
     os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))  # same bytes, new mtime
@@ -483,7 +482,7 @@ def test_modified_and_new_files_are_read_again(real_dir, tmp_path, monkeypatch):
 
 def test_default_index_lives_in_data_dir_and_is_not_data(real_dir):
     SeismicSTFTDataset(real_dir)
-    assert os.path.exists(os.path.join(real_dir, ".stft_index.json"))
+    assert os.path.exists(os.path.join(real_dir, ".stft_index.npz"))
     assert len(SeismicSTFTDataset(real_dir)) == 8
 
 
@@ -501,11 +500,13 @@ def test_unwritable_index_path_does_not_crash(real_dir, tmp_path, caplog, where)
 
 
 def test_corrupt_index_is_ignored(real_dir, tmp_path, caplog):
-    index_path = tmp_path / "index.json"
-    index_path.write_bytes(b'{"version": 1, "files": {"AZ.KNW')  # e.g. a disk that filled up
+    index_path = tmp_path / "index.npz"
+    SeismicSTFTDataset(real_dir, index_path=str(index_path))
+    index_path.write_bytes(index_path.read_bytes()[:3000])  # e.g. a disk that filled up
     assert len(SeismicSTFTDataset(real_dir, index_path=str(index_path))) == 8
     assert "ignoring unreadable index" in caplog.text
-    assert len(json.loads(index_path.read_text())["files"]) == 8
+    with np.load(index_path) as stored:
+        assert len(stored["path"]) == 8
 
 
 @pytest.mark.parametrize("content", ["[]", '{"version": 1, "files": []}'])
@@ -518,20 +519,29 @@ def test_index_with_foreign_json_layout_is_ignored(real_dir, tmp_path, content):
 
 
 def test_index_from_other_version_is_rebuilt(real_dir, tmp_path, monkeypatch):
-    index_path = tmp_path / "index.json"
-    index_path.write_text(json.dumps({"version": file_index.INDEX_VERSION + 1, "files": {}}))
+    index_path = tmp_path / "index.npz"
+    SeismicSTFTDataset(real_dir, index_path=str(index_path))
+    with np.load(index_path) as stored:
+        columns = dict(stored)
+    np.savez(index_path.open("wb"), **(columns | {"version": file_index.INDEX_VERSION + 1}))
     read = count_header_reads(monkeypatch)
     SeismicSTFTDataset(real_dir, index_path=str(index_path))
-    assert len(read) == 8 and json.loads(index_path.read_text())["version"] == file_index.INDEX_VERSION
+    with np.load(index_path) as stored:
+        assert len(read) == 8 and stored["version"] == file_index.INDEX_VERSION
 
 
 def test_build_index_records_errors_and_seed_ids(tmp_path):
     directory = copy_files([KNW], tmp_path / "waveforms")
     empty = empty_file(directory)
-    index = build_index(directory, index_path=str(tmp_path / "index.json"))
-    assert index[KNW]["seed_ids"] == ["AZ.KNW..HHE", "AZ.KNW..HHN", "AZ.KNW..HHZ"]
-    assert index[os.path.basename(empty)]["error"][0] == "empty file"
-    assert index[KNW]["size"] == os.path.getsize(os.path.join(SHIPPED, KNW))
+    index = build_index(directory, index_path=str(tmp_path / "index.npz"))
+    knw, empty_row = index.path.tolist().index(KNW), index.path.tolist().index(os.path.basename(empty))
+    assert index.seed_ids(knw) == ("AZ.KNW..HHE", "AZ.KNW..HHN", "AZ.KNW..HHZ")
+    stream = real_stream()
+    assert index.trace_start[index.traces(knw)].tolist() == [t.stats.starttime.timestamp for t in stream]
+    assert index.trace_end[index.traces(knw)].tolist() == [t.stats.endtime.timestamp for t in stream]
+    assert index.trace_rate[index.traces(knw)].tolist() == [100.0] * 3
+    assert index.error_reason[empty_row] == "empty file" and index.n_traces[empty_row] == 0
+    assert index.size[knw] == os.path.getsize(os.path.join(SHIPPED, KNW))
 
 
 # --- pad_collate ---------------------------------------------------------------------------------

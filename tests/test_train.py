@@ -16,7 +16,8 @@ import training
 from stft_dataset import SeismicSTFTDataset
 from transform import STFTConfig
 
-TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25"]
+# --split_by file: these tests count validation files (the default, station, is tested in test_windows.py)
+TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25", "--split_by", "file"]
 
 
 def run(data_dir, tmp_path, *extra):
