@@ -42,7 +42,7 @@ def new_run_state():
 RUN_STATE_KEYS = tuple(new_run_state())
 
 
-def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_files, val_groups=None):
+def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_files, val_groups):
     """The checkpoint of a run: its state (RUN_STATE_KEYS), weights, optimizer and the settings to rebuild it.
 
     args: train.py's flags as a dict (vars(args)); val_files: relative paths; val_groups: the validation groups.
@@ -57,7 +57,7 @@ def checkpoint_dict(state, model, optimizer, scaler, stft, args, run_name, val_f
         "args": args,
         "run_name": run_name,
         "val_files": val_files,
-        "val_groups": val_files if val_groups is None else val_groups,
+        "val_groups": val_groups,
     }
 
 

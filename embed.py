@@ -28,7 +28,7 @@ from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
 from representation import chance_scores, cluster, compared_features, label_scores, reduce
-from runtime import RunError, model_input, resolve_device, script_parser
+from runtime import RunError, add_window_flags, chosen_windows, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
 
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     add("--num_workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     add("--cache_dir", help="spectrogram cache as in train.py; None: read the miniSEED files")
+    add_window_flags(parser, "embed")
     add("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING, help="how the latent becomes one vector")
     add("--clusters", type=clusters_flag, default="auto", help="K of KMeans, >= 2, or 'auto' (best silhouette)")
     add(
@@ -98,13 +99,6 @@ def load(args):
     return model_from_checkpoint(checkpoint, device).eval(), checkpoint, data_settings(checkpoint), device
 
 
-def choose_positions(dataset, checkpoint, split):
-    if split == "all":
-        return list(range(len(dataset)))
-    val_files = set(checkpoint["val_files"])
-    return [i for i, f in enumerate(dataset.files) if (f in val_files) == (split == "val")]
-
-
 def read_labels(spec, dataset, positions):
     """--labels -> (name, {position: label} or None for a catalogue column)."""
     if spec in LABEL_COLUMNS:
@@ -116,7 +110,7 @@ def read_labels(spec, dataset, positions):
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise RunError(f"--labels {spec}: needs a header line with columns path,label")
     label_of = {row["path"]: row["label"] for row in rows}
-    found = {i: label_of[dataset.files[i]] for i in positions if dataset.files[i] in label_of}
+    found = {i: label_of[f] for i, f in zip(positions, dataset.sample_files(positions)) if f in label_of}
     if not found:
         raise RunError(f"--labels {spec}: none of its paths is a usable file of {dataset.data_dir}")
     return os.path.basename(spec), found
@@ -126,10 +120,18 @@ def embed(args):
     model, checkpoint, settings, device = load(args)
     data_dir, stft = args.data_dir or settings["data_dir"], settings["stft"]
     skips = SkipLog()
+    window_seconds, window_stride = chosen_windows(args, settings)
     dataset = SeismicSTFTDataset(
-        data_dir, settings["families"], stft, settings["extensions"], skips=skips, cache_dir=args.cache_dir
+        data_dir,
+        settings["families"],
+        stft,
+        settings["extensions"],
+        skips=skips,
+        cache_dir=args.cache_dir,
+        window_seconds=window_seconds,
+        window_stride=window_stride,
     )
-    positions = choose_positions(dataset, checkpoint, args.split)
+    positions = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"]).tolist()
     if not positions:
         raise RunError(
             f"no usable files of families {' '.join(settings['families'])} for --split {args.split} in {data_dir}"
@@ -163,6 +165,8 @@ def embed(args):
             "data_dir": os.path.abspath(data_dir),
             "split": args.split,
             "pooling": args.pooling,
+            "window_seconds": window_seconds,
+            "window_stride": window_stride,
             "rows": len(rows),
             "dim": int(embeddings.shape[1]),
             "skipped": skips.summary(),
@@ -195,7 +199,6 @@ def embed_files(model, dataset, positions, args, device, output_dir, keep):
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate, **workers)
     writer = EmbeddingWriter(os.path.join(output_dir, "embeddings.npy"))
     rows, thumbnails, spectrograms = [], {}, {}
-    position_of = {f: i for i, f in enumerate(dataset.files)}
     for batch in loader:
         dataset.skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
@@ -205,8 +208,8 @@ def embed_files(model, dataset, positions, args, device, output_dir, keep):
         writer.append(vectors)
         for k, meta in enumerate(batch["meta"]):
             relpath = os.path.relpath(meta["path"], dataset.data_dir)
-            position = position_of[relpath]
-            duration = (dataset.n_samples[position] - 1) / dataset.stft.sampling_rate
+            position = meta["index"]
+            duration = float(dataset.sample_seconds(position))
             rows.append({**catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), "position": position})
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
             if position in projector_keep:

@@ -21,8 +21,7 @@ from batching import LengthBatchSampler, reconstruct
 from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
 from figures import plot_reconstruction
 from model import masked_errors
-from recordings import in_groups, window_problems
-from runtime import RunError, model_input, resolve_device, script_parser
+from runtime import RunError, add_window_flags, chosen_windows, model_input, resolve_device, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from waveforms import COMPONENTS
@@ -48,16 +47,7 @@ def parse_args(argv=None):
     add("--output_dir", default="inference_results", help="where PNG files and metrics.json go")
     add("--batch_size", type=int, default=16, help="spectrograms per forward pass")
     add("--seed", type=int, default=0, help="seed of the random choice of files")
-    add(
-        "--window_seconds",
-        type=float,
-        help="evaluate windows of this many seconds (default: the checkpoint's; none there: one sample per file)",
-    )
-    add(
-        "--window_stride",
-        type=float,
-        help="seconds between window starts (default: the checkpoint's, else --window_seconds)",
-    )
+    add_window_flags(parser, "evaluate")
     add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     args = parser.parse_args(argv)
     for name in ("num_samples", "num_plots"):
@@ -70,10 +60,9 @@ def parse_args(argv=None):
 
 def choose_files(dataset, checkpoint, args):
     """Positions in `dataset` of the samples (files or windows) to evaluate."""
+    settings = data_settings(checkpoint)
+    candidates = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"]).tolist()
     if args.split == "val":
-        settings = data_settings(checkpoint)
-        keys, codes = dataset.groups(settings["split_by"])
-        candidates = np.flatnonzero(in_groups(keys, codes, settings["val_groups"])).tolist()
         present = set(dataset.files.tolist())
         gone = [f for f in checkpoint["val_files"] if f not in present]
         if gone:
@@ -83,8 +72,6 @@ def choose_files(dataset, checkpoint, args):
                 len(checkpoint["val_files"]),
                 dataset.data_dir,
             )
-    else:
-        candidates = list(range(len(dataset)))
     rng = np.random.default_rng(args.seed)
     if args.num_samples and args.num_samples < len(candidates):
         candidates = sorted(rng.choice(candidates, size=args.num_samples, replace=False).tolist())
@@ -188,11 +175,7 @@ def evaluate_checkpoint(args):
     settings = data_settings(checkpoint)
     data_dir, stft, families = args.data_dir or settings["data_dir"], settings["stft"], settings["families"]
     skips = SkipLog()
-    window_seconds = args.window_seconds or settings["window_seconds"]
-    window_stride = args.window_stride or (settings["window_stride"] if not args.window_seconds else None)
-    problems = window_problems(window_seconds, window_stride, stft)
-    if problems:
-        raise RunError("; ".join(problems))
+    window_seconds, window_stride = chosen_windows(args, settings)
     dataset = SeismicSTFTDataset(
         data_dir,
         families,

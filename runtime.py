@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from recordings import window_problems
 from stft_dataset import pad_collate
 
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead
@@ -30,6 +31,31 @@ def script_parser(doc):
     return argparse.ArgumentParser(
         description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+
+
+def add_window_flags(parser, verb):
+    """--window_seconds and --window_stride of a script that reads a run's data (inference.py, embed.py)."""
+    parser.add_argument(
+        "--window_seconds",
+        type=float,
+        help=f"{verb} windows of this many seconds (default: the checkpoint's; none there: one sample per file)",
+    )
+    parser.add_argument(
+        "--window_stride",
+        type=float,
+        help="seconds between window starts (default: the checkpoint's, else --window_seconds)",
+    )
+
+
+def chosen_windows(args, settings):
+    """(window_seconds, window_stride): the flags of add_window_flags, else the checkpoint's (data_settings); a new
+    --window_seconds without --window_stride strides by its own length. RunError if they do not fit the STFT."""
+    window_seconds = args.window_seconds or settings["window_seconds"]
+    window_stride = args.window_stride or (settings["window_stride"] if not args.window_seconds else None)
+    problems = window_problems(window_seconds, window_stride, settings["stft"])
+    if problems:
+        raise RunError("; ".join(problems))
+    return window_seconds, window_stride
 
 
 def resolve_device(name):

@@ -22,6 +22,7 @@ from embedding import encode_batch
 from figures import plot_spectrogram_row
 from representation import SearchIndex
 from runtime import RunError, resolve_device, script_parser
+from stft_dataset import SeismicSTFTDataset
 from storage import atomic_write
 from transform import spectrogram
 from waveforms import UnusableFile, read_waveform
@@ -88,6 +89,24 @@ def read_spectrogram(path, data):
     return spectrogram(waveform, data["stft"])
 
 
+def catalogue_reader(settings, data, data_dir):
+    """catalogue row -> (3, F, T) spectrogram of that recording, read as embed.py read it: the file, or with windows
+    (embedding.json's window_seconds) the window that starts at the row's starttime."""
+    if not settings.get("window_seconds"):
+        return lambda row: read_spectrogram(os.path.join(data_dir, row["path"]), data)
+    windows = {"window_seconds": settings["window_seconds"], "window_stride": settings["window_stride"]}
+    dataset = SeismicSTFTDataset(data_dir, data["families"], data["stft"], data["extensions"], **windows)
+
+    def read(row):
+        position = dataset.position_of(row["path"], row["starttime"])
+        x, meta = dataset[position] if position is not None else (None, {"message": f"not in {data_dir}"})
+        if x is None:
+            raise RunError(f"{row['path']}@{row['starttime']}: {meta['message']}")
+        return x.float().numpy()
+
+    return read
+
+
 @torch.no_grad()
 def encode_file(spectrogram_, checkpoint, pooling, device):
     """(1, D) embedding of a new file's spectrogram with the checkpoint and pooling that embed.py used."""
@@ -108,21 +127,20 @@ def search(args):
     except ValueError as err:
         raise RunError(str(err)) from None
     data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
+    read_catalogued = catalogue_reader(settings, data, data_dir)
     if row is None:
         name, query_spectrogram = os.path.basename(args.query), read_spectrogram(args.query, data)
         vector = encode_file(query_spectrogram, checkpoint, settings["pooling"], device)
     else:
         name, vector = catalog[row]["path"], np.asarray(embeddings[row : row + 1])
-        query_spectrogram = read_spectrogram(os.path.join(data_dir, name), data)
+        query_spectrogram = read_catalogued(catalog[row])
     distances, rows = SearchIndex(embeddings).nearest(vector, args.k + (row is not None))
     neighbours = [(int(r), float(d)) for r, d in zip(rows[0], distances[0]) if r != row][: args.k]
     print(f"query: {name}" + (f" (catalogue row {row})" if row is not None else " (new file)"))
     print(f"{'row':>6} {'distance':>9}  " + "  ".join(f"{c:{w}}" for c, w in SHOWN_COLUMNS.items()))
     for r, d in neighbours:
         print(f"{r:6d} {d:9.3f}  " + "  ".join(f"{catalog[r][c]:{w}}" for c, w in SHOWN_COLUMNS.items()))
-    spectrograms = [query_spectrogram] + [
-        read_spectrogram(os.path.join(data_dir, catalog[r]["path"]), data) for r, _ in neighbours
-    ]
+    spectrograms = [query_spectrogram] + [read_catalogued(catalog[r]) for r, _ in neighbours]
     titles = [f"query\n{name[-40:]}"] + [f"{d:.2f}\n{catalog[r]['path'][-40:]}" for r, d in neighbours]
     title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
     figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)

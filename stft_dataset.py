@@ -16,7 +16,14 @@ from obspy import UTCDateTime
 from torch.utils.data import Dataset
 
 from file_index import available_cores, build_index
-from recordings import MAX_RECORDING_SECONDS, find_recordings, sample_groups, window_counts, window_samples
+from recordings import (
+    MAX_RECORDING_SECONDS,
+    find_recordings,
+    in_groups,
+    sample_groups,
+    window_counts,
+    window_samples,
+)
 from spectrogram_cache import SpectrogramCache
 from transform import STFTConfig, spectrogram
 from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
@@ -169,6 +176,28 @@ class SeismicSTFTDataset(Dataset):
             seconds = (rec.end - rec.start + 1 / rec.rate)[self.sample_recording]
         return sample_groups(split_by, self.recordings, self.sample_recording, self.sample_start, seconds)
 
+    def split_positions(self, split, split_by, val_groups):
+        """Positions of the samples of `split`: 'all', or the 'val' or 'train' side of a run that split by `split_by`
+        and kept `val_groups` for validation (checkpoints.data_settings)."""
+        if split == "all":
+            return np.arange(len(self))
+        keys, codes = self.groups(split_by)
+        in_val = in_groups(keys, codes, val_groups)
+        return np.flatnonzero(in_val if split == "val" else ~in_val & (codes >= 0))
+
+    def sample_files(self, positions):
+        """Relative path of the file (the first of its recording) of each sample at `positions`."""
+        return self.files[self.sample_recording[positions]]
+
+    def position_of(self, relpath, starttime):
+        """Position of the sample of file `relpath` that starts at `starttime` (ISO 8601, as in its metadata), or
+        None. A whole file has one sample; a window is found by its start, within half a sample."""
+        positions = np.flatnonzero(self.sample_files(np.arange(len(self))) == relpath)
+        if len(positions) > 1:
+            starts = self.sample_start[positions]
+            positions = positions[np.abs(starts - UTCDateTime(starttime).timestamp) < 0.5 / self.stft.sampling_rate]
+        return int(positions[0]) if len(positions) else None
+
     def sample_key(self, i):
         """What names sample i in the cache: the file's relative path, with the start time for a window."""
         r = self.sample_recording[i]
@@ -196,7 +225,7 @@ class SeismicSTFTDataset(Dataset):
                 by_recording.setdefault(r, []).append(i)
         for r, windows in by_recording.items():
             samples.update(zip(windows, self.window_samples(r, windows)))
-        return [samples[i] for i in indices]
+        return [(samples[i][0], {**samples[i][1], "index": int(i)}) for i in indices]  # index: the dataset position
 
     def whole_file_sample(self, r):
         path = os.path.join(self.data_dir, self.files[r])

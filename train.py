@@ -537,10 +537,7 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
             "step_losses": torch.stack(step_losses).tolist() if step_losses else [],
         }
         write_run_record(run)
-        checkpoint = checkpoint_dict(
-            run.state, run.model, run.optimizer, run.scaler, run.stft, vars(run.args), run.name, run.val_files
-        )
-        save_checkpoint(checkpoint, os.path.join(run.run_dir, "last.pt"))
+        save_checkpoint(run_checkpoint(run), os.path.join(run.run_dir, "last.pt"))
         log.info("saved last.pt at step %d of epoch %d", step, epoch)
     if dist.is_initialized():
         dist.barrier()  # no process exits (torchrun would end the others) before rank 0 has written last.pt
@@ -607,7 +604,15 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
 def save(run, epoch, improved):
     """config.json, skipped_files.json, then the epoch's checkpoints (rank 0)."""
     write_run_record(run)
-    checkpoint = checkpoint_dict(
+    save_epoch_checkpoints(
+        run_checkpoint(run), run.run_dir, epoch, improved, run.args.save_every, run.args.keep_checkpoints
+    )
+    run.writer.flush()
+
+
+def run_checkpoint(run):
+    """The checkpoint of where the run stands (checkpoints.checkpoint_dict)."""
+    return checkpoint_dict(
         run.state,
         run.model,
         run.optimizer,
@@ -618,8 +623,6 @@ def save(run, epoch, improved):
         run.val_files,
         run.val_groups,
     )
-    save_epoch_checkpoints(checkpoint, run.run_dir, epoch, improved, run.args.save_every, run.args.keep_checkpoints)
-    run.writer.flush()
 
 
 def write_run_record(run):

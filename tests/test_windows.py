@@ -4,6 +4,7 @@ Each check compares a window with a direct scipy.signal.stft of the same samples
 was written, so a window that starts one sample off, or reads the wrong day file, fails.
 """
 
+import csv
 import json
 import os
 
@@ -15,7 +16,9 @@ from conftest import SHIPPED, flags
 from test_stft_dataset import reference_spectrogram
 
 import bench
+import embed
 import inference
+import similar
 import train
 import waveforms
 from recordings import MAX_RECORDING_SECONDS, choose_val_groups
@@ -223,6 +226,15 @@ def test_windowed_sds_trains_resumes_exactly_and_evaluates_from_the_checkpoint(t
     assert metrics["num_samples"] == (360 - 60) // 30 + 1  # every window of the validation station, none other
     assert {s["trace_id"].rsplit(".", 2)[0] for s in metrics["samples"]} == {station}
     assert len({s["starttime"] for s in metrics["samples"]}) == metrics["num_samples"]
+    out = tmp_path / "emb"
+    argv = [last, "--output_dir", str(out), "--device", "cpu", "--clusters", "2", "--split", "val"]
+    summary = embed.main(argv + ["--projector_points", "0", "--num_anomalies", "1"])
+    with open(out / "catalog.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["rows"] == len(rows) == metrics["num_samples"] == len(np.load(out / "embeddings.npy"))
+    assert len({row["starttime"] for row in rows}) == len(rows) and {row["duration_s"] for row in rows} == {"60.0"}
+    found = similar.main([str(out), "3", "-k", "2", "--output", str(tmp_path / "s.png")])
+    assert len(found) == 2 and os.path.getsize(tmp_path / "s.png") > 0  # the neighbours' windows were read back
 
 
 def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_dir):
