@@ -13,7 +13,7 @@ from augment import crop_rng, random_time_crop
 from stft_dataset import SeismicSTFTDataset, pad_collate
 from training import ONE_CYCLE_WARMUP, one_cycle
 
-TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu")
+TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu", split_by="file")  # counts training files
 
 
 def real_batch(directory, lengths):
