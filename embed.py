@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from batching import LengthBatchSampler
-from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from checkpoints import data_settings, model_from_checkpoint
 from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
 from representation import chance_scores, cluster, compared_features, label_scores, reduce
-from runtime import RunError, add_window_flags, chosen_windows, model_input, resolve_device, script_parser
+from runtime import RunError, add_window_flags, chosen_windows, device_and_checkpoint, model_input, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
 
@@ -91,11 +91,7 @@ def main(argv=None):
 
 def load(args):
     """(model in eval mode, checkpoint, data settings, device) or RunError."""
-    try:
-        device = resolve_device(args.device)
-        checkpoint = load_checkpoint(args.checkpoint, device)
-    except ValueError as err:
-        raise RunError(str(err)) from None
+    device, checkpoint = device_and_checkpoint(args.device, args.checkpoint)
     return model_from_checkpoint(checkpoint, device).eval(), checkpoint, data_settings(checkpoint), device
 
 

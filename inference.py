@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from baselines import BASELINES
 from batching import LengthBatchSampler, reconstruct
-from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from checkpoints import data_settings, model_from_checkpoint
 from figures import plot_reconstruction
 from model import masked_errors
-from runtime import RunError, add_window_flags, chosen_windows, model_input, resolve_device, script_parser
+from runtime import RunError, add_window_flags, chosen_windows, device_and_checkpoint, model_input, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from waveforms import COMPONENTS
@@ -166,11 +166,7 @@ def main(argv=None):
 
 def evaluate_checkpoint(args):
     """Rebuild model and data pipeline from the checkpoint, evaluate, write metrics.json and figures."""
-    try:
-        device = resolve_device(args.device)
-        checkpoint = load_checkpoint(args.checkpoint, device)
-    except ValueError as err:  # an unknown device, a foreign or damaged checkpoint
-        raise RunError(str(err)) from None
+    device, checkpoint = device_and_checkpoint(args.device, args.checkpoint)
     model = model_from_checkpoint(checkpoint, device).eval()
     settings = data_settings(checkpoint)
     data_dir, stft, families = args.data_dir or settings["data_dir"], settings["stft"], settings["families"]

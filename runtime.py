@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from checkpoints import load_checkpoint
 from recordings import window_problems
 from stft_dataset import pad_collate
 
@@ -69,6 +70,16 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
+
+
+def device_and_checkpoint(device_name, path):
+    """(device, checkpoint on it) for the scripts that start from a checkpoint; an unknown device or a foreign or
+    damaged checkpoint is a RunError."""
+    try:
+        device = resolve_device(device_name)
+        return device, load_checkpoint(path, device)
+    except ValueError as err:
+        raise RunError(str(err)) from None
 
 
 def mixed_precision(amp, device):

@@ -17,11 +17,11 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import data_settings, load_checkpoint, model_from_checkpoint
+from checkpoints import data_settings, model_from_checkpoint
 from embedding import encode_batch
 from figures import plot_spectrogram_row
 from representation import SearchIndex
-from runtime import RunError, resolve_device, script_parser
+from runtime import RunError, device_and_checkpoint, script_parser
 from stft_dataset import SeismicSTFTDataset
 from storage import atomic_write
 from transform import spectrogram
@@ -121,11 +121,7 @@ def search(args):
     row = query_row(args.query, catalog)
     if row is None and not os.path.isfile(args.query):
         raise RunError(f"{args.query}: neither a catalogue row or path nor a file")
-    try:
-        device = resolve_device(args.device)
-        checkpoint = load_checkpoint(settings["checkpoint"], device)
-    except ValueError as err:
-        raise RunError(str(err)) from None
+    device, checkpoint = device_and_checkpoint(args.device, settings["checkpoint"])
     data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
     read_catalogued = catalogue_reader(settings, data, data_dir)
     if row is None:
