@@ -1,12 +1,12 @@
-"""Which training levers make the model transfer: train with each, evaluate on networks it never saw.
+"""Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, both folds: about an hour on 2 cores
+    python ablation.py                                     # every lever, every fold: about 51 minutes on 2 cores
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
 
-Each fold holds some networks of the shipped data out: `python train.py` runs on the files of the other
-networks (its own random validation split inside them), then `python inference.py --split all` evaluates
-the best checkpoint on the held-out networks and on obspy's example recording (BW.RJOB, Germany, another
+Each fold holds some stations or networks of the shipped data out: `python train.py` runs on the other files
+(its own station split inside them chooses the best epoch), then `python inference.py --split all` evaluates
+the best checkpoint on the held-out files and on obspy's example recording (BW.RJOB, Germany, another
 instrument). With the default folds every shipped network is held out once. Each lever is one set of
 train.py flags; the table gives mean MSE per held-out group for the model, the time-mean and the blur
 baseline (baselines.py), and the ratios. Both scripts run as a user runs them, in subprocesses.
@@ -28,16 +28,23 @@ from runtime import script_parser
 from training import NUM_EPOCHS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-FOLDS = {"NC": ("NC",), "not-NC": ("BK", "CI", "PG", "NN", "NP", "WR", "AZ", "TA")}  # held-out networks
+FOLDS = {  # held-out networks (NET) or stations (NET.STA)
+    # the validation stations of python train.py's default split (--split_by station, --val_split 0.2, --seed 42)
+    "stations": ("BK.BDM", "BK.BRIB", "CI.MLAC", "NC.GDXB", "NC.PSM", "PG.LM"),
+    "NC": ("NC",),
+    "not-NC": ("BK", "CI", "PG", "NN", "NP", "WR", "AZ", "TA"),
+}
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
-    "plain (before): constant lr 1e-3, no crops, 30 epochs": [
-        *("--lr_schedule", "constant", "--lr", "1e-3", "--crop_bins", "0", "0", "--num_epochs", "30")
+    "previous default: crops 40-142, batch 16": ["--crop_bins", "40", "142", "--batch_size", "16"],
+    "plain (the one before): constant lr 1e-3, batch 16, 30 epochs": [
+        *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30")
     ],
-    "no crops": ["--crop_bins", "0", "0"],
+    "crops: --crop_bins 40 142": ["--crop_bins", "40", "142"],
+    "batch 16": ["--batch_size", "16"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
     "half the epochs": ["--num_epochs", "EPOCHS/2"],
-    "batch 8": ["--batch_size", "8"],
+    "weight decay 0.05": ["--weight_decay", "0.05"],
 }
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
@@ -45,7 +52,7 @@ SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 def parse_args(argv=None):
     parser = script_parser(__doc__)
     parser.add_argument("--levers", nargs="+", default=list(SHORT.values()), help="levers to run, by short name")
-    parser.add_argument("--folds", nargs="+", default=list(FOLDS), help="folds to run (held-out network groups)")
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), help="folds to run (held-out stations or networks)")
     parser.add_argument("--work_dir", help="where data links, checkpoints and results go (default: a temporary one)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     parser.add_argument("--tables", nargs="+", metavar="JSON", help="only print the tables of earlier --json files")
@@ -60,15 +67,20 @@ def network_of(name):
     return name.split(".")[0]
 
 
+def station_of(name):
+    return ".".join(name.split(".")[:2])
+
+
 def link_fold(held_out, work_dir):
-    """(training dir, held-out dir) of symbolic links to the shipped files, plus BW.RJOB in the held-out one."""
+    """(training dir, held-out dir) of symbolic links to the shipped files (held out: those of the networks or
+    stations in held_out), plus BW.RJOB in the held-out one."""
     train_dir, test_dir = os.path.join(work_dir, "train"), os.path.join(work_dir, "held_out")
     for folder in (train_dir, test_dir):
         os.makedirs(folder, exist_ok=True)
     shipped = os.path.join(ROOT, DEFAULT_DATA_DIR)
     for name in sorted(os.listdir(shipped)):
         if name.endswith(".mseed"):
-            target = test_dir if network_of(name) in held_out else train_dir
+            target = test_dir if {network_of(name), station_of(name)} & set(held_out) else train_dir
             if not os.path.exists(os.path.join(target, name)):
                 os.symlink(os.path.join(shipped, name), os.path.join(target, name))
     obspy.read().write(os.path.join(test_dir, "BW.RJOB.EH.20090825T014000.mseed"), format="MSEED")

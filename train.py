@@ -57,6 +57,7 @@ from runtime import (
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, probe_writable, write_json_atomic
 from training import (
+    BATCH_SIZE,
     CROP_BINS,
     LR,
     NUM_EPOCHS,
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     add("--data_dir", default=DEFAULT_DATA_DIR, help="directory searched recursively for miniSEED files")
     add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families (band + instrument) to use")
     add("--extensions", nargs="+", default=list(MINISEED_EXTENSIONS), help="file extensions taken as miniSEED")
-    add("--batch_size", type=int, default=16, help="spectrograms per batch")
+    add("--batch_size", type=int, default=BATCH_SIZE, help="spectrograms per batch")
     add("--num_epochs", type=int, default=NUM_EPOCHS, help="total epochs (with --resume: including those already done)")
     add("--lr", type=float, default=LR, help="Adam learning rate (with --lr_schedule onecycle: the peak)")
     add(
@@ -110,7 +111,8 @@ def parse_args(argv=None):
         type=int,
         default=list(CROP_BINS),
         metavar=("MIN", "MAX"),
-        help="training batches only: random time windows of MIN to MAX bins, normalised again (0 0: no cropping)",
+        help="training batches only: random time windows of MIN to MAX bins, normalised again (default 0 0: no "
+        "cropping; crops made the model transfer worse, see the README's Generalisation section)",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")

@@ -4,7 +4,8 @@
     python tests/faults.py --only sigterm truncated_last
 
 Every run is `python train.py` in its own process (12 shipped files: 9 train, 3 validate; batch 4, so 3 steps an
-epoch; 3 epochs; --device cpu --num_workers 0; default crops and one-cycle schedule), started here through
+epoch; 3 epochs; --device cpu --num_workers 0; crops of 40-142 bins, whose draws a resume must repeat, and the
+one-cycle schedule), started here through
 `--child`, which runs train.main with two hooks: after every step it writes "epoch step" to a progress file
 (the parent reads it to send signals at a chosen step from outside), and it can send itself a signal in the middle of
 a checkpoint write. Disk full is a real 25 MB tmpfs (`unshare -rm` + `mount -t tmpfs`) where the machine allows it,
@@ -40,6 +41,7 @@ EPOCHS = 3
 DISK_MB = 25  # the small file system of the disk-full fault: two checkpoints fit, a third does not
 # --split_by file: a quarter of the files validate whatever their stations, so every run has 3 steps an epoch
 TRAIN = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--val_split", "0.25", "--split_by", "file"]
+TRAIN += ["--crop_bins", "40", "142"]  # not the default: crops are drawn per batch, and a resume must draw them again
 RNG = random.Random(11)  # the "random" steps, the same every time the script runs
 
 

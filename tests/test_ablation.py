@@ -4,8 +4,11 @@ import json
 import os
 
 import pytest
+from conftest import SHIPPED
 
 import ablation
+import train
+from stft_dataset import SeismicSTFTDataset
 
 
 def test_fold_holds_its_networks_out_and_adds_the_foreign_recording(tmp_path):
@@ -14,6 +17,17 @@ def test_fold_holds_its_networks_out_and_adds_the_foreign_recording(tmp_path):
     assert not trained & held_out and "BW.RJOB.EH.20090825T014000.mseed" in held_out
     assert {name.split(".")[0] for name in held_out} == {"BK", "CI", "BW"}
     assert "BK" not in {name.split(".")[0] for name in trained} and len(trained) + len(held_out) == 214 + 1
+
+
+def test_stations_fold_holds_out_the_default_runs_validation_stations(tmp_path):
+    _, args = train.parse_args([])
+    dataset = SeismicSTFTDataset(SHIPPED, index_path=tmp_path / "index.npz")
+    _, _, val_groups = train.split_samples(dataset, args, checkpoint=None)
+    assert tuple(val_groups) == ablation.FOLDS["stations"]
+    train_dir, test_dir = ablation.link_fold(ablation.FOLDS["stations"], str(tmp_path / "fold"))
+    held_out = {ablation.station_of(name) for name in os.listdir(test_dir)}
+    assert held_out == {*val_groups, "BW.RJOB"}
+    assert not held_out & {ablation.station_of(name) for name in os.listdir(train_dir)}
 
 
 def test_means_per_network_and_over_all_files():

@@ -591,7 +591,7 @@ def test_find_files_recursive_and_case_insensitive(tmp_path):
         "f.sac",
         "g.mseed.bak",
         "notes.txt",
-        ".stft_index.json",
+        ".stft_index.npz",
         "mseed",
         ".hidden/h.mseed",
     ]
