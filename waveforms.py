@@ -24,6 +24,8 @@ FILE_GONE = "file missing or unreadable"  # removed, moved or locked after the i
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
 # A window with a component constant this long (a dead channel, zeros filled in by a datalogger) is skipped.
 DEAD_STRETCH_SECONDS = 10.0
+# A file's ends where a component is constant this long (padding to a fixed length, not a recording) are cut off.
+DEAD_END_SECONDS = 1.0
 
 
 class UnusableFile(Exception):
@@ -158,10 +160,32 @@ def read_waveform(path, families, stft):
         if trace.stats.starttime != start or trace.stats.endtime != end:  # trim is slow even when it cuts nothing
             trace.trim(start, end)
     n_samples = min(trace.stats.npts for trace in traces)
-    if n_samples < stft.nperseg:
-        raise UnusableFile("too short for one STFT window", f"{n_samples} common samples < nperseg={stft.nperseg}")
-    waveform = np.stack([trace.data[:n_samples] for trace in traces])
-    return waveform, {"trace_id": instrument, "family": family, "starttime": str(start)}
+    first, end = alive_span(
+        np.stack([trace.data[:n_samples] for trace in traces]), round(DEAD_END_SECONDS * stft.sampling_rate)
+    )
+    if end - first < stft.nperseg:
+        cut = f" ({n_samples - end + first} constant at the ends cut off)" if end - first < n_samples else ""
+        raise UnusableFile(
+            "too short for one STFT window", f"{end - first} common samples{cut} < nperseg={stft.nperseg}"
+        )
+    waveform = np.stack([trace.data[first:end] for trace in traces])
+    return waveform, {"trace_id": instrument, "family": family, "starttime": str(start + first / stft.sampling_rate)}
+
+
+def alive_span(waveform, min_run):
+    """(first, end) samples of a (3, n) waveform without the constant stretches of `min_run` samples or more at its
+    ends: zeros or a held value that pad an event file to a fixed length. Left in, log10(|STFT| + eps) of such a
+    stretch sets the minimum of the min-max scaling, and the recording itself is squeezed into the top of [0, 1].
+    A component constant throughout (dead) cuts nothing: the transform makes it zeros."""
+    first, end = 0, waveform.shape[1]
+    for component in waveform:
+        changes = np.flatnonzero(np.diff(component))  # sample i differs from sample i + 1
+        if len(changes) == 0:
+            continue
+        lead, trail = changes[0] + 1, len(component) - 1 - changes[-1]  # samples in the constant run at each end
+        first = max(first, lead if lead >= min_run else 0)
+        end = min(end, len(component) - trail if trail >= min_run else len(component))
+    return int(first), int(end)
 
 
 def longest_run(flags):

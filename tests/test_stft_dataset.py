@@ -21,7 +21,7 @@ import test_pipeline
 from file_index import build_index, find_files
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, read_waveform
+from waveforms import DEFAULT_FAMILIES, UnusableFile, read_waveform
 
 KNW = "AZ.KNW.HH.20120808T165050.mseed"  # real HH file: 100 Hz, 90 s (9001 samples), HHE/HHN/HHZ
 PFO = "AZ.PFO.HH.20120831T084343.mseed"  # a second HH station
@@ -422,6 +422,45 @@ def test_components_of_different_length_trimmed_to_common_span(tmp_path):
     original = waveform_of(os.path.join(SHIPPED, KNW))
     np.testing.assert_array_equal(waveform, original[:, 500:8701])
     assert meta["starttime"] == str(start + 5)
+
+
+def test_constant_ends_are_cut_off(tmp_path):
+    """Zeros that pad a file's start (all components) and a held value at the end of one component are no recording."""
+    stream = real_stream()
+    start = stream[0].stats.starttime
+    for trace in stream:
+        trace.data[:500] = 0  # 5 s of padding
+    east = stream.select(channel="HHE")[0].data
+    east[-300:] = east[-301] + 7  # 3 s held at a value no neighbour has
+    waveform, meta = read_waveform(write(stream, tmp_path, "padded.mseed"), DEFAULT_FAMILIES, STFTConfig())
+    original = waveform_of(os.path.join(SHIPPED, KNW))
+    np.testing.assert_array_equal(waveform, original[:, 500:-300])
+    assert meta["starttime"] == str(start + 5)
+
+
+def test_short_constant_ends_and_dead_components_are_kept(tmp_path):
+    stream = real_stream()
+    stream.select(channel="HHZ")[0].data[:50] = 0  # 0.5 s, under DEAD_END_SECONDS
+    stream.select(channel="HHE")[0].data[:] = 0  # dead throughout: the transform makes it zeros
+    waveform = waveform_of(write(stream, tmp_path, "short_constant.mseed"))
+    assert waveform.shape == (3, 9001) and np.all(waveform[0] == 0) and np.all(waveform[2, :50] == 0)
+
+
+def test_padding_leaving_under_one_stft_window_is_skipped(tmp_path):
+    stream = real_stream()
+    for trace in stream:
+        trace.data[200:] = 0  # 2 s of signal, 88 s of padding
+    with pytest.raises(UnusableFile, match="too short for one STFT window"):
+        waveform_of(write(stream, tmp_path, "mostly_padding.mseed"))
+
+
+def test_shipped_padded_file_keeps_its_recording_only():
+    """PG.AR's file starts with 10.8 s of constant samples (1,084 on N): cut off, the recording spans [0, 1] again."""
+    path = os.path.join(SHIPPED, "PG.AR.EH.19970801T101342.mseed")
+    waveform, _ = read_waveform(path, DEFAULT_FAMILIES, STFTConfig())
+    raw = np.stack([trace.data for trace in sorted(obspy.read(path), key=lambda t: t.stats.channel)])  # E, N, Z
+    assert np.all(raw[1, :1084] == raw[1, 0]) and raw[1, 1084] != raw[1, 0]
+    np.testing.assert_array_equal(waveform, raw[:, 1084:])
 
 
 @pytest.mark.parametrize("sampling_rate", [40.0, 200.0])
