@@ -7,7 +7,9 @@
 Each fold holds some stations or networks of the shipped data out: `python train.py` runs on the other files
 (its own station split inside them chooses the best epoch), then `python inference.py --split all` evaluates
 the best checkpoint on the held-out files and on obspy's example recording (BW.RJOB, Germany, another
-instrument). With the default folds every shipped network is held out once. Each lever is one set of
+instrument), and again on copies of them cut to lengths between CUT_SECONDS (group "cut": every number of
+time bins from 72 to 142, where the shipped files are nearly all 142). With the default folds every shipped
+network is held out once. Each lever is one set of
 train.py flags; the table gives mean MSE per held-out group for the model, the time-mean and the blur
 baseline (baselines.py), and the ratios. Both scripts run as a user runs them, in subprocesses.
 """
@@ -36,16 +38,21 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
 }
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
-    "previous default: crops 40-142, batch 16": ["--crop_bins", "40", "142", "--batch_size", "16"],
-    "plain (the one before): constant lr 1e-3, batch 16, 30 epochs": [
-        *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30")
+    "previous default: --size_fit interpolate (the seed model's resizing)": ["--size_fit", "interpolate"],
+    "plain (the first default): constant lr 1e-3, batch 16, 30 epochs, interpolate": [
+        *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30"),
+        *("--size_fit", "interpolate"),
     ],
     "crops: --crop_bins 40 142": ["--crop_bins", "40", "142"],
+    "offsets: --offset_bins 15": ["--offset_bins", "15"],
     "batch 16": ["--batch_size", "16"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
     "half the epochs": ["--num_epochs", "EPOCHS/2"],
     "weight decay 0.05": ["--weight_decay", "0.05"],
+    "spectral tilt 0.15": ["--spectral_tilt", "0.15"],
+    "spectral tilt 0.3": ["--spectral_tilt", "0.3"],
 }
+CUT_SECONDS = (45.0, 90.0)  # the held-out copies keep their first 45-90 s, drawn per file
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
 
@@ -87,18 +94,37 @@ def link_fold(held_out, work_dir):
     return train_dir, test_dir
 
 
-def run_lever(flags, train_dir, test_dir, out_dir):
-    """Train with the flags, evaluate on test_dir: (metrics.json of the held-out files, training seconds)."""
-    checkpoints, results = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "results")
+def cut_copies(test_dir, seed=0):
+    """Copies of the held-out files beside test_dir, each cut to its first CUT_SECONDS (drawn per file, seeded);
+    a file shorter than the draw is copied whole. Returns their directory."""
+    cut_dir = test_dir + "_cut"
+    os.makedirs(cut_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in sorted(os.listdir(test_dir)):
+        seconds = rng.uniform(*CUT_SECONDS)
+        if name.endswith(".mseed") and not os.path.exists(os.path.join(cut_dir, name)):
+            stream = obspy.read(os.path.join(test_dir, name))
+            start = min(trace.stats.starttime for trace in stream)
+            stream.trim(start, start + seconds).write(os.path.join(cut_dir, name), format="MSEED")
+    return cut_dir
+
+
+def run_lever(flags, train_dir, test_dirs, out_dir):
+    """Train with the flags, evaluate on each of test_dirs: ([metrics.json of each], training seconds)."""
+    checkpoints = os.path.join(out_dir, "checkpoints")
     started = time.perf_counter()
     script("train.py", "--data_dir", train_dir, "--checkpoint_dir", checkpoints, "--log_dir", out_dir, *flags)
     seconds = time.perf_counter() - started
     (run,) = os.listdir(checkpoints)
     best = os.path.join(checkpoints, run, "best_model.pt")
-    script("inference.py", best, "--split", "all", "--data_dir", test_dir, "--num_samples", "0", "--num_plots", "0",
-           "--output_dir", results)  # fmt: skip
-    with open(os.path.join(results, "metrics.json")) as f:
-        return json.load(f), seconds
+    evaluations = []
+    for k, test_dir in enumerate(test_dirs):
+        results = os.path.join(out_dir, f"results_{k}" if k else "results")
+        script("inference.py", best, "--split", "all", "--data_dir", test_dir, "--num_samples", "0", "--num_plots",
+               "0", "--output_dir", results)  # fmt: skip
+        with open(os.path.join(results, "metrics.json")) as f:
+            evaluations.append(json.load(f))
+    return evaluations, seconds
 
 
 def script(*argv):
@@ -127,7 +153,9 @@ def print_tables(figures):
     """Markdown tables: each lever and fold over all its held-out files, then each held-out network alone."""
     columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-    for title, keep in (("all held-out files", lambda net: net == "all"), ("per network", lambda net: net != "all")):
+    overall = ("all", "cut")  # every held-out file, and every one cut shorter
+    tables = (("all held-out files", lambda net: net in overall), ("per network", lambda net: net not in overall))
+    for title, keep in tables:
         print(f"\n{title}:\n{header}")
         for row in figures:
             for net, v in sorted(row["networks"].items()):
@@ -144,13 +172,14 @@ def run_folds(args):
     figures = []
     for fold in args.folds:
         train_dir, test_dir = link_fold(FOLDS[fold], os.path.join(work_dir, fold))
+        test_dirs = (test_dir, cut_copies(test_dir))
         for name, flags in LEVERS.items():
             if SHORT[name] not in args.levers:
                 continue
             flags = [str(NUM_EPOCHS // 2) if flag == "EPOCHS/2" else flag for flag in flags]
-            metrics, seconds = run_lever(flags, train_dir, test_dir, os.path.join(work_dir, fold, SHORT[name]))
+            (metrics, cut), seconds = run_lever(flags, train_dir, test_dirs, os.path.join(work_dir, fold, SHORT[name]))
             figures.append({"lever": SHORT[name], "flags": flags, "fold": fold, "train_s": seconds})
-            figures[-1]["networks"] = by_network(metrics)
+            figures[-1]["networks"] = {**by_network(metrics), "cut": mean_mse(cut["samples"])}
             print(f"{SHORT[name]}, fold {fold}: {figures[-1]['networks']['all']} ({seconds:.0f} s)", flush=True)
     return figures
 

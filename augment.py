@@ -4,7 +4,13 @@ random_time_crop: every sample of a batch becomes one window of the same random 
 at its own random start, and each component is min-max normalised again over that window, as a real
 recording of that length would be (transform.spectrogram scales each component to [0, 1]; an affine
 map of the log-magnitude, so scaling a window again gives exactly what the transform gives for it).
-Draws come from a numpy Generator the caller seeds per batch (crop_rng), so a run resumed at any step repeats them.
+random_time_offset: a crop that drops 0 to MAX bins of the batch's shortest sample at a random place, so that a model
+of stride 16 trains on every length modulo 16 (where the recording's end falls on its grid) with windows all but as
+long as the recording (a short crop normalised again is another picture than the same stretch in a long window).
+random_spectral_tilt: every sample gets a random instrument response |H(f)| = f ** p, the same on its three
+components (p = 1: an accelerometer's record of a velocity sensor's ground motion), then is normalised again.
+Draws come from a numpy Generator the caller seeds per batch (batch_rng), so a run resumed at any step repeats them;
+the crop (or offset) draws first, so a run with crops alone draws the same crops as before the tilt existed.
 """
 
 import numpy as np
@@ -25,13 +31,41 @@ def random_time_crop(spectrogram, mask, rng, min_bins, max_bins):
     return rescale(windows), torch.ones(len(starts), n_bins, dtype=torch.bool)
 
 
-def rescale(windows):
-    """Min-max to [0, 1] per sample and component over (freq, time); a constant component becomes zeros."""
-    low = windows.amin(dim=(2, 3), keepdim=True)
-    span = windows.amax(dim=(2, 3), keepdim=True) - low
+def random_time_offset(spectrogram, mask, rng, max_offset):
+    """random_time_crop to L - k bins, k drawn uniformly in [0, max_offset], L the batch's shortest valid length."""
+    shortest = int(mask.sum(dim=1).min())
+    return random_time_crop(spectrogram, mask, rng, max(1, shortest - max_offset), shortest)
+
+
+def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs):
+    """(B, 3, F, T) padded batch -> the batch with each sample's log-magnitude tilted by t * log10(f), normalised
+    again; mask unchanged.
+
+    t is drawn uniformly in [-max_tilt, max_tilt] per sample, in the transform's normalised units (a fraction of the
+    component's log10 range) per decade of frequency: with the shipped files' median range of 6.5 decades, 0.15 is
+    a response f ** +-1. freqs (F,) in Hz; the 0 Hz bin takes the next bin's gain. Dead components stay zeros,
+    padding stays zero.
+    """
+    tilts = torch.from_numpy(rng.uniform(-max_tilt, max_tilt, size=len(spectrogram))).float()
+    gain = torch.from_numpy(np.log10(np.maximum(freqs, freqs[1]))).float()  # (F,)
+    valid = mask[:, None, None, :]  # (B, 1, 1, T)
+    x = spectrogram.float()
+    alive = torch.where(valid, x, -np.inf).amax(dim=(2, 3), keepdim=True) > torch.where(valid, x, np.inf).amin(
+        dim=(2, 3), keepdim=True
+    )
+    tilted = rescale(x + tilts[:, None, None, None] * gain[None, None, :, None], valid)
+    return torch.where(alive & valid, tilted, 0.0), mask
+
+
+def rescale(windows, valid=None):
+    """Min-max to [0, 1] per sample and component over (freq, time), over the valid bins (a (B, 1, 1, T) mask; default
+    all); a constant component becomes zeros."""
+    valid = torch.ones_like(windows, dtype=torch.bool) if valid is None else valid
+    low = torch.where(valid, windows, np.inf).amin(dim=(2, 3), keepdim=True)
+    span = torch.where(valid, windows, -np.inf).amax(dim=(2, 3), keepdim=True) - low
     return torch.where(span > 0, (windows - low) / span.clamp_min(torch.finfo(windows.dtype).tiny), 0.0)
 
 
-def crop_rng(seed, epoch, rank, step):
-    """The crop draws of one batch (step of an epoch) of one process: the same in a run resumed at any step."""
+def batch_rng(seed, epoch, rank, step):
+    """The augmentation draws of one batch (step of an epoch) of one process: the same in a run resumed at any step."""
     return np.random.default_rng([seed, epoch, rank, step])

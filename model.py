@@ -5,6 +5,14 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
+# How a spectrogram of any size meets the layers, which halve it 4 times and double it back:
+#   "pad"          repeat the last frequency and time bin up to a multiple of 16, crop the output back: every bin
+#                  is reconstructed at its own position, whatever the recording's length;
+#   "interpolate"  resize the decoder's (16 * ceil(F/16), 16 * ceil(T/16)) output to the input size: a stretch that
+#                  depends on the length (142 bins: 144 -> 142, 0.99; 129 bins: 144 -> 129, 0.90), so lengths just
+#                  over a multiple of 16 come out shifted by up to 15 bins (the seed model; checkpoints before "pad").
+SIZE_FITS = ("pad", "interpolate")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -12,10 +20,24 @@ class ModelConfig:
 
     in_channels: int = 3  # E, N, Z
     features: tuple = (32, 64, 128, 256)  # one stride-2 3x3 conv layer each
+    size_fit: str = "pad"  # one of SIZE_FITS
+
+    def __post_init__(self):
+        if self.size_fit not in SIZE_FITS:
+            raise ValueError(f"size_fit must be one of {', '.join(SIZE_FITS)}, got {self.size_fit!r}")
+
+    @property
+    def stride(self):
+        """Bins of the input per latent bin, along each axis."""
+        return 2 ** len(self.features)
 
     @classmethod
     def from_dict(cls, values):
-        return cls(in_channels=int(values["in_channels"]), features=tuple(values["features"]))
+        return cls(
+            in_channels=int(values["in_channels"]),
+            features=tuple(values["features"]),
+            size_fit=values.get("size_fit", "interpolate"),  # written before the field: the seed model's resizing
+        )
 
     def to_dict(self):
         return {**asdict(self), "features": list(self.features)}
@@ -42,8 +64,8 @@ class ConvAutoencoder(nn.Module):
     """(B, 3, F, T) -> latent (B, 256, ceil(F/16), ceil(T/16)) -> (B, 3, F, T).
 
     With the default config and a (3, 129, 111) input (70 s at 100 Hz): latent (256, 9, 7);
-    777,987 parameters. The decoder returns (16 * ceil(F/16), 16 * ceil(T/16)), which is
-    interpolated back to the input size.
+    777,987 parameters. The decoder returns (16 * ceil(F/16), 16 * ceil(T/16)), which meets the
+    input size as config.size_fit says.
     """
 
     def __init__(self, config=ModelConfig()):
@@ -55,11 +77,17 @@ class ConvAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*[deconv_block(a, b) for a, b in pairs[:-1]], deconv_block(*pairs[-1], last=True))
 
     def encode(self, x):
+        if self.config.size_fit == "pad":
+            stride = self.config.stride
+            x = F.pad(x, (0, -x.shape[-1] % stride, 0, -x.shape[-2] % stride), mode="replicate")
         return self.encoder(x)
 
     def decode(self, latent, size):
         """latent -> reconstruction of spatial size `size` = (n_freq, n_time)."""
-        return F.interpolate(self.decoder(latent), size=size, mode="bilinear", align_corners=False)
+        output = self.decoder(latent)
+        if self.config.size_fit == "pad":
+            return output[..., : size[0], : size[1]]
+        return F.interpolate(output, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x):
         return self.decode(self.encode(x), x.shape[-2:])

@@ -31,10 +31,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from augment import crop_rng, random_time_crop
+from augment import batch_rng, random_spectral_tilt, random_time_crop, random_time_offset
 from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
-from model import ConvAutoencoder
+from model import SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, SkipFirst, StepCheck, StopSignals
 from recordings import SPLITS, choose_val_groups, in_groups, window_problems
 from runtime import (
@@ -61,9 +61,11 @@ from training import (
     CROP_BINS,
     LR,
     NUM_EPOCHS,
+    OFFSET_BINS,
     ONE_CYCLE_END,
     ONE_CYCLE_START,
     ONE_CYCLE_WARMUP,
+    SPECTRAL_TILT,
     WEIGHT_DECAY,
     evaluate,
     mean_loss,
@@ -79,11 +81,19 @@ SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may
 # Settings that define a run: on --resume they come from the checkpoint, not the command line.
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
-    *("lr_schedule", "crop_bins", "weight_decay"),
+    *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "size_fit"),
     *("window_seconds", "window_stride", "split_by"),
 )
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
-BEFORE_FLAG = {"lr_schedule": "constant", "crop_bins": [0, 0], "weight_decay": 0.0, "split_by": "file"}
+BEFORE_FLAG = {
+    "lr_schedule": "constant",
+    "crop_bins": [0, 0],
+    "offset_bins": 0,
+    "weight_decay": 0.0,
+    "split_by": "file",
+    "spectral_tilt": 0.0,
+    "size_fit": "interpolate",
+}
 SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
 
 
@@ -113,6 +123,30 @@ def parse_args(argv=None):
         metavar=("MIN", "MAX"),
         help="training batches only: random time windows of MIN to MAX bins, normalised again (default 0 0: no "
         "cropping; crops made the model transfer worse, see the README's Generalisation section)",
+    )
+    add(
+        "--offset_bins",
+        type=int,
+        default=OFFSET_BINS,
+        metavar="MAX",
+        help="training batches only: drop 0 to MAX time bins at a random place, normalised again, so that the model "
+        "trains on every length modulo its stride of 16 (15 covers them all; 0: off; not with --crop_bins)",
+    )
+    add(
+        "--spectral_tilt",
+        type=float,
+        default=SPECTRAL_TILT,
+        metavar="MAX",
+        help="training batches only: a random instrument response f ** p per sample, its slope drawn in [-MAX, "
+        "MAX] (a fraction of the log10 range per decade of frequency; 0.15 is about p = 1; 0: off)",
+    )
+    add(
+        "--size_fit",
+        choices=SIZE_FITS,
+        default="pad",
+        help="how a spectrogram whose size is no multiple of 16 meets the model: 'pad' (repeat the last bins, crop "
+        "the output) or 'interpolate' (resize the output: the seed model, which shifts bins by a length-dependent "
+        "stretch)",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
@@ -186,6 +220,9 @@ def argument_problems(args):
         ("save_every_steps", args.save_every_steps >= 0, ">= 0"),
         ("save_every_minutes", args.save_every_minutes >= 0, ">= 0"),
         ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("spectral_tilt", args.spectral_tilt >= 0, ">= 0"),
+        ("offset_bins", args.offset_bins >= 0, ">= 0"),
+        ("offset_bins", not args.offset_bins or args.crop_bins == [0, 0], "0 with --crop_bins (crops vary the length)"),
         (
             "crop_bins",
             args.crop_bins == [0, 0] or 1 <= args.crop_bins[0] <= args.crop_bins[1],
@@ -363,7 +400,7 @@ def prepare(args, checkpoint, device):
     train_loader, val_loader, sampler = build_loaders(dataset, train_indices, val_indices, val_files, args, device)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = ConvAutoencoder().to(device, memory_format=torch.channels_last)
+    model = ConvAutoencoder(ModelConfig(size_fit=args.size_fit)).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler, amp = mixed_precision(args.amp, device)
     state = restore(checkpoint, model, optimizer, scaler)
@@ -546,12 +583,25 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 
 def augmentation(args, epoch):
-    """The epoch's augmentation of training batches (augment.random_time_crop), or None with --crop_bins 0 0."""
+    """The epoch's augmentation of training batches (augment.py: a crop or an offset, then the spectral tilt), or None
+    when all are off."""
     min_bins, max_bins = args.crop_bins
-    if not min_bins:
+    if not min_bins and not args.offset_bins and not args.spectral_tilt:
         return None
     rank = rank_and_world_size()[0]
-    return lambda x, mask, step: random_time_crop(x, mask, crop_rng(args.seed, epoch, rank, step), min_bins, max_bins)
+    freqs, _ = stft_config(args).axes(0)
+
+    def augment(x, mask, step):
+        rng = batch_rng(args.seed, epoch, rank, step)
+        if min_bins:
+            x, mask = random_time_crop(x, mask, rng, min_bins, max_bins)
+        elif args.offset_bins:
+            x, mask = random_time_offset(x, mask, rng, args.offset_bins)
+        if args.spectral_tilt:
+            x, mask = random_spectral_tilt(x, mask, rng, args.spectral_tilt, freqs)
+        return x, mask
+
+    return augment
 
 
 def learning_rate(args, epoch, steps_per_epoch):

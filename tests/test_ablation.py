@@ -3,6 +3,7 @@
 import json
 import os
 
+import obspy
 import pytest
 from conftest import SHIPPED
 
@@ -28,6 +29,25 @@ def test_stations_fold_holds_out_the_default_runs_validation_stations(tmp_path):
     held_out = {ablation.station_of(name) for name in os.listdir(test_dir)}
     assert held_out == {*val_groups, "BW.RJOB"}
     assert not held_out & {ablation.station_of(name) for name in os.listdir(train_dir)}
+
+
+def test_cut_copies_keep_a_seeded_45_to_90_s_of_each_held_out_file(tmp_path):
+    _, test_dir = ablation.link_fold(("PG",), str(tmp_path))
+    cut_dir = ablation.cut_copies(test_dir)
+    assert sorted(os.listdir(cut_dir)) == sorted(os.listdir(test_dir))
+    durations = []
+    for name in sorted(os.listdir(cut_dir)):
+        whole, cut = obspy.read(os.path.join(test_dir, name)), obspy.read(os.path.join(cut_dir, name))
+        start = min(trace.stats.starttime for trace in whole)
+        assert min(trace.stats.starttime for trace in cut) == start
+        durations.append(max(trace.stats.endtime for trace in cut) - start)
+        if name.startswith("PG"):
+            assert ablation.CUT_SECONDS[0] - 0.01 <= durations[-1] <= ablation.CUT_SECONDS[1]
+    assert len(set(durations)) == len(durations)  # a length of its own for each file
+    again = ablation.cut_copies(ablation.link_fold(("PG",), str(tmp_path / "again"))[1])
+    assert [obspy.read(os.path.join(again, n))[0].stats.npts for n in sorted(os.listdir(again))] == [
+        obspy.read(os.path.join(cut_dir, n))[0].stats.npts for n in sorted(os.listdir(cut_dir))
+    ]
 
 
 def test_means_per_network_and_over_all_files():

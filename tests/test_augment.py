@@ -1,5 +1,5 @@
-"""Training-time levers: random time crops (augment.py), the one-cycle learning rate, and that both touch
-training batches only and repeat exactly in a resumed run. Real shipped recordings for the runs."""
+"""Training-time levers: random time crops and spectral tilts (augment.py), the one-cycle learning rate, and that
+they touch training batches only and repeat exactly in a resumed run. Real shipped recordings for the runs."""
 
 import os
 
@@ -9,10 +9,12 @@ import torch
 from conftest import flags
 
 import train
-from augment import crop_rng, random_time_crop
+from augment import batch_rng, random_spectral_tilt, random_time_crop, random_time_offset
 from stft_dataset import SeismicSTFTDataset, pad_collate
 from training import ONE_CYCLE_WARMUP, one_cycle
+from transform import STFTConfig
 
+FREQS = STFTConfig().axes(0)[0]
 TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu", split_by="file")  # counts training files
 
 
@@ -42,9 +44,9 @@ def test_crop_is_a_window_of_each_sample_normalised_again(real_dir):
 
 def test_crop_draws_repeat_for_a_seed_and_differ_between_epochs(real_dir):
     batch = real_batch(real_dir, [142, 142, 142, 142])
-    first = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0, 0), 40, 142)[0]
-    again = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 1, 0, 0), 40, 142)[0]
-    other = random_time_crop(batch["spectrogram"], batch["mask"], crop_rng(42, 2, 0, 0), 40, 142)[0]
+    first = random_time_crop(batch["spectrogram"], batch["mask"], batch_rng(42, 1, 0, 0), 40, 142)[0]
+    again = random_time_crop(batch["spectrogram"], batch["mask"], batch_rng(42, 1, 0, 0), 40, 142)[0]
+    other = random_time_crop(batch["spectrogram"], batch["mask"], batch_rng(42, 2, 0, 0), 40, 142)[0]
     assert torch.equal(first, again) and (first.shape != other.shape or not torch.equal(first, other))
 
 
@@ -53,6 +55,44 @@ def test_dead_component_stays_zero_after_a_crop():
     x[0, 1] = 0.0
     cropped, _ = random_time_crop(x, torch.ones(1, 60, dtype=torch.bool), np.random.default_rng(0), 20, 30)
     assert (cropped[0, 1] == 0).all() and torch.isfinite(cropped).all()
+
+
+def test_offset_drops_up_to_max_bins_of_the_shortest_sample_as_a_crop(real_dir):
+    batch = real_batch(real_dir, [142, 142, 130])
+    lengths = set()
+    for step in range(60):
+        x, mask = random_time_offset(batch["spectrogram"], batch["mask"], batch_rng(42, 1, 0, step), 15)
+        crop, _ = random_time_crop(batch["spectrogram"], batch["mask"], batch_rng(42, 1, 0, step), 115, 130)
+        assert torch.equal(x, crop) and mask.all() and mask.shape == (3, x.shape[-1])
+        lengths.add(x.shape[-1])
+    assert lengths == set(range(115, 131))  # every length modulo 16
+
+
+def test_tilt_adds_a_response_in_log_frequency_then_normalises_again(real_dir):
+    batch = real_batch(real_dir, [142, 120, 90])
+    x, mask = random_spectral_tilt(batch["spectrogram"], batch["mask"], np.random.default_rng(5), 0.3, FREQS)
+    tilts = np.random.default_rng(5).uniform(-0.3, 0.3, size=3)
+    response = np.log10(np.r_[FREQS[1], FREQS[1:]])[None, :, None]  # (1, F, 1): 0 Hz takes the 0.39 Hz gain
+    assert torch.equal(mask, batch["mask"])
+    for k, n_valid in enumerate(mask.sum(dim=1).tolist()):
+        expected = normalised(batch["spectrogram"][k, :, :, :n_valid].numpy() + tilts[k] * response)
+        np.testing.assert_allclose(x[k, :, :, :n_valid].numpy(), expected, atol=1e-6)
+        assert (x[k, :, :, n_valid:] == 0).all()  # padding stays zero
+    low_high = x[:, :, :20, :90].mean(dim=(1, 2, 3)) - x[:, :, -20:, :90].mean(dim=(1, 2, 3))
+    original = batch["spectrogram"]
+    before = original[:, :, :20, :90].mean(dim=(1, 2, 3)) - original[:, :, -20:, :90].mean(dim=(1, 2, 3))
+    assert np.array_equal(np.sign((low_high - before).numpy()), -np.sign(tilts))  # p > 0 raises the high band
+
+
+def test_tilt_draws_repeat_for_a_seed_and_keep_dead_components_zero():
+    x = torch.rand(4, 3, 129, 60)
+    x[2, 0] = 0.0
+    mask = torch.ones(4, 60, dtype=torch.bool)
+    first, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS)
+    again, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS)
+    other, _ = random_spectral_tilt(x, mask, batch_rng(42, 2, 0, 3), 0.15, FREQS)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert (first[2, 0] == 0).all() and torch.isfinite(first).all() and first[2, 1].max() == 1.0
 
 
 def test_one_cycle_follows_torch_one_cycle_lr():
@@ -85,20 +125,29 @@ def test_one_cycle_rises_to_the_peak_then_decays():
     assert np.all(np.diff(factors[: peak + 1]) > 0) and np.all(np.diff(factors[peak:]) < 0)
 
 
-def test_crops_reach_training_batches_only(train_dir, tmp_path, monkeypatch):
-    cropped = []
-    original = train.random_time_crop
+@pytest.mark.parametrize(
+    "name, lever",
+    [
+        ("random_time_crop", ["--crop_bins", "20", "30"]),
+        ("random_time_offset", ["--offset_bins", "15"]),
+        ("random_spectral_tilt", ["--spectral_tilt", "0.3"]),
+    ],
+)
+def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeypatch, name, lever):
+    seen = []
+    original = getattr(train, name)
 
     def recording(x, mask, *args):
-        cropped.append(x.shape[0])
+        seen.append(x.shape[0])
         return original(x, mask, *args)
 
-    monkeypatch.setattr(train, "random_time_crop", recording)
+    monkeypatch.setattr(train, name, recording)
     common = flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l", data_dir=train_dir)
-    summary = train.main([*common, *TINY, "--num_epochs", "2", "--crop_bins", "20", "30"])
-    assert sum(cropped) == 2 * 9  # 9 training files per epoch; the 3 validation files never
-    plain = train.main([*common, *TINY, "--num_epochs", "2", "--crop_bins", "0", "0"])
-    assert sum(cropped) == 2 * 9 and plain["history"][0]["train_loss"] != summary["history"][0]["train_loss"]
+    summary = train.main([*common, *TINY, "--num_epochs", "2", *lever])
+    assert sum(seen) == 2 * 9  # 9 training files per epoch; the 3 validation files never
+    plain = train.main([*common, *TINY, "--num_epochs", "2"])
+    assert sum(seen) == 2 * 9 and plain["history"][0]["train_loss"] != summary["history"][0]["train_loss"]
+    assert plain["history"][0]["val_loss"] != summary["history"][0]["val_loss"]  # trained on other batches
 
 
 def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path):
@@ -117,9 +166,14 @@ def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path)
     )
 
 
-def test_interrupted_run_with_crops_and_one_cycle_resumes_exactly(train_dir, tmp_path, monkeypatch):
-    straight = train.main([*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "a", log_dir=tmp_path / "la"), *TINY,
-                           "--num_epochs", "4"])  # fmt: skip
+AUGMENTATIONS = [["--crop_bins", "40", "142", "--spectral_tilt", "0.15"], ["--offset_bins", "15"]]
+
+
+@pytest.mark.parametrize("augmentation", AUGMENTATIONS)
+def test_interrupted_augmented_one_cycle_run_resumes_exactly(train_dir, tmp_path, monkeypatch, augmentation):
+    augmented = [*TINY, *augmentation]
+    straight = train.main([*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "a", log_dir=tmp_path / "la"),
+                           *augmented, "--num_epochs", "4"])  # fmt: skip
     original_save = train.save
 
     def killed_after_epoch_2(run, epoch, improved):
@@ -128,7 +182,7 @@ def test_interrupted_run_with_crops_and_one_cycle_resumes_exactly(train_dir, tmp
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save", killed_after_epoch_2)
-    common = [*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "b", log_dir=tmp_path / "lb"), *TINY]
+    common = [*flags(data_dir=train_dir, checkpoint_dir=tmp_path / "b", log_dir=tmp_path / "lb"), *augmented]
     with pytest.raises(SystemExit) as stopped:
         train.main([*common, "--num_epochs", "4"])
     assert stopped.value.code == 130

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model import ConvAutoencoder, ModelConfig, masked_errors, masked_mse
+from model import SIZE_FITS, ConvAutoencoder, ModelConfig, masked_errors, masked_mse
 from transform import STFTConfig
 
 
@@ -13,12 +13,41 @@ def test_parameter_count_matches_specification():
     assert sum(p.numel() for p in ConvAutoencoder().parameters()) == 777_987
 
 
+@pytest.mark.parametrize("size_fit", SIZE_FITS)
 @pytest.mark.parametrize("n_time, latent_time", [(48, 3), (111, 7), (142, 9)])  # 30 s, 70 s, 90 s at 100 Hz
-def test_latent_and_output_shapes(n_time, latent_time):
-    model = ConvAutoencoder().eval()
+def test_latent_and_output_shapes(n_time, latent_time, size_fit):
+    model = ConvAutoencoder(ModelConfig(size_fit=size_fit)).eval()
     x = torch.rand(2, 3, 129, n_time)
     assert model.encode(x).shape == (2, 256, 9, latent_time)
     assert model(x).shape == x.shape
+
+
+def trained_a_little(config):
+    """A model whose BatchNorm running statistics moved off their initial values, in eval mode."""
+    torch.manual_seed(0)
+    model = ConvAutoencoder(config)
+    model(torch.rand(4, 3, 129, 64))
+    return model.eval()
+
+
+def test_padded_fit_reconstructs_a_bin_the_same_whatever_the_length():
+    """With "pad" the first bins of a recording come out the same from 300 or 400 bins (beyond the receptive field
+    of the end, every bin sits on the same grid); "interpolate" stretches 304 to 300 bins and moves them."""
+    x = torch.rand(1, 3, 129, 400)
+    for size_fit, same in (("pad", True), ("interpolate", False)):
+        model = trained_a_little(ModelConfig(size_fit=size_fit))
+        with torch.no_grad():
+            short, long = model(x[..., :300]), model(x)
+        assert torch.allclose(short[..., :100], long[..., :100], atol=1e-5) == same
+        assert short.shape == x[..., :300].shape
+
+
+def test_checkpoints_before_size_fit_load_as_interpolate():
+    old = {"in_channels": 3, "features": [32, 64, 128, 256]}  # model_config as written before the field
+    assert ModelConfig.from_dict(old).size_fit == "interpolate" and ModelConfig().size_fit == "pad"
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+    with pytest.raises(ValueError, match="size_fit"):
+        ModelConfig(size_fit="stretch")
 
 
 def test_forward_backward_gives_gradients_everywhere():
