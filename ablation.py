@@ -1,6 +1,6 @@
 """Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, every fold: about 51 minutes on 2 cores
+    python ablation.py                                     # every lever, every fold: about 80 minutes on 2 cores
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
 

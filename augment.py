@@ -50,9 +50,7 @@ def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs):
     gain = torch.from_numpy(np.log10(np.maximum(freqs, freqs[1]))).float()  # (F,)
     valid = mask[:, None, None, :]  # (B, 1, 1, T)
     x = spectrogram.float()
-    alive = torch.where(valid, x, -np.inf).amax(dim=(2, 3), keepdim=True) > torch.where(valid, x, np.inf).amin(
-        dim=(2, 3), keepdim=True
-    )
+    alive = extent(x, valid)[1] > 0
     tilted = rescale(x + tilts[:, None, None, None] * gain[None, None, :, None], valid)
     return torch.where(alive & valid, tilted, 0.0), mask
 
@@ -60,10 +58,14 @@ def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs):
 def rescale(windows, valid=None):
     """Min-max to [0, 1] per sample and component over (freq, time), over the valid bins (a (B, 1, 1, T) mask; default
     all); a constant component becomes zeros."""
-    valid = torch.ones_like(windows, dtype=torch.bool) if valid is None else valid
-    low = torch.where(valid, windows, np.inf).amin(dim=(2, 3), keepdim=True)
-    span = torch.where(valid, windows, -np.inf).amax(dim=(2, 3), keepdim=True) - low
+    low, span = extent(windows, torch.ones_like(windows, dtype=torch.bool) if valid is None else valid)
     return torch.where(span > 0, (windows - low) / span.clamp_min(torch.finfo(windows.dtype).tiny), 0.0)
+
+
+def extent(windows, valid):
+    """(minimum, maximum - minimum) per sample and component over the valid bins: (B, 3, 1, 1) each."""
+    low = torch.where(valid, windows, np.inf).amin(dim=(2, 3), keepdim=True)
+    return low, torch.where(valid, windows, -np.inf).amax(dim=(2, 3), keepdim=True) - low
 
 
 def batch_rng(seed, epoch, rank, step):
