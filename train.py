@@ -122,7 +122,7 @@ def parse_args(argv=None):
         default=list(CROP_BINS),
         metavar=("MIN", "MAX"),
         help="training batches only: random time windows of MIN to MAX bins, normalised again (default 0 0: no "
-        "cropping; crops made the model transfer worse, see the README's Generalisation section)",
+        "cropping; crops did not make the model transfer better, see the README's Generalisation section)",
     )
     add(
         "--offset_bins",
@@ -143,7 +143,7 @@ def parse_args(argv=None):
     add(
         "--size_fit",
         choices=SIZE_FITS,
-        default="pad",
+        default=ModelConfig.size_fit,
         help="how a spectrogram whose size is no multiple of 16 meets the model: 'pad' (repeat the last bins, crop "
         "the output) or 'interpolate' (resize the output: the seed model, which shifts bins by a length-dependent "
         "stretch)",

@@ -160,16 +160,15 @@ def read_waveform(path, families, stft):
         if trace.stats.starttime != start or trace.stats.endtime != end:  # trim is slow even when it cuts nothing
             trace.trim(start, end)
     n_samples = min(trace.stats.npts for trace in traces)
-    first, end = alive_span(
-        np.stack([trace.data[:n_samples] for trace in traces]), round(DEAD_END_SECONDS * stft.sampling_rate)
-    )
-    if end - first < stft.nperseg:
-        cut = f" ({n_samples - end + first} constant at the ends cut off)" if end - first < n_samples else ""
+    waveform = np.stack([trace.data[:n_samples] for trace in traces])
+    first, stop = alive_span(waveform, round(DEAD_END_SECONDS * stft.sampling_rate))
+    if stop - first < stft.nperseg:
+        cut = f" ({n_samples - stop + first} constant at the ends cut off)" if stop - first < n_samples else ""
         raise UnusableFile(
-            "too short for one STFT window", f"{end - first} common samples{cut} < nperseg={stft.nperseg}"
+            "too short for one STFT window", f"{stop - first} common samples{cut} < nperseg={stft.nperseg}"
         )
-    waveform = np.stack([trace.data[first:end] for trace in traces])
-    return waveform, {"trace_id": instrument, "family": family, "starttime": str(start + first / stft.sampling_rate)}
+    meta = {"trace_id": instrument, "family": family, "starttime": str(start + first / stft.sampling_rate)}
+    return waveform[:, first:stop], meta
 
 
 def alive_span(waveform, min_run):
