@@ -1,17 +1,18 @@
 """Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, every fold: about 80 minutes on 2 cores
+    python ablation.py                                     # every lever, every fold: about 90 minutes on 2 cores
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
 
 Each fold holds some stations or networks of the shipped data out: `python train.py` runs on the other files
 (its own station split inside them chooses the best epoch), then `python inference.py --split all` evaluates
 the best checkpoint on the held-out files and on obspy's example recording (BW.RJOB, Germany, another
-instrument), and again on copies of them cut to lengths between CUT_SECONDS (group "cut": every number of
-time bins from 72 to 142, where the shipped files are nearly all 142). With the default folds every shipped
-network is held out once. Each lever is one set of
-train.py flags; the table gives mean MSE per held-out group for the model, the time-mean and the blur
-baseline (baselines.py), and the ratios. Both scripts run as a user runs them, in subprocesses.
+instrument), and again on copies of them cut shorter (CUTS): group "cut", their first 45-90 s (every number of
+time bins from 72 to 142, where the shipped files are nearly all 142), and group "30 s", their first 30 s (48 bins,
+a multiple of the model's stride of 16, like BW.RJOB). With the default folds every shipped network is held out
+once. Each lever is one set of train.py flags, run on every fold before the next lever; the tables give mean MSE
+per held-out group for the model, the time-mean and the blur baseline (baselines.py), and the ratios. Both scripts
+run as a user runs them, in subprocesses.
 """
 
 import json
@@ -38,20 +39,22 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
 }
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
-    "previous default: --size_fit interpolate --spectral_tilt 0": ["--size_fit", "interpolate", "--spectral_tilt", "0"],
-    "plain (the first default): constant lr 1e-3, batch 16, 30 epochs, interpolate, no tilt": [
-        *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30"),
-        *("--size_fit", "interpolate", "--spectral_tilt", "0"),
+    "no floor: --noise_floor 0 (the default of the previous stop)": ["--noise_floor", "0"],
+    "stop-14 default: --size_fit interpolate --spectral_tilt 0 --noise_floor 0": [
+        *("--size_fit", "interpolate", "--spectral_tilt", "0", "--noise_floor", "0"),
     ],
-    "interpolate: --size_fit interpolate (the seed model's resizing)": ["--size_fit", "interpolate"],
+    "plain (the first default): constant lr 1e-3, batch 16, 30 epochs, interpolate, no tilt, no floor": [
+        *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30"),
+        *("--size_fit", "interpolate", "--spectral_tilt", "0", "--noise_floor", "0"),
+    ],
     "no tilt: --spectral_tilt 0": ["--spectral_tilt", "0"],
-    "spectral tilt 0.3": ["--spectral_tilt", "0.3"],
+    "floor 0.7: --noise_floor 0.7": ["--noise_floor", "0.7"],
     "offsets: --offset_bins 15": ["--offset_bins", "15"],
     "crops: --crop_bins 40 142": ["--crop_bins", "40", "142"],
     "batch 16": ["--batch_size", "16"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
 }
-CUT_SECONDS = (45.0, 90.0)  # the held-out copies keep their first 45-90 s, drawn per file
+CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
 
@@ -93,14 +96,14 @@ def link_fold(held_out, work_dir):
     return train_dir, test_dir
 
 
-def cut_copies(test_dir, seed=0):
-    """Copies of the held-out files beside test_dir, each cut to its first CUT_SECONDS (drawn per file, seeded);
-    a file shorter than the draw is copied whole. Returns their directory."""
-    cut_dir = test_dir + "_cut"
+def cut_copies(test_dir, group, seed=0):
+    """Copies of the held-out files beside test_dir, each cut to its first CUTS[group] seconds (drawn per file,
+    seeded); a file shorter than the draw is copied whole. Returns their directory."""
+    cut_dir = f"{test_dir}_{group.replace(' ', '')}"
     os.makedirs(cut_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name in sorted(os.listdir(test_dir)):
-        seconds = rng.uniform(*CUT_SECONDS)
+        seconds = rng.uniform(*CUTS[group])
         if name.endswith(".mseed") and not os.path.exists(os.path.join(cut_dir, name)):
             stream = obspy.read(os.path.join(test_dir, name))
             start = min(trace.stats.starttime for trace in stream)
@@ -149,10 +152,12 @@ def mean_mse(samples):
 
 
 def print_tables(figures):
-    """Markdown tables: each lever and fold over all its held-out files, then each held-out network alone."""
+    """Markdown tables: a summary (each lever's ratios to both baselines, per fold and group), each lever and fold
+    over all its held-out files, then each held-out network alone."""
+    print_summary(figures)
     columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-    overall = ("all", "cut")  # every held-out file, and every one cut shorter
+    overall = ("all", *CUTS)  # every held-out file, and every one cut shorter
     tables = (("all held-out files", lambda net: net in overall), ("per network", lambda net: net not in overall))
     for title, keep in tables:
         print(f"\n{title}:\n{header}")
@@ -165,19 +170,44 @@ def print_tables(figures):
                           f"{row['train_s']:.0f} |")  # fmt: skip
 
 
+def print_summary(figures):
+    """One row per lever: model MSE / time-mean MSE and model MSE / blur MSE, per fold and group of files."""
+    folds = list(dict.fromkeys(row["fold"] for row in figures))
+    groups = ("all", *CUTS)
+    ratios = defaultdict(dict)
+    for row in figures:
+        for group in groups:
+            if group in row["networks"]:
+                v = row["networks"][group]
+                ratios[row["lever"]][row["fold"], group] = (
+                    f"{v['model'] / v['baseline']:.2f} / {v['model'] / v['blur']:.2f}"
+                )
+    columns = [f"{fold}: {group}" for fold in folds for group in groups]
+    print(
+        "\nmodel / t-mean and model / blur:\n| lever | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1)
+    )
+    for lever, cells in ratios.items():
+        print(f"| {lever} | " + " | ".join(cells.get((fold, group), "") for fold in folds for group in groups) + " |")
+
+
 def run_folds(args):
-    """Every chosen lever trained and evaluated on every chosen fold: one figures row each."""
+    """Every chosen lever trained and evaluated on every chosen fold: one figures row each, lever by lever (a run
+    stopped part-way keeps whole levers)."""
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="ablation_")
-    figures = []
+    folds = {}
     for fold in args.folds:
         train_dir, test_dir = link_fold(FOLDS[fold], os.path.join(work_dir, fold))
-        test_dirs = (test_dir, cut_copies(test_dir))
-        for name, flags in LEVERS.items():
-            if SHORT[name] not in args.levers:
-                continue
-            (metrics, cut), seconds = run_lever(flags, train_dir, test_dirs, os.path.join(work_dir, fold, SHORT[name]))
+        folds[fold] = train_dir, (test_dir, *(cut_copies(test_dir, group) for group in CUTS))
+    figures = []
+    for name, flags in LEVERS.items():
+        if SHORT[name] not in args.levers:
+            continue
+        for fold, (train_dir, test_dirs) in folds.items():
+            out_dir = os.path.join(work_dir, fold, SHORT[name])
+            (metrics, *cuts), seconds = run_lever(flags, train_dir, test_dirs, out_dir)
             figures.append({"lever": SHORT[name], "flags": flags, "fold": fold, "train_s": seconds})
-            figures[-1]["networks"] = {**by_network(metrics), "cut": mean_mse(cut["samples"])}
+            cut_means = {group: mean_mse(cut["samples"]) for group, cut in zip(CUTS, cuts)}
+            figures[-1]["networks"] = {**by_network(metrics), **cut_means}
             print(f"{SHORT[name]}, fold {fold}: {figures[-1]['networks']['all']} ({seconds:.0f} s)", flush=True)
             if args.json:  # after every run: a run stopped part-way keeps what it measured
                 write_json_atomic(args.json, figures)

@@ -9,12 +9,17 @@ of stride 16 trains on every length modulo 16 (where the recording's end falls o
 long as the recording (a short crop normalised again is another picture than the same stretch in a long window).
 random_spectral_tilt: every sample gets a random instrument response |H(f)| = f ** p, the same on its three
 components (p = 1: an accelerometer's record of a velocity sensor's ground motion), then is normalised again.
+random_noise_floor: every sample gets a random floor of incoherent noise (power added to each bin's power, as a noisier
+site or instrument would add), the same on its three components, then is normalised again.
 Draws come from a numpy Generator the caller seeds per batch (batch_rng), so a run resumed at any step repeats them;
-the crop (or offset) draws first, so a run with crops alone draws the same crops as before the tilt existed.
+the crop (or offset) draws first, then the tilt, then the floor, so a run without the later ones draws as before they
+existed.
 """
 
 import numpy as np
 import torch
+
+NOMINAL_DECADES = 6.5  # log10 range of a component's |STFT| taken for the noise floor: the shipped files' median
 
 
 def random_time_crop(spectrogram, mask, rng, min_bins, max_bins):
@@ -53,6 +58,24 @@ def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs):
     alive = extent(x, valid)[1] > 0
     tilted = rescale(x + tilts[:, None, None, None] * gain[None, None, :, None], valid)
     return torch.where(alive & valid, tilted, 0.0), mask
+
+
+def random_noise_floor(spectrogram, mask, rng, max_floor, decades=NOMINAL_DECADES):
+    """(B, 3, F, T) padded batch -> the batch with noise power at a level f added to every bin, normalised again;
+    mask unchanged.
+
+    f is drawn uniformly in [0, max_floor] per sample, in the transform's normalised units (a fraction of the
+    component's log10 range, taken as D = `decades`): a bin at x has the power 10^(2 D x) in those units, so
+    adding the noise power 10^(2 D f) gives x' = log10(10^(2 D x) + 10^(2 D f)) / (2 D), a soft maximum of x and
+    f. Dead components stay zeros, padding stays zero.
+    """
+    floors = torch.from_numpy(rng.uniform(0.0, max_floor, size=len(spectrogram))).float()[:, None, None, None]
+    scale = 2 * decades * np.log(10.0)  # natural-log units of power per normalised unit
+    valid = mask[:, None, None, :]
+    x = spectrogram.float()
+    alive = extent(x, valid)[1] > 0
+    raised = rescale(torch.logaddexp(scale * x, scale * floors) / scale, valid)
+    return torch.where(alive & valid, raised, 0.0), mask
 
 
 def rescale(windows, valid=None):

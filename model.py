@@ -6,8 +6,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # How a spectrogram of any size meets the layers, which halve it 4 times and double it back:
-#   "pad"          repeat the last frequency and time bin up to a multiple of 16, crop the output back: every bin
-#                  is reconstructed at its own position, whatever the recording's length;
+#   "pad"          repeat the last frequency and time bin at least once, up to the next multiple of 16
+#                  (n -> 16 * (n // 16 + 1)), crop the output back: every bin is reconstructed at its own position,
+#                  whatever the recording's length, and never in the decoder's last column (the transposed
+#                  convolutions' edge, filled from fewer kernel taps: training on 142-bin files, padded to 144,
+#                  never keeps it);
 #   "interpolate"  resize the decoder's (16 * ceil(F/16), 16 * ceil(T/16)) output to the input size: a stretch that
 #                  depends on the length (142 bins: 144 -> 142, 0.99; 129 bins: 144 -> 129, 0.90), so lengths just
 #                  over a multiple of 16 come out shifted by up to 15 bins (the seed model; checkpoints before "pad").
@@ -30,6 +33,11 @@ class ModelConfig:
     def stride(self):
         """Bins of the input per latent bin, along each axis."""
         return 2 ** len(self.features)
+
+    def fitted_size(self, n):
+        """Bins the layers get for n bins along an axis ("pad"; "interpolate" pads nothing, the convolutions round
+        up): n // 16 + 1 latent bins of 16, at least one of them repeated."""
+        return self.stride * (n // self.stride + 1)
 
     @classmethod
     def from_dict(cls, values):
@@ -61,11 +69,12 @@ def deconv_block(in_features, out_features, last=False):
 
 
 class ConvAutoencoder(nn.Module):
-    """(B, 3, F, T) -> latent (B, 256, ceil(F/16), ceil(T/16)) -> (B, 3, F, T).
+    """(B, 3, F, T) -> latent (B, 256, F // 16 + 1, T // 16 + 1) -> (B, 3, F, T).
 
     With the default config and a (3, 129, 111) input (70 s at 100 Hz): latent (256, 9, 7);
-    777,987 parameters. The decoder returns (16 * ceil(F/16), 16 * ceil(T/16)), which meets the
-    input size as config.size_fit says.
+    777,987 parameters. config.size_fit says how the input meets the layers: "pad" as above;
+    "interpolate" gives a latent (256, ceil(F/16), ceil(T/16)) and resizes the decoder's
+    (16 * ceil(F/16), 16 * ceil(T/16)) output to the input size.
     """
 
     def __init__(self, config=ModelConfig()):
@@ -78,8 +87,9 @@ class ConvAutoencoder(nn.Module):
 
     def encode(self, x):
         if self.config.size_fit == "pad":
-            stride = self.config.stride
-            x = F.pad(x, (0, -x.shape[-1] % stride, 0, -x.shape[-2] % stride), mode="replicate")
+            n_freq, n_time = x.shape[-2:]
+            fit = self.config.fitted_size
+            x = F.pad(x, (0, fit(n_time) - n_time, 0, fit(n_freq) - n_freq), mode="replicate")
         return self.encoder(x)
 
     def decode(self, latent, size):

@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from augment import batch_rng, random_spectral_tilt, random_time_crop, random_time_offset
+from augment import batch_rng, random_noise_floor, random_spectral_tilt, random_time_crop, random_time_offset
 from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
 from model import SIZE_FITS, ConvAutoencoder, ModelConfig
@@ -60,6 +60,7 @@ from training import (
     BATCH_SIZE,
     CROP_BINS,
     LR,
+    NOISE_FLOOR,
     NUM_EPOCHS,
     OFFSET_BINS,
     ONE_CYCLE_END,
@@ -81,7 +82,7 @@ SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may
 # Settings that define a run: on --resume they come from the checkpoint, not the command line.
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
-    *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "size_fit"),
+    *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
     *("window_seconds", "window_stride", "split_by"),
 )
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
@@ -92,6 +93,7 @@ BEFORE_FLAG = {
     "weight_decay": 0.0,
     "split_by": "file",
     "spectral_tilt": 0.0,
+    "noise_floor": 0.0,
     "size_fit": "interpolate",
 }
 SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
@@ -139,6 +141,14 @@ def parse_args(argv=None):
         metavar="MAX",
         help="training batches only: a random instrument response f ** p per sample, its slope drawn in [-MAX, "
         "MAX] (a fraction of the log10 range per decade of frequency; 0.15 is about p = 1; 0: off)",
+    )
+    add(
+        "--noise_floor",
+        type=float,
+        default=NOISE_FLOOR,
+        metavar="MAX",
+        help="training batches only: noise power added to every bin at a random level in [0, MAX] of the log10 range "
+        "(a noisier site or instrument), normalised again (0: off)",
     )
     add(
         "--size_fit",
@@ -221,6 +231,7 @@ def argument_problems(args):
         ("save_every_minutes", args.save_every_minutes >= 0, ">= 0"),
         ("weight_decay", args.weight_decay >= 0, ">= 0"),
         ("spectral_tilt", args.spectral_tilt >= 0, ">= 0"),
+        ("noise_floor", 0 <= args.noise_floor < 1, "in [0, 1)"),
         ("offset_bins", args.offset_bins >= 0, ">= 0"),
         ("offset_bins", not args.offset_bins or args.crop_bins == [0, 0], "0 with --crop_bins (crops vary the length)"),
         (
@@ -583,10 +594,10 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 
 def augmentation(args, epoch):
-    """The epoch's augmentation of training batches (augment.py: a crop or an offset, then the spectral tilt), or None
-    when all are off."""
+    """The epoch's augmentation of training batches (augment.py: a crop or an offset, the spectral tilt, the noise
+    floor), or None when all are off."""
     min_bins, max_bins = args.crop_bins
-    if not min_bins and not args.offset_bins and not args.spectral_tilt:
+    if not min_bins and not args.offset_bins and not args.spectral_tilt and not args.noise_floor:
         return None
     rank = rank_and_world_size()[0]
     freqs, _ = stft_config(args).axes(0)
@@ -599,6 +610,8 @@ def augmentation(args, epoch):
             x, mask = random_time_offset(x, mask, rng, args.offset_bins)
         if args.spectral_tilt:
             x, mask = random_spectral_tilt(x, mask, rng, args.spectral_tilt, freqs)
+        if args.noise_floor:
+            x, mask = random_noise_floor(x, mask, rng, args.noise_floor)
         return x, mask
 
     return augment

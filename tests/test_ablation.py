@@ -33,7 +33,7 @@ def test_stations_fold_holds_out_the_default_runs_validation_stations(tmp_path):
 
 def test_cut_copies_keep_a_seeded_45_to_90_s_of_each_held_out_file(tmp_path):
     _, test_dir = ablation.link_fold(("PG",), str(tmp_path))
-    cut_dir = ablation.cut_copies(test_dir)
+    cut_dir = ablation.cut_copies(test_dir, "cut")
     assert sorted(os.listdir(cut_dir)) == sorted(os.listdir(test_dir))
     durations = []
     for name in sorted(os.listdir(cut_dir)):
@@ -42,12 +42,20 @@ def test_cut_copies_keep_a_seeded_45_to_90_s_of_each_held_out_file(tmp_path):
         assert min(trace.stats.starttime for trace in cut) == start
         durations.append(max(trace.stats.endtime for trace in cut) - start)
         if name.startswith("PG"):
-            assert ablation.CUT_SECONDS[0] - 0.01 <= durations[-1] <= ablation.CUT_SECONDS[1]
+            assert ablation.CUTS["cut"][0] - 0.01 <= durations[-1] <= ablation.CUTS["cut"][1]
     assert len(set(durations)) == len(durations)  # a length of its own for each file
-    again = ablation.cut_copies(ablation.link_fold(("PG",), str(tmp_path / "again"))[1])
+    again = ablation.cut_copies(ablation.link_fold(("PG",), str(tmp_path / "again"))[1], "cut")
     assert [obspy.read(os.path.join(again, n))[0].stats.npts for n in sorted(os.listdir(again))] == [
         obspy.read(os.path.join(cut_dir, n))[0].stats.npts for n in sorted(os.listdir(cut_dir))
     ]
+
+
+def test_30_s_copies_are_48_time_bins_like_the_foreign_recording(tmp_path):
+    _, test_dir = ablation.link_fold(("BK",), str(tmp_path))  # no padded ends (PG's are cut off, leaving less)
+    whole = SeismicSTFTDataset(test_dir, index_path=tmp_path / "whole.npz")
+    dataset = SeismicSTFTDataset(ablation.cut_copies(test_dir, "30 s"), index_path=tmp_path / "index.npz")
+    lengths = {dataset[i][0].shape[-1] for i in range(len(dataset))}
+    assert len(dataset) == len(whole) and lengths == {48}
 
 
 def test_means_per_network_and_over_all_files():
@@ -75,5 +83,6 @@ def test_tables_of_a_stored_run(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps([row]))
     ablation.main(["--tables", str(tmp_path / "a.json")])
     out = capsys.readouterr().out
+    assert "| lever | NC: all | NC: cut | NC: 30 s |" in out and "| default | 0.50 / 0.25 |  |  |" in out  # summary
     assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in out
     assert "| default | NC | NC | 3 |" in out.split("per network")[1]

@@ -1,5 +1,6 @@
-"""Training-time levers: random time crops and spectral tilts (augment.py), the one-cycle learning rate, and that
-they touch training batches only and repeat exactly in a resumed run. Real shipped recordings for the runs."""
+"""Training-time levers: random time crops, offsets, spectral tilts and noise floors (augment.py), the one-cycle
+learning rate, and that they touch training batches only and repeat exactly in a resumed run. Real shipped
+recordings for the runs."""
 
 import os
 
@@ -9,7 +10,14 @@ import torch
 from conftest import flags
 
 import train
-from augment import batch_rng, random_spectral_tilt, random_time_crop, random_time_offset
+from augment import (
+    NOMINAL_DECADES,
+    batch_rng,
+    random_noise_floor,
+    random_spectral_tilt,
+    random_time_crop,
+    random_time_offset,
+)
 from stft_dataset import SeismicSTFTDataset, pad_collate
 from training import ONE_CYCLE_WARMUP, one_cycle
 from transform import STFTConfig
@@ -95,6 +103,33 @@ def test_tilt_draws_repeat_for_a_seed_and_keep_dead_components_zero():
     assert (first[2, 0] == 0).all() and torch.isfinite(first).all() and first[2, 1].max() == 1.0
 
 
+def test_noise_floor_adds_power_at_a_random_level_then_normalises_again(real_dir):
+    batch = real_batch(real_dir, [142, 120, 90])
+    x, mask = random_noise_floor(batch["spectrogram"], batch["mask"], np.random.default_rng(7), 0.5)
+    floors = np.random.default_rng(7).uniform(0.0, 0.5, size=3)
+    assert torch.equal(mask, batch["mask"])
+    decades, lifted = 2 * NOMINAL_DECADES, []  # decades of power
+    for k, n_valid in enumerate(mask.sum(dim=1).tolist()):
+        source = batch["spectrogram"][k, :, :, :n_valid].numpy().astype(np.float64)
+        power = 10 ** (decades * source) + 10 ** (decades * floors[k])
+        np.testing.assert_allclose(x[k, :, :, :n_valid].numpy(), normalised(np.log10(power) / decades), atol=1e-5)
+        assert (x[k, :, :, n_valid:] == 0).all()  # padding stays zero
+        below = source < floors[k] - 0.05  # bins well under the floor are lifted towards it: their spread shrinks
+        lifted.append(below.sum() > 100 and x[k, :, :, :n_valid].numpy()[below].std() < normalised(source)[below].std())
+    assert sum(lifted) >= 2
+
+
+def test_noise_floor_draws_repeat_for_a_seed_and_keep_dead_components_zero():
+    x = torch.rand(4, 3, 129, 60)
+    x[1, 2] = 0.0
+    mask = torch.ones(4, 60, dtype=torch.bool)
+    first, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5)
+    again, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5)
+    other, _ = random_noise_floor(x, mask, batch_rng(42, 2, 0, 3), 0.5)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert (first[1, 2] == 0).all() and torch.isfinite(first).all() and first[1, 1].max() == 1.0
+
+
 def test_one_cycle_follows_torch_one_cycle_lr():
     """The reference: torch's OneCycleLR (cosine phases) with the same start (peak / 25) and end (peak / 10,000)."""
     steps = 1000
@@ -131,6 +166,7 @@ def test_one_cycle_rises_to_the_peak_then_decays():
         ("random_time_crop", ["--crop_bins", "20", "30"]),
         ("random_time_offset", ["--offset_bins", "15"]),
         ("random_spectral_tilt", ["--spectral_tilt", "0.3"]),
+        ("random_noise_floor", ["--noise_floor", "0.3"]),
     ],
 )
 def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeypatch, name, lever):
@@ -145,7 +181,7 @@ def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeyp
     common = flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l", data_dir=train_dir)
     summary = train.main([*common, *TINY, "--num_epochs", "2", *lever])
     assert sum(seen) == 2 * 9  # 9 training files per epoch; the 3 validation files never
-    plain = train.main([*common, *TINY, "--num_epochs", "2", "--spectral_tilt", "0"])  # no augmentation
+    plain = train.main([*common, *TINY, "--num_epochs", "2", "--spectral_tilt", "0", "--noise_floor", "0"])  # none
     assert sum(seen) == 2 * 9 and plain["history"][0]["train_loss"] != summary["history"][0]["train_loss"]
     assert plain["history"][0]["val_loss"] != summary["history"][0]["val_loss"]  # trained on other batches
 
@@ -166,7 +202,10 @@ def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path)
     )
 
 
-AUGMENTATIONS = [["--crop_bins", "40", "142", "--spectral_tilt", "0.15"], ["--offset_bins", "15"]]
+AUGMENTATIONS = [
+    ["--crop_bins", "40", "142", "--spectral_tilt", "0.15"],
+    ["--offset_bins", "15", "--noise_floor", "0.3"],
+]
 
 
 @pytest.mark.parametrize("augmentation", AUGMENTATIONS)
