@@ -139,7 +139,8 @@ def test_similar_finds_the_recording_itself_at_distance_zero(embedded, tmp_path,
     catalog = pd.read_csv(out / "catalog.csv", keep_default_na=False)
     query = shutil.copy(os.path.join(data_dir, catalog["path"][4]), tmp_path / "query.mseed")
     found = similar.main([str(out), str(query), "-k", "3", "--device", "cpu"])
-    assert found[0]["row"] == 4 and found[0]["distance"] == pytest.approx(0, abs=1e-3) and len(found) == 3
+    # itself, up to float rounding (encoded alone here, in a batch by embed.py; standardising scales it up)
+    assert found[0]["row"] == 4 and found[0]["distance"] < 1e-4 * found[1]["distance"] and len(found) == 3
     assert found[1]["distance"] > 0.1
     listed = similar.main([str(out), "4", "-k", "3", "--output", str(tmp_path / "s.png")])
     assert [n["row"] for n in listed] == [n["row"] for n in found[1:]] + [listed[-1]["row"]]
