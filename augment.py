@@ -53,11 +53,8 @@ def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs):
     """
     tilts = torch.from_numpy(rng.uniform(-max_tilt, max_tilt, size=len(spectrogram))).float()
     gain = torch.from_numpy(np.log10(np.maximum(freqs, freqs[1]))).float()  # (F,)
-    valid = mask[:, None, None, :]  # (B, 1, 1, T)
     x = spectrogram.float()
-    alive = extent(x, valid)[1] > 0
-    tilted = rescale(x + tilts[:, None, None, None] * gain[None, None, :, None], valid)
-    return torch.where(alive & valid, tilted, 0.0), mask
+    return normalised_again(x, x + tilts[:, None, None, None] * gain[None, None, :, None], mask), mask
 
 
 def random_noise_floor(spectrogram, mask, rng, max_floor, decades=NOMINAL_DECADES):
@@ -71,11 +68,16 @@ def random_noise_floor(spectrogram, mask, rng, max_floor, decades=NOMINAL_DECADE
     """
     floors = torch.from_numpy(rng.uniform(0.0, max_floor, size=len(spectrogram))).float()[:, None, None, None]
     scale = 2 * decades * np.log(10.0)  # natural-log units of power per normalised unit
-    valid = mask[:, None, None, :]
     x = spectrogram.float()
+    return normalised_again(x, torch.logaddexp(scale * x, scale * floors) / scale, mask), mask
+
+
+def normalised_again(x, changed, mask):
+    """`changed` (a bin-wise change of the padded batch x) min-max normalised again per sample and component over the
+    valid bins of mask (B, T); components dead in x and padding stay zeros."""
+    valid = mask[:, None, None, :]  # (B, 1, 1, T)
     alive = extent(x, valid)[1] > 0
-    raised = rescale(torch.logaddexp(scale * x, scale * floors) / scale, valid)
-    return torch.where(alive & valid, raised, 0.0), mask
+    return torch.where(alive & valid, rescale(changed, valid), 0.0)
 
 
 def rescale(windows, valid=None):

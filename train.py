@@ -154,9 +154,9 @@ def parse_args(argv=None):
         "--size_fit",
         choices=SIZE_FITS,
         default=ModelConfig.size_fit,
-        help="how a spectrogram whose size is no multiple of 16 meets the model: 'pad' (repeat the last bins, crop "
-        "the output) or 'interpolate' (resize the output: the seed model, which shifts bins by a length-dependent "
-        "stretch)",
+        help="how a spectrogram meets the model, whose layers halve it 4 times: 'pad' (repeat the last bins at least "
+        "once, up to a multiple of 16, crop the output) or 'interpolate' (resize the output: the seed model, which "
+        "shifts bins by a length-dependent stretch)",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
