@@ -11,9 +11,11 @@ random_spectral_tilt: every sample gets a random instrument response |H(f)| = f 
 components (p = 1: an accelerometer's record of a velocity sensor's ground motion), then is normalised again.
 random_noise_floor: every sample gets a random floor of incoherent noise (power added to each bin's power, as a noisier
 site or instrument would add), the same on its three components, then is normalised again.
+random_horizontal_swap: E and N exchange places in a random share of the samples: the magnitudes a station records
+whose horizontal sensors are turned by 90 degrees (N' = E, E' = -N), exactly; nothing is normalised again.
 Draws come from a numpy Generator the caller seeds per batch (batch_rng), so a run resumed at any step repeats them;
-the crop (or offset) draws first, then the tilt, then the floor, so a run without the later ones draws as before they
-existed.
+the crop (or offset) draws first, then the tilt, then the floor, then the swap, so a run without the later ones draws as
+before they existed.
 """
 
 import numpy as np
@@ -70,6 +72,13 @@ def random_noise_floor(spectrogram, mask, rng, max_floor, decades=NOMINAL_DECADE
     scale = 2 * decades * np.log(10.0)  # natural-log units of power per normalised unit
     x = spectrogram.float()
     return normalised_again(x, torch.logaddexp(scale * x, scale * floors) / scale, mask), mask
+
+
+def random_horizontal_swap(spectrogram, mask, rng, probability):
+    """(B, 3, F, T) batch of components (E, N, Z) -> the batch with E and N exchanged in each sample with the given
+    probability (drawn per sample); mask unchanged."""
+    swapped = torch.from_numpy(rng.random(len(spectrogram)) < probability)[:, None, None, None]
+    return torch.where(swapped, spectrogram[:, [1, 0, 2]], spectrogram), mask
 
 
 def normalised_again(x, changed, mask):

@@ -31,7 +31,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from augment import batch_rng, random_noise_floor, random_spectral_tilt, random_time_crop, random_time_offset
+from augment import (
+    batch_rng,
+    random_horizontal_swap,
+    random_noise_floor,
+    random_spectral_tilt,
+    random_time_crop,
+    random_time_offset,
+)
 from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
 from model import SIZE_FITS, ConvAutoencoder, ModelConfig
@@ -59,6 +66,7 @@ from storage import atomic_write, probe_writable, write_json_atomic
 from training import (
     BATCH_SIZE,
     CROP_BINS,
+    HORIZONTAL_SWAP,
     LR,
     NOISE_FLOOR,
     NUM_EPOCHS,
@@ -83,6 +91,7 @@ SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
     *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
+    "horizontal_swap",
     *("window_seconds", "window_stride", "split_by"),
 )
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
@@ -94,6 +103,7 @@ BEFORE_FLAG = {
     "split_by": "file",
     "spectral_tilt": 0.0,
     "noise_floor": 0.0,
+    "horizontal_swap": 0.0,
     "size_fit": "interpolate",
 }
 SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
@@ -149,6 +159,14 @@ def parse_args(argv=None):
         metavar="MAX",
         help="training batches only: noise power added to every bin at a random level in [0, MAX] of the log10 range "
         "(a noisier site or instrument), normalised again (0: off)",
+    )
+    add(
+        "--horizontal_swap",
+        type=float,
+        default=HORIZONTAL_SWAP,
+        metavar="P",
+        help="training batches only: E and N exchanged in each sample with probability P (a station whose horizontal "
+        "sensors are turned by 90 degrees; 0: off)",
     )
     add(
         "--size_fit",
@@ -232,6 +250,7 @@ def argument_problems(args):
         ("weight_decay", args.weight_decay >= 0, ">= 0"),
         ("spectral_tilt", args.spectral_tilt >= 0, ">= 0"),
         ("noise_floor", 0 <= args.noise_floor < 1, "in [0, 1)"),
+        ("horizontal_swap", 0 <= args.horizontal_swap <= 1, "in [0, 1]"),
         ("offset_bins", args.offset_bins >= 0, ">= 0"),
         ("offset_bins", not args.offset_bins or args.crop_bins == [0, 0], "0 with --crop_bins (crops vary the length)"),
         (
@@ -595,9 +614,9 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 def augmentation(args, epoch):
     """The epoch's augmentation of training batches (augment.py: a crop or an offset, the spectral tilt, the noise
-    floor), or None when all are off."""
+    floor, the horizontal swap), or None when all are off."""
     min_bins, max_bins = args.crop_bins
-    if not min_bins and not args.offset_bins and not args.spectral_tilt and not args.noise_floor:
+    if not any((min_bins, args.offset_bins, args.spectral_tilt, args.noise_floor, args.horizontal_swap)):
         return None
     rank = rank_and_world_size()[0]
     freqs, _ = stft_config(args).axes(0)
@@ -612,6 +631,8 @@ def augmentation(args, epoch):
             x, mask = random_spectral_tilt(x, mask, rng, args.spectral_tilt, freqs)
         if args.noise_floor:
             x, mask = random_noise_floor(x, mask, rng, args.noise_floor)
+        if args.horizontal_swap:
+            x, mask = random_horizontal_swap(x, mask, rng, args.horizontal_swap)
         return x, mask
 
     return augment

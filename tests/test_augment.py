@@ -1,4 +1,4 @@
-"""Training-time levers: random time crops, offsets, spectral tilts and noise floors (augment.py), the one-cycle
+"""Training-time levers: random time crops, offsets, spectral tilts, noise floors and horizontal swaps (augment.py), the one-cycle
 learning rate, and that they touch training batches only and repeat exactly in a resumed run. Real shipped
 recordings for the runs."""
 
@@ -13,6 +13,7 @@ import train
 from augment import (
     NOMINAL_DECADES,
     batch_rng,
+    random_horizontal_swap,
     random_noise_floor,
     random_spectral_tilt,
     random_time_crop,
@@ -160,6 +161,20 @@ def test_one_cycle_rises_to_the_peak_then_decays():
     assert np.all(np.diff(factors[: peak + 1]) > 0) and np.all(np.diff(factors[peak:]) < 0)
 
 
+def test_horizontal_swap_exchanges_e_and_n_of_the_drawn_samples(real_dir):
+    batch = real_batch(real_dir, [142, 142, 142, 142, 142, 142, 142, 142])
+    x = batch["spectrogram"]
+    swapped, mask = random_horizontal_swap(x, batch["mask"], batch_rng(42, 1, 0, 3), 0.5)
+    again, _ = random_horizontal_swap(x, batch["mask"], batch_rng(42, 1, 0, 3), 0.5)
+    assert torch.equal(swapped, again) and torch.equal(mask, batch["mask"])
+    exchanged = [torch.equal(swapped[k], x[k, [1, 0, 2]]) for k in range(len(x))]
+    kept = [torch.equal(swapped[k], x[k]) for k in range(len(x))]
+    assert all(a != b for a, b in zip(exchanged, kept))  # each sample one or the other (E and N differ in real data)
+    assert 0 < sum(exchanged) < len(x)  # this seed swaps some, not all
+    assert torch.equal(random_horizontal_swap(x, mask, batch_rng(42, 1, 0, 3), 0.0)[0], x)
+    assert torch.equal(random_horizontal_swap(x, mask, batch_rng(42, 1, 0, 3), 1.0)[0], x[:, [1, 0, 2]])
+
+
 @pytest.mark.parametrize(
     "name, lever",
     [
@@ -167,6 +182,7 @@ def test_one_cycle_rises_to_the_peak_then_decays():
         ("random_time_offset", ["--offset_bins", "15"]),
         ("random_spectral_tilt", ["--spectral_tilt", "0.3"]),
         ("random_noise_floor", ["--noise_floor", "0.3"]),
+        ("random_horizontal_swap", ["--horizontal_swap", "0.5"]),
     ],
 )
 def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeypatch, name, lever):
@@ -204,7 +220,7 @@ def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path)
 
 AUGMENTATIONS = [
     ["--crop_bins", "40", "142", "--spectral_tilt", "0.15"],
-    ["--offset_bins", "15", "--noise_floor", "0.3"],
+    ["--offset_bins", "15", "--noise_floor", "0.3", "--horizontal_swap", "0.5"],
 ]
 
 
