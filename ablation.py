@@ -1,6 +1,7 @@
 """Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, every fold: about 90 minutes on 2 cores
+    python ablation.py                                     # every lever, the 3 default folds: about 2 hours on 2 cores
+    python ablation.py --levers default --folds networks   # leave one network out, each network alone
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
 
@@ -10,9 +11,10 @@ the best checkpoint on the held-out files and on obspy's example recording (BW.R
 instrument), and again on copies of them cut shorter (CUTS): group "cut", their first 45-90 s (every number of
 time bins from 72 to 142, where the shipped files are nearly all 142), and group "30 s", their first 30 s (48 bins,
 a multiple of the model's stride of 16, like BW.RJOB). With the default folds every shipped network is held out
-once. Each lever is one set of train.py flags, run on every fold before the next lever; the tables give mean MSE
-per held-out group for the model, the time-mean and the blur baseline (baselines.py), and the ratios. Both scripts
-run as a user runs them, in subprocesses.
+once; `--folds networks` holds each network out alone (leave one network out), training on all the others.
+Each lever is one set of train.py flags, run on every fold before the next lever; the tables give mean MSE per
+held-out group for the model, the time-mean and the blur baseline (baselines.py), and the ratios. Both scripts run
+as a user runs them, in subprocesses.
 """
 
 import json
@@ -37,6 +39,9 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
     "NC": ("NC",),
     "not-NC": ("BK", "CI", "PG", "NN", "NP", "WR", "AZ", "TA"),
 }
+FOLDS.update({network: (network,) for network in FOLDS["not-NC"]})  # leave one network out: --folds networks
+DEFAULT_FOLDS = ("stations", "NC", "not-NC")
+LEAVE_ONE_NETWORK_OUT = ("NC", *FOLDS["not-NC"])
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
     "no floor: --noise_floor 0 (the default of the previous stop)": ["--noise_floor", "0"],
@@ -64,11 +69,20 @@ SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 def parse_args(argv=None):
     parser = script_parser(__doc__)
     parser.add_argument("--levers", nargs="+", default=list(SHORT.values()), help="levers to run, by short name")
-    parser.add_argument("--folds", nargs="+", default=list(FOLDS), help="folds to run (held-out stations or networks)")
+    parser.add_argument(
+        "--folds",
+        nargs="+",
+        default=list(DEFAULT_FOLDS),
+        help=f"folds to run (held-out stations or networks): any of {', '.join(FOLDS)}; 'networks' for each shipped "
+        "network held out alone",
+    )
     parser.add_argument("--work_dir", help="where data links, checkpoints and results go (default: a temporary one)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     parser.add_argument("--tables", nargs="+", metavar="JSON", help="only print the tables of earlier --json files")
     args = parser.parse_args(argv)
+    args.folds = list(
+        dict.fromkeys(f for fold in args.folds for f in (LEAVE_ONE_NETWORK_OUT if fold == "networks" else [fold]))
+    )
     unknown = [name for name in args.levers if name not in SHORT.values()] + [f for f in args.folds if f not in FOLDS]
     if unknown:
         parser.error(f"unknown lever or fold: {', '.join(unknown)} (levers: {', '.join(SHORT.values())})")

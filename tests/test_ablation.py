@@ -86,3 +86,12 @@ def test_tables_of_a_stored_run(tmp_path, capsys):
     assert "| lever | NC: all | NC: cut | NC: 30 s |" in out and "| default | 0.50 / 0.25 |  |  |" in out  # summary
     assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in out
     assert "| default | NC | NC | 3 |" in out.split("per network")[1]
+
+
+def test_networks_folds_hold_each_shipped_network_out_alone():
+    folds = ablation.parse_args(["--folds", "networks", "NC"]).folds
+    assert folds == ["NC", "BK", "CI", "PG", "NN", "NP", "WR", "AZ", "TA"]  # NC once
+    shipped = {name.split(".")[0] for name in os.listdir(SHIPPED) if name.endswith(".mseed")}
+    assert set(folds) == shipped - {"BG"}  # BG has only DP files, of no default family
+    assert all(ablation.FOLDS[fold] == (fold,) for fold in folds)
+    assert ablation.parse_args([]).folds == ["stations", "NC", "not-NC"]

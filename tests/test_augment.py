@@ -1,6 +1,6 @@
-"""Training-time levers: random time crops, offsets, spectral tilts, noise floors and horizontal swaps (augment.py), the one-cycle
-learning rate, and that they touch training batches only and repeat exactly in a resumed run. Real shipped
-recordings for the runs."""
+"""Training-time levers: random time crops, offsets, spectral tilts, noise floors and horizontal swaps (augment.py),
+the one-cycle learning rate, and that they touch training batches only and repeat exactly in a resumed run. Real
+shipped recordings for the runs."""
 
 import os
 
