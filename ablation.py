@@ -61,6 +61,8 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "batch 4": ["--batch_size", "4"],
     "lr 3e-3": ["--lr", "3e-3"],
     "lr 5e-3": ["--lr", "5e-3"],
+    "seed 1": ["--seed", "1"],  # another split, initialisation and draws: how far one run is from the next
+    "lr 3e-3, seed 1": ["--lr", "3e-3", "--seed", "1"],
     "swap: --horizontal_swap 0.5": ["--horizontal_swap", "0.5"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
