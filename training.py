@@ -15,7 +15,7 @@ from runtime import is_rank_zero, model_input
 from waveforms import COMPONENTS
 
 # The default training recipe, train.py's flag defaults (the README's "Generalisation" section says how it was chosen).
-NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 2e-3, 0.0
+NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 3e-3, 0.0
 CROP_BINS, OFFSET_BINS, SPECTRAL_TILT, NOISE_FLOOR, HORIZONTAL_SWAP = (0, 0), 0, 0.15, 0.5, 0.0  # of training batches
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the GPU)
 ONE_CYCLE_WARMUP = 0.3  # fraction of a one-cycle run spent raising the learning rate (torch's OneCycleLR default)
