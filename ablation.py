@@ -1,6 +1,6 @@
 """Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, the 3 default folds: about 2 hours on 2 cores
+    python ablation.py                                     # every lever, the 3 default folds: about 3 hours on 2 cores
     python ablation.py --levers default --folds networks   # leave one network out, each network alone
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
