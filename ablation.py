@@ -68,6 +68,7 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
+GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
 
@@ -179,37 +180,38 @@ def print_tables(figures):
     print_summary(figures)
     columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
     header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-    overall = ("all", *CUTS)  # every held-out file, and every one cut shorter
-    tables = (("all held-out files", lambda net: net in overall), ("per network", lambda net: net not in overall))
+    tables = (("all held-out files", lambda net: net in GROUPS), ("per network", lambda net: net not in GROUPS))
     for title, keep in tables:
         print(f"\n{title}:\n{header}")
         for row in figures:
             for net, v in sorted(row["networks"].items()):
                 if keep(net):
                     mse = f"{v['model']:.5f} | {v['baseline']:.5f} | {v['blur']:.5f}"
-                    ratios = f"{v['model'] / v['baseline']:.2f} | {v['model'] / v['blur']:.2f}"
+                    ratios = " | ".join(f"{r:.2f}" for r in baseline_ratios(v))
                     print(f"| {row['lever']} | {row['fold']} | {net} | {v['files']} | {mse} | {ratios} | "
                           f"{row['train_s']:.0f} |")  # fmt: skip
+
+
+def baseline_ratios(means):
+    """(model MSE / time-mean MSE, model MSE / blur MSE) of one group's means: the tables' /t-mean and /blur."""
+    return means["model"] / means["baseline"], means["model"] / means["blur"]
 
 
 def print_summary(figures):
     """One row per lever: model MSE / time-mean MSE and model MSE / blur MSE, per fold and group of files."""
     folds = list(dict.fromkeys(row["fold"] for row in figures))
-    groups = ("all", *CUTS)
     ratios = defaultdict(dict)
     for row in figures:
-        for group in groups:
+        for group in GROUPS:
             if group in row["networks"]:
-                v = row["networks"][group]
-                ratios[row["lever"]][row["fold"], group] = (
-                    f"{v['model'] / v['baseline']:.2f} / {v['model'] / v['blur']:.2f}"
-                )
-    columns = [f"{fold}: {group}" for fold in folds for group in groups]
+                cell = " / ".join(f"{r:.2f}" for r in baseline_ratios(row["networks"][group]))
+                ratios[row["lever"]][row["fold"], group] = cell
+    columns = [f"{fold}: {group}" for fold in folds for group in GROUPS]
     print(
         "\nmodel / t-mean and model / blur:\n| lever | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1)
     )
     for lever, cells in ratios.items():
-        print(f"| {lever} | " + " | ".join(cells.get((fold, group), "") for fold in folds for group in groups) + " |")
+        print(f"| {lever} | " + " | ".join(cells.get((fold, group), "") for fold in folds for group in GROUPS) + " |")
 
 
 def run_folds(args):
