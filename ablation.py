@@ -1,6 +1,6 @@
 """Which training levers make the model transfer: train with each, evaluate on stations and networks it never saw.
 
-    python ablation.py                                     # every lever, the 3 default folds: about 3 hours on 2 cores
+    python ablation.py                                     # every lever, the 3 default folds: 3.5 hours on 2 cores
     python ablation.py --levers default --folds networks   # leave one network out, each network alone
     python ablation.py --levers default plain --folds NC   # a part of it
     python ablation.py --tables a.json b.json              # the tables of earlier --json runs again
@@ -66,6 +66,9 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "batch 16: lr 2e-3": [*STOP_16, "--batch_size", "16"],
     "batch 4: lr 2e-3": [*STOP_16, "--batch_size", "4"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
+    "arch stride8": ["--arch", "stride8"],
+    "arch stride8, seed 1": ["--arch", "stride8", "--seed", "1"],
+    "arch wide": ["--arch", "wide"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
 GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
-# How a spectrogram of any size meets the layers, which halve it 4 times and double it back:
+# How a spectrogram of any size meets the layers, which halve it 4 times and double it back (the seed arch; the
+# figures below are for its stride of 16, "stride8" halves it 3 times):
 #   "pad"          repeat the last frequency and time bin at least once, up to the next multiple of 16
 #                  (n -> 16 * (n // 16 + 1)), crop the output back: every bin is reconstructed at its own position,
 #                  whatever the recording's length, and never in the decoder's last column (the transposed
@@ -15,6 +16,12 @@ import torch.nn.functional as F
 #                  depends on the length (142 bins: 144 -> 142, 0.99; 129 bins: 144 -> 129, 0.90), so lengths just
 #                  over a multiple of 16 come out shifted by up to 15 bins (the seed model; checkpoints before "pad").
 SIZE_FITS = ("pad", "interpolate")
+# --arch: encoder widths, one stride-2 layer each (the decoder mirrors them). "seed" is the default, 777,987 parameters.
+ARCHS = {
+    "seed": (32, 64, 128, 256),  # latent (256, F/16, T/16)
+    "stride8": (32, 64, 128),  # latent (128, F/8, T/8): twice the resolution in frequency and time
+    "wide": (64, 128, 256, 512),  # latent (512, F/16, T/16): twice the width of every layer
+}
 
 
 @dataclass(frozen=True)
@@ -22,7 +29,7 @@ class ModelConfig:
     """Architecture settings; stored in every checkpoint so no script needs architecture flags."""
 
     in_channels: int = 3  # E, N, Z
-    features: tuple = (32, 64, 128, 256)  # one stride-2 3x3 conv layer each
+    features: tuple = ARCHS["seed"]  # one stride-2 3x3 conv layer each
     size_fit: str = "pad"  # one of SIZE_FITS
 
     def __post_init__(self):

@@ -41,7 +41,7 @@ from augment import (
 )
 from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
-from model import SIZE_FITS, ConvAutoencoder, ModelConfig
+from model import ARCHS, SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, SkipFirst, StepCheck, StopSignals
 from recordings import SPLITS, choose_val_groups, in_groups, window_problems
 from runtime import (
@@ -91,7 +91,7 @@ SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may
 RUN_KEYS = (
     *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
     *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
-    "horizontal_swap",
+    *("horizontal_swap", "arch"),
     *("window_seconds", "window_stride", "split_by"),
 )
 # What runs written before a RUN_KEYS flag existed did, for resuming them.
@@ -105,6 +105,7 @@ BEFORE_FLAG = {
     "noise_floor": 0.0,
     "horizontal_swap": 0.0,
     "size_fit": "interpolate",
+    "arch": "seed",
 }
 SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
 
@@ -172,9 +173,16 @@ def parse_args(argv=None):
         "--size_fit",
         choices=SIZE_FITS,
         default=ModelConfig.size_fit,
-        help="how a spectrogram meets the model, whose layers halve it 4 times: 'pad' (repeat the last bins at least "
-        "once, up to a multiple of 16, crop the output) or 'interpolate' (resize the output: the seed model, which "
-        "shifts bins by a length-dependent stretch)",
+        help="how a spectrogram meets the model, whose layers halve it 4 times (--arch stride8: 3): 'pad' (repeat the "
+        "last bins at least once, up to a multiple of 16 (8), crop the output) or 'interpolate' (resize the output: "
+        "the seed model, which shifts bins by a length-dependent stretch)",
+    )
+    add(
+        "--arch",
+        choices=list(ARCHS),
+        default="seed",
+        help="encoder widths (the decoder mirrors them): 'seed' (32 64 128 256, latent F/16 x T/16), 'stride8' "
+        "(32 64 128, latent F/8 x T/8), 'wide' (64 128 256 512); stored in the checkpoint",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
@@ -430,7 +438,9 @@ def prepare(args, checkpoint, device):
     train_loader, val_loader, sampler = build_loaders(dataset, train_indices, val_indices, val_files, args, device)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = ConvAutoencoder(ModelConfig(size_fit=args.size_fit)).to(device, memory_format=torch.channels_last)
+    model = ConvAutoencoder(ModelConfig(features=ARCHS[args.arch], size_fit=args.size_fit)).to(
+        device, memory_format=torch.channels_last
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler, amp = mixed_precision(args.amp, device)
     state = restore(checkpoint, model, optimizer, scaler)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model import ConvAutoencoder, ModelConfig, masked_errors, masked_mse
+from model import ARCHS, ConvAutoencoder, ModelConfig, masked_errors, masked_mse
 from transform import STFTConfig
 
 
@@ -22,6 +22,18 @@ def test_latent_and_output_shapes(size_fit, n_time, latent_time):
     x = torch.rand(2, 3, 129, n_time)
     assert model.encode(x).shape == (2, 256, 9, latent_time)
     assert model(x).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "arch, parameters, latent",
+    [("seed", 777_987, (256, 9, 9)), ("stride8", 187_011, (128, 17, 18)), ("wide", 3_104_259, (512, 9, 9))],
+)
+def test_each_arch_keeps_the_input_size_at_its_own_latent_resolution(arch, parameters, latent):
+    """A 90 s recording (129, 142): "pad" fits it to the arch's stride (16: 144 x 144; 8: 136 x 144)."""
+    model = ConvAutoencoder(ModelConfig(features=ARCHS[arch])).eval()
+    x = torch.rand(2, 3, 129, 142)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model.encode(x).shape == (2, *latent) and model(x).shape == x.shape
 
 
 def trained_a_little(config):

@@ -125,15 +125,29 @@ def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path, ca
     assert "--batch_size" not in err  # not given: nothing to warn about
 
 
-def test_a_run_from_before_size_fit_resumes_with_the_seed_models_resizing(train_dir, tmp_path):
+def test_a_run_from_before_size_fit_and_arch_resumes_as_the_seed_model(train_dir, tmp_path):
     first = run(train_dir, tmp_path, "--num_epochs", "1", "--size_fit", "interpolate")
     path = os.path.join(first["run_dir"], "last.pt")
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint["args"]["size_fit"], checkpoint["model_config"]["size_fit"]  # as written before the flag
+    del checkpoint["args"]["size_fit"], checkpoint["model_config"]["size_fit"]  # as written before the flags
+    del checkpoint["args"]["arch"]
     checkpoints.save_checkpoint(checkpoint, path)
     resumed = train.main(flags(resume=path, num_epochs="2", num_workers="0"))
     checkpoint = torch.load(os.path.join(resumed["run_dir"], "last.pt"), weights_only=True)
     assert checkpoint["model_config"]["size_fit"] == "interpolate" and checkpoint["args"]["size_fit"] == "interpolate"
+    assert checkpoint["args"]["arch"] == "seed" and checkpoint["model_config"]["features"] == [32, 64, 128, 256]
+
+
+def test_arch_is_stored_in_the_checkpoint_and_kept_on_resume(train_dir, tmp_path, capsys):
+    first = run(train_dir, tmp_path, "--num_epochs", "1", "--arch", "stride8")
+    path = os.path.join(first["run_dir"], "last.pt")
+    resumed = train.main(flags(resume=path, num_epochs="2", num_workers="0", arch="wide"))
+    assert "--arch wide ignored: a resumed run keeps its checkpoint's value stride8" in capsys.readouterr().err
+    checkpoint = torch.load(os.path.join(resumed["run_dir"], "last.pt"), weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["arch"] == "stride8"
+    assert checkpoint["model_config"]["features"] == [32, 64, 128]
+    model = checkpoints.model_from_checkpoint(checkpoint)  # what inference.py and embed.py load: no flag needed
+    assert model.encode(torch.rand(1, 3, 129, 142)).shape == (1, 128, 17, 18)
 
 
 def test_resume_from_a_moved_directory_with_files_added_and_removed(tmp_path, capsys):
