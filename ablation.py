@@ -42,14 +42,14 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
 FOLDS.update({network: (network,) for network in FOLDS["not-NC"]})  # leave one network out: --folds networks
 DEFAULT_FOLDS = ("stations", "NC", "not-NC")
 LEAVE_ONE_NETWORK_OUT = ("NC", *FOLDS["not-NC"])
-STOP_16 = ["--lr", "2e-3"]  # the default of the previous stop: the levers measured against it keep it
+STOP_16 = ["--lr", "2e-3"]  # the default of stop 16: the levers measured against it keep it
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
-    "lr 2e-3 (the default of the previous stop)": STOP_16,
+    "lr 2e-3 (the default of stop 16)": STOP_16,
     "lr 5e-3": ["--lr", "5e-3"],
     "seed 1": ["--seed", "1"],  # another split, initialisation and draws: how far one run is from the next
     "lr 2e-3, seed 1": [*STOP_16, "--seed", "1"],
-    "no floor: lr 2e-3, --noise_floor 0 (the default of two stops ago)": [*STOP_16, "--noise_floor", "0"],
+    "no floor: lr 2e-3, --noise_floor 0 (the default of stop 15)": [*STOP_16, "--noise_floor", "0"],
     "stop-14 default: lr 2e-3, --size_fit interpolate --spectral_tilt 0 --noise_floor 0": [
         *STOP_16,
         *("--size_fit", "interpolate", "--spectral_tilt", "0", "--noise_floor", "0"),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 #                  over a multiple of 16 come out shifted by up to 15 bins (the seed model; checkpoints before "pad").
 SIZE_FITS = ("pad", "interpolate")
 # --arch: encoder widths, one stride-2 layer each (the decoder mirrors them). "seed" is the default, 777,987 parameters.
+DEFAULT_ARCH = "seed"
 ARCHS = {
     "seed": (32, 64, 128, 256),  # latent (256, F/16, T/16)
     "stride8": (32, 64, 128),  # latent (128, F/8, T/8): twice the resolution in frequency and time
@@ -29,7 +30,7 @@ class ModelConfig:
     """Architecture settings; stored in every checkpoint so no script needs architecture flags."""
 
     in_channels: int = 3  # E, N, Z
-    features: tuple = ARCHS["seed"]  # one stride-2 3x3 conv layer each
+    features: tuple = ARCHS[DEFAULT_ARCH]  # one stride-2 3x3 conv layer each
     size_fit: str = "pad"  # one of SIZE_FITS
 
     def __post_init__(self):

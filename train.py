@@ -41,7 +41,7 @@ from augment import (
 )
 from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
 from file_index import DEFAULT_DATA_DIR
-from model import ARCHS, SIZE_FITS, ConvAutoencoder, ModelConfig
+from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, SkipFirst, StepCheck, StopSignals
 from recordings import SPLITS, choose_val_groups, in_groups, window_problems
 from runtime import (
@@ -180,9 +180,12 @@ def parse_args(argv=None):
     add(
         "--arch",
         choices=list(ARCHS),
-        default="seed",
-        help="encoder widths (the decoder mirrors them): 'seed' (32 64 128 256, latent F/16 x T/16), 'stride8' "
-        "(32 64 128, latent F/8 x T/8), 'wide' (64 128 256 512); stored in the checkpoint",
+        default=DEFAULT_ARCH,
+        help="encoder widths (the decoder mirrors them): "
+        + ", ".join(
+            f"'{name}' ({' '.join(map(str, w))}, latent F/{2 ** len(w)} x T/{2 ** len(w)})" for name, w in ARCHS.items()
+        )
+        + "; stored in the checkpoint",
     )
     add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
     add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
