@@ -29,7 +29,7 @@ import numpy as np
 import obspy
 
 from file_index import DEFAULT_DATA_DIR
-from runtime import script_parser
+from settings import Setting, parse
 from storage import write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -75,20 +75,22 @@ GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
 
-def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    parser.add_argument("--levers", nargs="+", default=list(SHORT.values()), help="levers to run, by short name")
-    parser.add_argument(
-        "--folds",
+SETTINGS = (
+    Setting("levers", list(SHORT.values()), "levers to run, by short name", nargs="+"),
+    Setting(
+        "folds",
+        list(DEFAULT_FOLDS),
+        f"folds to run: any of {', '.join(FOLDS)}; 'networks': each held out alone",
         nargs="+",
-        default=list(DEFAULT_FOLDS),
-        help=f"folds to run (held-out stations or networks): any of {', '.join(FOLDS)}; 'networks' for each shipped "
-        "network held out alone",
-    )
-    parser.add_argument("--work_dir", help="where data links, checkpoints and results go (default: a temporary one)")
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
-    parser.add_argument("--tables", nargs="+", metavar="JSON", help="only print the tables of earlier --json files")
-    args = parser.parse_args(argv)
+    ),
+    Setting("work_dir", None, "where data links, checkpoints and results go (default: a temporary one)"),
+    Setting("json", None, "also write every figure to this JSON file", metavar="PATH"),
+    Setting("tables", None, "only print the tables of earlier --json files", nargs="+", metavar="JSON"),
+)
+
+
+def parse_args(argv=None):
+    parser, args = parse(__doc__, SETTINGS, argv)
     args.folds = list(
         dict.fromkeys(f for fold in args.folds for f in (LEAVE_ONE_NETWORK_OUT if fold == "networks" else [fold]))
     )

@@ -105,3 +105,28 @@ def extent(windows, valid):
 def batch_rng(seed, epoch, rank, step):
     """The augmentation draws of one batch (step of an epoch) of one process: the same in a run resumed at any step."""
     return np.random.default_rng([seed, epoch, rank, step])
+
+
+def augmentation(args, epoch, rank, freqs):
+    """The epoch's augmentation of training batches for train.py's settings `args` (a crop or an offset, the spectral
+    tilt, the noise floor, the horizontal swap), drawn per (seed, epoch, rank, step); None when all are off.
+    freqs: the spectrogram's frequencies (Hz)."""
+    min_bins, max_bins = args.crop_bins
+    if not any((min_bins, args.offset_bins, args.spectral_tilt, args.noise_floor, args.horizontal_swap)):
+        return None
+
+    def augment(x, mask, step):
+        rng = batch_rng(args.seed, epoch, rank, step)
+        if min_bins:
+            x, mask = random_time_crop(x, mask, rng, min_bins, max_bins)
+        elif args.offset_bins:
+            x, mask = random_time_offset(x, mask, rng, args.offset_bins)
+        if args.spectral_tilt:
+            x, mask = random_spectral_tilt(x, mask, rng, args.spectral_tilt, freqs)
+        if args.noise_floor:
+            x, mask = random_noise_floor(x, mask, rng, args.noise_floor)
+        if args.horizontal_swap:
+            x, mask = random_horizontal_swap(x, mask, rng, args.horizontal_swap)
+        return x, mask
+
+    return augment

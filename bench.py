@@ -5,6 +5,7 @@
                     # first writes 20,000 files cut from the shipped data (those already there are kept)
     python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
     python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
+    python bench.py --markdown results/                                  # also results/<date>-bench.md
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -31,14 +32,12 @@ import contextlib
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -46,195 +45,56 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds
+from device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
 from embedding import encode_batch
 from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
 from model import ConvAutoencoder, masked_mse
-from runtime import loader_options, mixed_precision, model_input, resolve_device, script_parser
+from results import dated_path, machine, markdown_table, write_results
+from settings import Setting, at_least, parse
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from training import train_epoch
 from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, read_miniseed
+from waveforms import read_miniseed
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_DATA_DIR)
-WINDOW_SECONDS = 70.0  # length of the files --make_files writes, as in the archive this tool is built for
-FILES_PER_FOLDER = 1000
 WORKER_COUNTS = (0, 1, 2)
 REPEATS = 3  # measured passes per stage; the best one is reported
 STEP_BATCHES = 10  # batches in the training-step stages
 WARM_STARTUP_TARGET_S = 2.0  # a warm start of a 132k-file archive, launch to first batch
-FIRST_BATCH = """
-import sys, time
-from torch.utils.data import DataLoader
-from stft_dataset import SeismicSTFTDataset, pad_collate
-imported = time.process_time()
-dataset = SeismicSTFTDataset(sys.argv[1])
-indexed = time.process_time()
-next(iter(DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, collate_fn=pad_collate)))
-print(time.time(), len(dataset), imported, indexed - imported)
-"""
-
-
-FIRST_WINDOWS = """
-import resource, sys, time
-from stft_dataset import SeismicSTFTDataset
-imported = time.process_time()
-dataset = SeismicSTFTDataset(sys.argv[1], families=("LH",), window_seconds=60, window_stride=30)
-keys, codes = dataset.groups("station")
-cpu = time.process_time() - imported
-arrays = dataset.sample_recording.nbytes + dataset.sample_start.nbytes + codes.nbytes
-print(time.time(), len(dataset), len(keys), arrays, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cpu)
-"""
-ARCHIVE_START = obspy.UTCDateTime("2020-01-01")
-SDS_DAY = 86400
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "startup_probe.py")
+# fmt: off
+SETTINGS = (
+    Setting("data_dir", DEFAULT_DATA_DIR, "directory of miniSEED files to measure on"),
+    Setting("num_files", 0, "files for the throughput stages, spread over the folder (0 = all)", int,
+            check=at_least(0)),
+    Setting("batch_size", 32, "spectrograms per batch", int, check=at_least(1)),
+    Setting("device", "auto", "device of the training-step stages ('auto', 'cpu', 'cuda')"),
+    Setting("amp", "off", "mixed precision of the step stages", choices=AMP_MODES),
+    Setting("json", None, "also write the figures to this JSON file", metavar="PATH"),
+    Setting("markdown", None, "also write the table to DIR/<date>-bench.md (a dated results file)", metavar="DIR"),
+    Setting("make_files", None, f"first write N files of {WINDOW_SECONDS:.0f} s cut from the shipped recordings into "
+            "DIR", nargs=2, metavar=("N", "DIR")),
+    Setting("make_archive", None, "also write and measure an SDS archive of 1 Hz day files (10 365 DIR: 10.5 M)",
+            nargs=3, metavar=("STATIONS", "DAYS", "DIR")),
+    Setting("link_files", None, "first make N hard links to the shipped files in DIR, then measure on DIR", nargs=2,
+            metavar=("N", "DIR")),
+    Setting("startup_only", False, "measure only the start-up to the first batch, cold and warm", action="store_true"),
+)
+# fmt: on
 
 
 def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory of miniSEED files to measure on")
-    add("--num_files", type=int, default=0, help="files for the throughput stages, spread over the folder (0 = all)")
-    add("--batch_size", type=int, default=32, help="spectrograms per batch")
-    add("--device", default="auto", help="device of the training-step stages ('auto', 'cpu', 'cuda')")
-    add("--amp", choices=("off", "auto", "bf16", "fp16"), default="off", help="mixed precision of the step stages")
-    add("--json", metavar="PATH", help="also write the figures to this JSON file")
-    add(
-        "--make_files",
-        nargs=2,
-        metavar=("N", "DIR"),
-        help=f"first write N files of {WINDOW_SECONDS:.0f} s cut "
-        "from the shipped recordings into DIR (files already "
-        "there are kept), then measure on DIR",
-    )
-    add(
-        "--make_archive",
-        nargs=3,
-        metavar=("STATIONS", "DAYS", "DIR"),
-        help="also write an SDS archive of STATIONS stations x DAYS days of 1 Hz day files into DIR (those already "
-        "there are kept) and measure windows of it (10 365 DIR: 10.5 million windows; default: off)",
-    )
-    add(
-        "--link_files",
-        nargs=2,
-        metavar=("N", "DIR"),
-        help="first make N hard links to the shipped files in DIR (1,000 per folder; seconds, not minutes, for "
-        "132k files), then measure on DIR; default: off",
-    )
-    add(
-        "--startup_only",
-        action="store_true",
-        help="measure only the start-up to the first batch, cold and warm (default: every stage)",
-    )
-    args = parser.parse_args(argv)
-    if args.link_files and not args.link_files[0].isdigit():
-        parser.error("--link_files N DIR: N must be a whole number")
-    if args.make_archive and not all(n.isdigit() for n in args.make_archive[:2]):
-        parser.error("--make_archive STATIONS DAYS DIR: STATIONS and DAYS must be whole numbers")
-    if args.num_files < 0 or args.batch_size < 1:
-        parser.error("--num_files must be >= 0 and --batch_size >= 1")
-    if args.make_files and not args.make_files[0].isdigit():
-        parser.error("--make_files N DIR: N must be a whole number")
-    return args
+    return parse(__doc__, SETTINGS, argv, count_problems)[1]
 
 
-def make_files(n_files, out_dir, processes=None):
-    """Write n_files real 3-component windows: shipped recordings cut at random offsets, rewritten as miniSEED."""
-    sources = [
-        os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES
-    ]
-    chunks = [
-        (sources, out_dir, start, min(start + FILES_PER_FOLDER, n_files))
-        for start in range(0, n_files, FILES_PER_FOLDER)
-    ]
-    with ProcessPoolExecutor(processes or available_cores()) as pool:
-        return sum(pool.map(write_folder, chunks))
-
-
-def write_folder(chunk):
-    """Files start..stop-1 into out_dir/<start // FILES_PER_FOLDER>/ (NET.STA.<k>.mseed, k the file number);
-    files already there are kept. Returns how many were written."""
-    sources, out_dir, start, stop = chunk
-    folder = os.path.join(out_dir, f"{start // FILES_PER_FOLDER:03d}")
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(start)
-    written = 0
-    for k in range(start, stop):
-        source = sources[k % len(sources)]
-        offset = rng.uniform(0, 1)  # drawn for every k: the files do not depend on which ones exist
-        path = os.path.join(folder, ".".join(os.path.basename(source).split(".")[:2] + [f"{k:06d}", "mseed"]))
-        if os.path.exists(path):
-            continue
-        stream = obspy.read(source, format="MSEED")
-        first = max(trace.stats.starttime for trace in stream)
-        room = min(trace.stats.endtime for trace in stream) - first - WINDOW_SECONDS
-        begin = first + offset * max(room, 0.0)
-        stream.slice(begin, begin + WINDOW_SECONDS).write(path, format="MSEED")
-        written += 1
-    return written
-
-
-def make_archive(n_stations, n_days, out_dir, processes=None):
-    """SDS archive of n_stations x n_days x 3 day files at 1 Hz (XX.S000..LHZ.D.2020.001, ...); returns files
-    written."""
-    tasks = [(out_dir, station, day) for station in range(n_stations) for day in range(n_days)]
-    with ProcessPoolExecutor(processes or available_cores()) as pool:
-        return sum(pool.map(write_archive_day, tasks, chunksize=64))
-
-
-def write_archive_day(task):
-    out_dir, station, day = task
-    header = {"network": "XX", "station": f"S{station:03d}", "sampling_rate": 1.0}
-    trace = obspy.Trace(np.zeros(SDS_DAY, dtype=np.int32), header=header | {"starttime": ARCHIVE_START + SDS_DAY * day})
-    written = 0
-    for component in "ENZ":
-        trace.stats.channel = f"LH{component}"
-        written += write_sds(obspy.Stream([trace]), out_dir, keep=True)
-    return written
-
-
-def joined_recording(paths, seconds_each=90):
-    """One 3-component stream (E, N, Z) of the files `paths` of one instrument at 100 Hz, back to back from the
-    first file's start: a continuous recording of real samples."""
-    streams = [obspy.read(path, format="MSEED") for path in paths]
-    n_samples = int(seconds_each * 100)
-    joined = obspy.Stream()
-    for component in "ENZ":
-        traces = [stream.select(component=component)[0] for stream in streams]
-        header = traces[0].stats.copy()
-        header.npts = len(traces) * n_samples
-        joined.append(obspy.Trace(np.concatenate([t.data[:n_samples] for t in traces]).astype(np.int32), header))
-    return joined
-
-
-def write_sds(stream, root, keep=False):
-    """Each trace as day files in SDS layout (YEAR/NET/STA/CHAN.D/NET.STA.LOC.CHAN.D.YEAR.DAY), cut at midnight.
-    Returns the number of files written (keep: files already there are kept)."""
-    written = 0
-    for trace in stream:
-        day = obspy.UTCDateTime(trace.stats.starttime.date)
-        while day < trace.stats.endtime:
-            part = trace.slice(day, day + SDS_DAY - trace.stats.delta)
-            s = part.stats
-            folder = os.path.join(root, str(day.year), s.network, s.station, f"{s.channel}.D")
-            path = os.path.join(
-                folder, f"{s.network}.{s.station}.{s.location}.{s.channel}.D.{day.year}.{day.julday:03d}"
-            )
-            if not (keep and os.path.exists(path)):
-                os.makedirs(folder, exist_ok=True)
-                part.write(path, format="MSEED", reclen=512)
-                written += 1
-            day += SDS_DAY
-    return written
-
-
-def shipped_as_sds(root):
-    """The shipped files of the default families joined back to back per instrument, as an SDS archive in root."""
-    by_instrument = {}
-    for name in sorted(os.listdir(SHIPPED)):
-        network, station, family = name.split(".")[:3]
-        if family in DEFAULT_FAMILIES:
-            by_instrument.setdefault((network, station, family), []).append(os.path.join(SHIPPED, name))
-    for paths in by_instrument.values():
-        write_sds(joined_recording(paths), root)
+def count_problems(args):
+    """The counts of --make_files, --link_files and --make_archive must be whole numbers."""
+    problems = []
+    for flag, names in (("make_files", "N"), ("link_files", "N"), ("make_archive", "STATIONS and DAYS")):
+        given = getattr(args, flag)
+        if given and not all(n.isdigit() for n in given[: len(given) - 1]):
+            problems.append(f"--{flag}: {names} must be a whole number")
+    return problems
 
 
 def window_rates(batch_size):
@@ -267,7 +127,7 @@ def archive_figures(root):
             os.remove(index)
         launched = time.time()
         result = subprocess.run(
-            [sys.executable, "-c", FIRST_WINDOWS, root],
+            [sys.executable, PROBE, "first_windows", root],
             capture_output=True,
             text=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -284,24 +144,6 @@ def archive_figures(root):
         "archive_stations": int(n_stations),
         "archive_window_array_mb": int(array_bytes) / 2**20,
     }
-
-
-def link_files(n_files, out_dir):
-    """n_files hard links to the shipped files of the default families (folder k // 1000, file NET.STA.<k>.mseed);
-    links already there are kept. Returns how many were made."""
-    sources = [
-        os.path.join(SHIPPED, name) for name in sorted(os.listdir(SHIPPED)) if name.split(".")[2] in DEFAULT_FAMILIES
-    ]
-    made = 0
-    for k in range(n_files):
-        source = sources[k % len(sources)]
-        folder = os.path.join(out_dir, f"{k // FILES_PER_FOLDER:03d}")
-        path = os.path.join(folder, ".".join(os.path.basename(source).split(".")[:2] + [f"{k:06d}", "mseed"]))
-        if not os.path.exists(path):
-            os.makedirs(folder, exist_ok=True)
-            os.link(source, path)
-            made += 1
-    return made
 
 
 def startup_figures(data_dir):
@@ -340,7 +182,7 @@ def bare_loop(paths, stft, read=read_miniseed):
 
 
 def loader(subset, batch_size, workers, device=torch.device("cpu")):
-    """A DataLoader as train.py builds it (runtime.loader_options)."""
+    """A DataLoader as train.py builds it (device.loader_options)."""
     return DataLoader(subset, **loader_options(batch_size, workers, device))
 
 
@@ -405,7 +247,7 @@ def startup_seconds(data_dir, cold):
             os.remove(with_index)
     launched = time.time()
     result = subprocess.run(
-        [sys.executable, "-c", FIRST_BATCH, data_dir],
+        [sys.executable, PROBE, "first_batch", data_dir],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -426,19 +268,6 @@ def current_rss_mb():
 
 def peak_rss_mb(who):
     return resource.getrusage(who).ru_maxrss / 1024  # kB on Linux
-
-
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    described = (
-        f"{cpu}, {available_cores()} cores usable, Python {platform.python_version()}, torch {torch.__version__}"
-    )
-    if device.type == "cuda":
-        described += f", GPU {torch.cuda.get_device_name(device)}"
-    return described
 
 
 def measure(args):
@@ -528,8 +357,9 @@ def cache_bytes(cache_dir):
     )
 
 
-def print_table(f):
-    limit = f["limit"]
+def table_rows(f):
+    """(stage, samples/s, ratio) of every throughput stage, in the order the table shows them."""
+    limit, whole = f["limit"], f["loader"]["0"]
     rows = [
         ("limit: read + STFT, 1 process", f["limit"], "1.00 x limit"),
         (
@@ -539,75 +369,76 @@ def print_table(f):
         ),
     ]
     for w, value in f["loader"].items():
-        rows.append(
-            (f"DataLoader, {w} workers", value, f"{value / (limit * max(1, int(w))):.2f} x limit x {max(1, int(w))}")
-        )
+        processes = max(1, int(w))
+        rows.append((f"DataLoader, {w} workers", value, f"{value / (limit * processes):.2f} x limit x {processes}"))
     for w, value in f["cached_loader"].items():
         rows.append((f"cached DataLoader, {w} workers", value, f"{value / f['loader'][w]:.1f} x uncached"))
-    rows += [
-        ("bare forward/backward/step", f["bare_step"], ""),
-        ("train.py train_epoch, same batches", f["train_loop"], f"{f['train_loop'] / f['bare_step']:.2f} x bare step"),
-        (
-            "train_epoch + cached DataLoader, 2 workers",
-            f["pipeline"],
-            f"{f['pipeline'] / f['bare_step']:.2f} x bare step",
-        ),
-        (
-            "embedding (embed.py's encode_batch), same batches",
-            f["embed"],
-            f"{f['embed'] / f['bare_step']:.2f} x bare step",
-        ),
-    ]
-    rows.insert(
-        len(rows) - 3,
-        (
-            "90 s windows of SDS day files, in order",
-            f["windows_in_order"],
-            f"{f['windows_in_order'] / f['loader']['0']:.2f} x whole files",
-        ),
-    )
-    rows.insert(
-        len(rows) - 3,
-        (
-            "90 s windows of SDS day files, shuffled",
-            f["windows_shuffled"],
-            f"{f['windows_shuffled'] / f['loader']['0']:.2f} x whole files",
-        ),
-    )
-    print(
-        f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
-        f"amp {f['amp']}, batch {f['batch_size']}"
-    )
-    print(f"{'stage':50s} {'samples/s':>10s}  ratio")
-    for name, value, ratio in rows:
-        print(f"{name:50s} {value:10.1f}  {ratio}")
+    for order in ("in_order", "shuffled"):
+        value = f[f"windows_{order}"]
+        rows.append(
+            (f"90 s windows of SDS day files, {order.replace('_', ' ')}", value, f"{value / whole:.2f} x whole files")
+        )
+    rows.append(("bare forward/backward/step", f["bare_step"], ""))
+    for name, key in (
+        ("train.py train_epoch, same batches", "train_loop"),
+        ("train_epoch + cached DataLoader, 2 workers", "pipeline"),
+        ("embedding (embed.py's encode_batch), same batches", "embed"),
+    ):
+        rows.append((name, f[key], f"{f[key] / f['bare_step']:.2f} x bare step"))
+    return rows
+
+
+def summary_lines(f):
+    """The figures beside the table: cache, start-up, archive, memory; one sentence each."""
     build_rate = f["usable_files_in_dir"] / f["cache_build_s"]
-    print(
-        f"cache build: {build_rate:.0f} files/s = {build_rate / (f['cores'] * limit):.2f} x "
-        f"({f['cores']} cores x limit); target 0.7"
-    )
-    print(
+    rss = ", ".join(f"{m:.0f}" for m in f["cached_rss_mb_per_epoch"] if m)
+    lines = [
+        f"cache build: {build_rate:.0f} files/s = {build_rate / (f['cores'] * f['limit']):.2f} x "
+        f"({f['cores']} cores x limit); target 0.7",
         f"cache: built in {f['cache_build_s']:.1f} s, {f['cache_bytes_per_file'] / 1e3:.1f} kB per file; "
-        f"RSS after cached epochs 1-3: {', '.join(f'{m:.0f}' for m in f['cached_rss_mb_per_epoch'] if m)} MB"
-    )
-    print_startup(f)
+        f"RSS after cached epochs 1-3: {rss} MB",
+        startup_line(f),
+    ]
     if "archive_windows" in f:
-        print(
+        lines.append(
             f"archive: {f['archive_windows']:,} windows of 60 s (stride 30 s) on {f['archive_stations']} stations; "
             f"new process to split windows: {f['archive_startup_cold_s']:.2f} s cold, "
             f"{f['archive_startup_warm_s']:.2f} s warm; peak RSS {f['archive_peak_rss_cold_mb']:.0f} MB cold, "
             f"{f['archive_peak_rss_warm_mb']:.0f} MB warm; CPU s of the dataset {f['archive_dataset_cold_cpu_s']:.2f} "
-            f"cold, {f['archive_dataset_warm_cpu_s']:.2f} warm; "
-            f"window arrays {f['archive_window_array_mb']:.0f} MB"
+            f"cold, {f['archive_dataset_warm_cpu_s']:.2f} warm; window arrays {f['archive_window_array_mb']:.0f} MB"
         )
-    print(
+    lines.append(
         f"peak RSS: main process {f['peak_rss_mb']['main']:.0f} MB, "
         f"largest worker {f['peak_rss_mb']['largest_worker']:.0f} MB"
     )
+    return lines
 
 
-def print_startup(f):
-    print(
+def describe_run(f):
+    return (
+        f"{f['num_files']} files of {f['usable_files_in_dir']} usable; {f['machine']}; device {f['device']}, "
+        f"amp {f['amp']}, batch {f['batch_size']}"
+    )
+
+
+def print_table(f):
+    print(describe_run(f))
+    print(f"{'stage':50s} {'samples/s':>10s}  ratio")
+    for name, value, ratio in table_rows(f):
+        print(f"{name:50s} {value:10.1f}  {ratio}")
+    print("\n".join(summary_lines(f)))
+
+
+def write_markdown(f, directory):
+    """The table and the figures beside it as a dated results file; returns its path."""
+    rows = [(name, f"{value:.1f}", ratio) for name, value, ratio in table_rows(f)]
+    body = describe_run(f) + "\n\n" + markdown_table(["stage", "samples/s", "ratio"], rows) + "\n"
+    body += "".join(f"- {line}\n" for line in summary_lines(f))
+    return write_results(dated_path(directory, "bench"), "bench.py: pipeline throughput, start-up and memory", body)
+
+
+def startup_line(f):
+    return (
         f"start-up to first batch: {f['startup_cold_s']:.2f} s cold (no index), {f['startup_warm_s']:.2f} s warm "
         f"({f['startup_warm_s'] / WARM_STARTUP_TARGET_S:.2f} x the {WARM_STARTUP_TARGET_S:g} s target); CPU s of "
         f"the imports {f['startup_warm_import_cpu_s']:.2f}, of the dataset from the index "
@@ -632,12 +463,14 @@ def main(argv=None):
         sys.exit(f"error: data directory not found: {args.data_dir}")
     if args.startup_only:
         figures = startup_figures(args.data_dir)
-        print_startup(figures)
+        print(startup_line(figures))
     else:
         figures = measure_all(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
+    if args.markdown and not args.startup_only:
+        print(f"wrote {write_markdown(figures, args.markdown)}")
     return figures
 
 

@@ -7,11 +7,13 @@ torch.load(weights_only=True):
   args                                          train.py's resolved flags (data_dir, channels, extensions, ...)
   run_name, val_files                           the run and its validation files (relative to data_dir)
   val_groups                                    what args["split_by"] put on the validation side (files, "NET.STA",
-                                                "NET" or UTC day numbers); absent in runs of before --split_by
+                                                "NET" or UTC day numbers)
   epoch, global_step, best_val_loss, best_epoch, history   where the run stands (after its last whole epoch)
   in_epoch                                      None, or where a save in the middle of an epoch stood: the epoch,
                                                 its batches done, their error sums and rank 0's step losses
-Scripts rebuild the model with `model_from_checkpoint` and the data pipeline with `data_settings`.
+Scripts rebuild the model with `model_from_checkpoint` and the data pipeline with `data_settings`. A checkpoint
+written before a setting or key existed is read as one written today: `filled_in` (applied by `load_checkpoint`)
+adds what that run did, the one place that knows.
 """
 
 import io
@@ -21,10 +23,27 @@ from dataclasses import asdict
 import torch
 
 from model import ConvAutoencoder, ModelConfig
+from recordings import window_problems
+from settings import RunError
 from storage import atomic_write
 from transform import STFTConfig
 
 CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
+# What runs written before a train.py setting existed did: filled_in() gives their checkpoints these values.
+BEFORE_FLAG = {
+    "lr_schedule": "constant",
+    "crop_bins": [0, 0],
+    "offset_bins": 0,
+    "weight_decay": 0.0,
+    "split_by": "file",
+    "spectral_tilt": 0.0,
+    "noise_floor": 0.0,
+    "horizontal_swap": 0.0,
+    "size_fit": "interpolate",  # the seed model's resizing, also in model_config
+    "arch": "seed",
+    "window_seconds": None,  # one sample per file
+    "window_stride": None,
+}
 
 
 def new_run_state():
@@ -68,8 +87,23 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
+def filled_in(checkpoint):
+    """The checkpoint as this version writes it: what a run of before a setting or key lacks is what that run did
+    (BEFORE_FLAG in args and model_config; its validation files as its validation groups; a new run's state)."""
+    fresh = new_run_state()
+    val_files = checkpoint.get("val_files", [])
+    return {
+        **{key: fresh[key] for key in RUN_STATE_KEYS},
+        **checkpoint,
+        "args": {**BEFORE_FLAG, **checkpoint.get("args", {})},
+        "model_config": {"size_fit": BEFORE_FLAG["size_fit"], **checkpoint["model_config"]},
+        "val_files": val_files,
+        "val_groups": checkpoint.get("val_groups", val_files),
+    }
+
+
 def load_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True) of a checkpoint of this project; ValueError names what is wrong."""
+    """torch.load(weights_only=True) of a checkpoint of this project, filled_in; ValueError names what is wrong."""
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -81,7 +115,7 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
         raise ValueError(f"{path} is not a checkpoint of this project (needs keys {', '.join(CHECKPOINT_KEYS)})")
-    return checkpoint
+    return filled_in(checkpoint)
 
 
 def clean_state_dict(state_dict):
@@ -110,11 +144,22 @@ def data_settings(checkpoint):
         "families": args["channels"],
         "extensions": args["extensions"],
         "stft": STFTConfig(**checkpoint["stft_config"]),
-        "window_seconds": args.get("window_seconds"),
-        "window_stride": args.get("window_stride"),
-        "split_by": args.get("split_by", "file"),  # runs of before --split_by split by file
-        "val_groups": checkpoint.get("val_groups", checkpoint.get("val_files")),
+        "window_seconds": args["window_seconds"],
+        "window_stride": args["window_stride"],
+        "split_by": args["split_by"],
+        "val_groups": checkpoint["val_groups"],
     }
+
+
+def chosen_windows(args, settings):
+    """(window_seconds, window_stride): the flags of settings.window_settings, else the checkpoint's (data_settings);
+    a new --window_seconds without --window_stride strides by its own length. RunError if they do not fit the STFT."""
+    window_seconds = args.window_seconds or settings["window_seconds"]
+    window_stride = args.window_stride or (settings["window_stride"] if not args.window_seconds else None)
+    problems = window_problems(window_seconds, window_stride, settings["stft"])
+    if problems:
+        raise RunError("; ".join(problems))
+    return window_seconds, window_stride
 
 
 def restore(checkpoint, model, optimizer, scaler):
@@ -125,8 +170,24 @@ def restore(checkpoint, model, optimizer, scaler):
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     if scaler.is_enabled() and "scaler_state" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler_state"])
-    fresh = new_run_state()  # checkpoints written before a key existed
-    return {key: checkpoint.get(key, fresh[key]) for key in RUN_STATE_KEYS}
+    return {key: checkpoint[key] for key in RUN_STATE_KEYS}
+
+
+def resume_settings(args, checkpoint, keys, defaults):
+    """Take the run-defining settings `keys` from the checkpoint; warn where the command line set another value.
+
+    defaults: {name: the flag's default}; a --data_dir other than its default is honoured (the data may have moved).
+    Returns the names of the settings given on the command line and ignored.
+    """
+    saved, ignored = checkpoint["args"], []
+    for key in keys:
+        given, kept = getattr(args, key), saved.get(key)
+        if given != defaults[key] and given != kept:
+            ignored.append(f"--{key} {given} ignored: a resumed run keeps its checkpoint's value {kept}")
+        setattr(args, key, kept)
+    if args.data_dir == defaults["data_dir"]:
+        args.data_dir = saved["data_dir"]
+    return ignored
 
 
 def save_epoch_checkpoints(checkpoint, run_dir, epoch, improved, save_every, keep):

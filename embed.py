@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from batching import LengthBatchSampler
-from checkpoints import data_settings, model_from_checkpoint
+from checkpoints import chosen_windows, data_settings, model_from_checkpoint
+from device import device_and_checkpoint, model_input
 from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
 from representation import chance_scores, cluster, compared_features, label_scores, reduce
-from runtime import RunError, add_window_flags, chosen_windows, device_and_checkpoint, model_input, script_parser
+from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
 
@@ -39,44 +40,40 @@ THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z sp
 LABEL_SAMPLE = 5_000  # labelled recordings scored by --labels (leave-one-out over all rows costs N^2)
 
 
-def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
-    add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")
-    add(
-        "--split",
-        choices=("all", "val", "train"),
-        default="all",
-        help="'all': every usable file of --data_dir; 'val' / 'train': the run's validation / training files",
-    )
-    add("--output_dir", help="where the outputs go; None: embeddings/<run name of the checkpoint>")
-    add("--batch_size", type=int, default=32, help="spectrograms per forward pass")
-    add("--num_workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)")
-    add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    add("--cache_dir", help="spectrogram cache as in train.py; None: read the miniSEED files")
-    add_window_flags(parser, "embed")
-    add("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING, help="how the latent becomes one vector")
-    add("--clusters", type=clusters_flag, default="auto", help="K of KMeans, >= 2, or 'auto' (best silhouette)")
-    add(
-        "--labels",
-        help="catalogue column (network, station, location, family, trace_id) or CSV of path,label; None: no scores",
-    )
-    add("--num_anomalies", type=int, default=5, help="figures of the most anomalous recordings")
-    add("--projector_points", type=int, default=2000, help="recordings in the TensorBoard projector (0 = none)")
-    add("--seed", type=int, default=0, help="seed of clustering, samples and the map")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0 or args.num_anomalies < 0 or args.projector_points < 0:
-        parser.error("--batch_size must be >= 1; --num_workers, --num_anomalies, --projector_points >= 0")
-    return parser, args
-
-
 def clusters_flag(text):
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 2:
         raise argparse.ArgumentTypeError(f"must be an integer >= 2 or 'auto', got '{text}'")
     return int(text)
+
+
+SETTINGS = (
+    CHECKPOINT,
+    Setting("data_dir", None, "directory of miniSEED files (default: the checkpoint's)"),
+    Setting(
+        "split",
+        "all",
+        "'all': every usable sample of --data_dir; 'val' / 'train': the run's",
+        choices=("all", "val", "train"),
+    ),
+    Setting("output_dir", None, "where the outputs go (default: embeddings/<run name of the checkpoint>)"),
+    Setting("batch_size", 32, "spectrograms per forward pass", int, check=at_least(1)),
+    Setting("num_workers", 0, "DataLoader worker processes (0 = load in the main process)", int, check=at_least(0)),
+    device_setting(),
+    Setting("cache_dir", None, "spectrogram cache as in train.py (default: read the miniSEED files)"),
+    *window_settings("embed"),
+    Setting("pooling", DEFAULT_POOLING, "how the latent becomes one vector", choices=tuple(POOLINGS)),
+    Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette)", clusters_flag),
+    Setting("labels", None, f"catalogue column ({', '.join(LABEL_COLUMNS)}) or CSV of path,label to score against"),
+    Setting("num_anomalies", 5, "figures of the most anomalous recordings", int, check=at_least(0)),
+    Setting("projector_points", 2000, "recordings in the TensorBoard projector (0 = none)", int, check=at_least(0)),
+    Setting("seed", 0, "seed of clustering, samples and the map", int),
+)
+
+
+def parse_args(argv=None):
+    return parse(__doc__, SETTINGS, argv)
 
 
 def main(argv=None):

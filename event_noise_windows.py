@@ -15,7 +15,7 @@ import logging
 import os
 
 from file_index import DEFAULT_DATA_DIR, find_files
-from runtime import RunError, script_parser
+from settings import RunError, Setting, parse
 from stft_dataset import SkipLog
 from storage import atomic_write
 from transform import STFTConfig
@@ -33,14 +33,16 @@ log = logging.getLogger("event_noise_windows")
 WINDOWS = {"noise": ((5, 15), (15, 25)), "event": ((30, 40), (40, 50))}  # seconds after each file's start
 
 
+SETTINGS = (
+    Setting("data_dir", DEFAULT_DATA_DIR, "directory of event files with the P arrival at about 30 s"),
+    Setting("output_dir", None, "where the windows and labels.csv are written (required)", required=True),
+    Setting("channels", list(DEFAULT_FAMILIES), "channel families to use", nargs="+"),
+    Setting("files_from", None, "text file of paths relative to --data_dir to use, one a line (default: every file)"),
+)
+
+
 def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory of event files with the P arrival at about 30 s")
-    add("--output_dir", required=True, help="where the windows and labels.csv are written (required, no default)")
-    add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families to use")
-    add("--files_from", help="text file of paths relative to --data_dir to use, one a line; None: every file")
-    return parser, parser.parse_args(argv)
+    return parse(__doc__, SETTINGS, argv)
 
 
 def main(argv=None):

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 
 from baselines import BASELINES
 from batching import LengthBatchSampler, reconstruct
-from checkpoints import data_settings, model_from_checkpoint
+from checkpoints import chosen_windows, data_settings, model_from_checkpoint
+from device import device_and_checkpoint, model_input
 from figures import plot_reconstruction
 from model import masked_errors
-from runtime import RunError, add_window_flags, chosen_windows, device_and_checkpoint, model_input, script_parser
+from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from waveforms import COMPONENTS
@@ -31,31 +32,27 @@ WHO = ("model", *BASELINES)  # the reconstructions compared, as keys of metrics.
 LABELS = {"model": "model", "baseline": "time-mean", "blur": "blur"}  # their names in the printed table
 
 
-def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("checkpoint", help="checkpoint written by train.py (best_model.pt, last.pt, checkpoint_epoch_N.pt)")
-    add("--data_dir", help="directory of miniSEED files; None: the data_dir stored in the checkpoint")
-    add(
-        "--split",
+SETTINGS = (
+    CHECKPOINT,
+    Setting("data_dir", None, "directory of miniSEED files (default: the checkpoint's)"),
+    Setting(
+        "split",
+        "val",
+        "'val': the run's validation samples; 'all': every usable one of --data_dir",
         choices=("val", "all"),
-        default="val",
-        help="'val': the run's validation files; 'all': every usable file of --data_dir",
-    )
-    add("--num_samples", type=int, default=20, help="files drawn at random to evaluate (0 = all)")
-    add("--num_plots", type=int, default=20, help="reconstruction figures saved (of the evaluated files)")
-    add("--output_dir", default="inference_results", help="where PNG files and metrics.json go")
-    add("--batch_size", type=int, default=16, help="spectrograms per forward pass")
-    add("--seed", type=int, default=0, help="seed of the random choice of files")
-    add_window_flags(parser, "evaluate")
-    add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    args = parser.parse_args(argv)
-    for name in ("num_samples", "num_plots"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
-    return parser, args
+    ),
+    Setting("num_samples", 20, "samples drawn at random to evaluate (0 = all)", int, check=at_least(0)),
+    Setting("num_plots", 20, "reconstruction figures saved (of the evaluated samples)", int, check=at_least(0)),
+    Setting("output_dir", "inference_results", "where PNG files and metrics.json go"),
+    Setting("batch_size", 16, "spectrograms per forward pass", int, check=at_least(1)),
+    Setting("seed", 0, "seed of the random choice of samples", int),
+    *window_settings("evaluate"),
+    device_setting(),
+)
+
+
+def parse_args(argv=None):
+    return parse(__doc__, SETTINGS, argv)
 
 
 def choose_files(dataset, checkpoint, args):

@@ -52,7 +52,7 @@ class ModelConfig:
         return cls(
             in_channels=int(values["in_channels"]),
             features=tuple(values["features"]),
-            size_fit=values.get("size_fit", "interpolate"),  # written before the field: the seed model's resizing
+            size_fit=values["size_fit"],  # checkpoints of before the field: checkpoints.filled_in
         )
 
     def to_dict(self):

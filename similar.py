@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from checkpoints import data_settings, model_from_checkpoint
+from device import device_and_checkpoint
 from embedding import encode_batch
 from figures import plot_spectrogram_row
 from representation import SearchIndex
-from runtime import RunError, device_and_checkpoint, script_parser
+from settings import RunError, Setting, at_least, device_setting, parse
 from stft_dataset import SeismicSTFTDataset
 from storage import atomic_write
 from transform import spectrogram
@@ -31,19 +32,23 @@ log = logging.getLogger("similar")
 SHOWN_COLUMNS = {"path": 40, "trace_id": 14, "starttime": 27, "cluster": 7}  # printed columns and their widths
 
 
+SETTINGS = (
+    Setting(
+        "embeddings_dir",
+        None,
+        "output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)",
+        positional=True,
+    ),
+    Setting("query", None, "a catalogue row number, a catalogue path, or a miniSEED file", positional=True),
+    Setting("k", 10, "neighbours to list", int, check=at_least(1), flag="-k"),
+    Setting("data_dir", None, "where the catalogue's files are (default: the data_dir embed.py read)"),
+    Setting("output", None, "figure of the query and its neighbours (default: EMBEDDINGS_DIR/similar_<query>.png)"),
+    device_setting("encode a new file on"),
+)
+
+
 def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("embeddings_dir", help="output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)")
-    add("query", help="a catalogue row number, a catalogue path, or a miniSEED file")
-    add("-k", type=int, default=10, help="neighbours to list")
-    add("--data_dir", help="where the catalogue's files are; None: the data_dir embed.py read")
-    add("--output", help="figure of the query and its neighbours; None: EMBEDDINGS_DIR/similar_<query>.png")
-    add("--device", default="auto", help="device to encode a new file on: 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    args = parser.parse_args(argv)
-    if args.k < 1:
-        parser.error("-k must be >= 1")
-    return parser, args
+    return parse(__doc__, SETTINGS, argv)
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ Under torchrun every process trains on its own part of each epoch (DistributedDa
 rank 0 writes checkpoints and logs. Each run writes checkpoints/<run>/ (best_model.pt, last.pt,
 checkpoint_epoch_N.pt, config.json, val_files.txt, skipped_files.json) and logs/<run>/ (TensorBoard).
 SIGTERM or SIGUSR1 (a preempted job) ends the step in progress, writes last.pt with the position in the
-epoch and exits with 143 or 138; --resume continues from that step exactly.
+epoch and exits with 143 or 138; --resume continues from that step exactly. docs/training.md explains the defaults.
 """
 
 import argparse
@@ -25,60 +25,55 @@ from datetime import datetime
 import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib import colormaps
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from augment import (
-    batch_rng,
-    random_horizontal_swap,
-    random_noise_floor,
-    random_spectral_tilt,
-    random_time_crop,
-    random_time_offset,
+from augment import augmentation
+from checkpoints import (
+    checkpoint_dict,
+    newest_intact,
+    restore,
+    resume_point,
+    resume_settings,
+    save_checkpoint,
+    save_epoch_checkpoints,
 )
-from checkpoints import checkpoint_dict, newest_intact, restore, resume_point, save_checkpoint, save_epoch_checkpoints
-from file_index import DEFAULT_DATA_DIR
-from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
-from preemption import Preempted, SkipFirst, StepCheck, StopSignals
-from recordings import SPLITS, choose_val_groups, in_groups, window_problems
-from runtime import (
-    RunError,
+from device import AMP_MODES, loader_options, mixed_precision, package_versions
+from distributed import (
     epoch_seed,
     from_rank_zero,
     gather_skips,
     init_distributed,
     is_rank_zero,
-    loader_options,
-    mixed_precision,
-    model_input,
-    package_versions,
     rank_and_world_size,
-    script_parser,
     share_batchnorm_statistics,
     sum_over_processes,
     wrap_for_training,
 )
+from file_index import DEFAULT_DATA_DIR
+from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
+from preemption import Preempted, SkipFirst, StepCheck, StopSignals
+from recordings import SPLITS, choose_val_groups, in_groups, window_problems
+from run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
+from settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import atomic_write, probe_writable, write_json_atomic
+from storage import atomic_write, probe_writable
 from training import (
     BATCH_SIZE,
     CROP_BINS,
     HORIZONTAL_SWAP,
     LR,
+    LR_SCHEDULE_HELP,
     NOISE_FLOOR,
     NUM_EPOCHS,
     OFFSET_BINS,
-    ONE_CYCLE_END,
-    ONE_CYCLE_START,
-    ONE_CYCLE_WARMUP,
     SPECTRAL_TILT,
+    SPLIT_BY,
     WEIGHT_DECAY,
     evaluate,
+    learning_rate,
     mean_loss,
-    one_cycle,
     train_epoch,
 )
 from transform import STFTConfig
@@ -87,190 +82,73 @@ from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 log = logging.getLogger("train")
 NUM_IMAGES = 4  # fixed validation samples drawn to TensorBoard each epoch
 SAVE_EVERY_MINUTES = 10  # --save_every_minutes: what a kill without warning may cost a long epoch
-# Settings that define a run: on --resume they come from the checkpoint, not the command line.
-RUN_KEYS = (
-    *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
-    *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
-    *("horizontal_swap", "arch"),
-    *("window_seconds", "window_stride", "split_by"),
+STFT = STFTConfig()
+ARCH_HELP = ", ".join(f"{name} ({' '.join(map(str, widths))})" for name, widths in ARCHS.items())
+# Every setting of train.py, once; run=True: it defines the run, so --resume takes it from the checkpoint.
+# fmt: off
+SETTINGS = (
+    Setting("data_dir", DEFAULT_DATA_DIR, "directory searched recursively for miniSEED files"),
+    Setting("channels", list(DEFAULT_FAMILIES), "channel families (band + instrument) to use", nargs="+", run=True),
+    Setting("extensions", list(MINISEED_EXTENSIONS), "file extensions taken as miniSEED", nargs="+", run=True),
+    Setting("batch_size", BATCH_SIZE, "spectrograms per batch", int, check=at_least(1), run=True),
+    Setting("num_epochs", NUM_EPOCHS, "total epochs (with --resume: those done included)", int, check=at_least(1)),
+    Setting("lr", LR, "AdamW learning rate (--lr_schedule onecycle: the peak)", float, check=POSITIVE, run=True),
+    Setting("lr_schedule", "onecycle", LR_SCHEDULE_HELP, choices=("onecycle", "constant"), run=True),
+    Setting("weight_decay", WEIGHT_DECAY, "AdamW weight decay (0: Adam)", float, check=at_least(0), run=True),
+    Setting("crop_bins", list(CROP_BINS), "train on random windows of MIN to MAX time bins (0 0: off)", int, nargs=2,
+            metavar=("MIN", "MAX"), run=True),
+    Setting("offset_bins", OFFSET_BINS, "drop 0 to MAX time bins at a random place (0: off)", int, check=at_least(0),
+            metavar="MAX", run=True),
+    Setting("spectral_tilt", SPECTRAL_TILT, "random instrument response f ** p, slope in [-MAX, MAX] (0: off)",
+            float, check=at_least(0), metavar="MAX", run=True),
+    Setting("noise_floor", NOISE_FLOOR, "random noise floor up to MAX of the log10 range (0: off)", float,
+            check=(lambda value: 0 <= value < 1, "in [0, 1)"), metavar="MAX", run=True),
+    Setting("horizontal_swap", HORIZONTAL_SWAP, "E and N exchanged with probability P (0: off)", float,
+            check=(lambda value: 0 <= value <= 1, "in [0, 1]"), metavar="P", run=True),
+    Setting("size_fit", ModelConfig.size_fit, "how a spectrogram meets the layers' stride", choices=SIZE_FITS,
+            run=True),
+    Setting("arch", DEFAULT_ARCH, f"encoder widths: {ARCH_HELP}", choices=list(ARCHS), run=True),
+    Setting("num_workers", 2, "DataLoader worker processes (0 = load in the main process)", int, check=at_least(0)),
+    Setting("val_split", 0.2, "fraction of samples held out for validation", float,
+            check=(lambda value: 0 < value < 1, "between 0 and 1"), run=True),
+    Setting("split_by", SPLIT_BY, "what the validation split keeps on one side", choices=SPLITS, run=True),
+    Setting("window_seconds", None, "cut recordings into windows of this many seconds (default: one sample per file)",
+            float, run=True),
+    Setting("window_stride", None, "seconds from one window's start to the next (default: --window_seconds)", float,
+            run=True),
+    Setting("seed", 42, "seed of the split, the initial weights and the shuffling", int, run=True),
+    Setting("nperseg", STFT.nperseg, "STFT window length in samples at 100 Hz", int, run=True),
+    Setting("noverlap", STFT.noverlap, "STFT window overlap in samples", int, run=True),
+    Setting("nfft", STFT.nfft, "STFT FFT length (nfft // 2 + 1 frequency bins)", int, run=True),
+    Setting("checkpoint_dir", "checkpoints", "parent directory of the run's checkpoint folder"),
+    Setting("log_dir", "logs", "parent directory of the run's TensorBoard folder", run=True),
+    Setting("save_every", 5, "write checkpoint_epoch_N.pt every this many epochs", int, check=at_least(1)),
+    Setting("keep_checkpoints", 3, "periodic checkpoints kept (0 keeps all)", int, check=at_least(0)),
+    Setting("save_every_steps", 0, "also write last.pt every N batches of an epoch (0: off)", int, check=at_least(0)),
+    Setting("save_every_minutes", SAVE_EVERY_MINUTES, "also write last.pt in an epoch every this many minutes (0: off)",
+            float, check=at_least(0)),
+    Setting("resume", None, "checkpoint to continue; a run folder: its newest intact one; 'auto': the latest run's",
+            metavar="PATH"),
+    device_setting(),
+    Setting("cache_dir", None, "store spectrograms here once (float16) and read them back each epoch (default: off)"),
+    Setting("amp", "off", "mixed precision: 'auto' is bf16 where supported, else fp16", choices=AMP_MODES),
+    Setting("compile", False, "torch.compile the model", action=argparse.BooleanOptionalAction),
 )
-# What runs written before a RUN_KEYS flag existed did, for resuming them.
-BEFORE_FLAG = {
-    "lr_schedule": "constant",
-    "crop_bins": [0, 0],
-    "offset_bins": 0,
-    "weight_decay": 0.0,
-    "split_by": "file",
-    "spectral_tilt": 0.0,
-    "noise_floor": 0.0,
-    "horizontal_swap": 0.0,
-    "size_fit": "interpolate",
-    "arch": "seed",
-}
-SPLIT_BY = "station"  # --split_by default: no station on both sides, so the validation loss is one on unseen stations
+# fmt: on
+RUN_KEYS = run_keys(SETTINGS)
 
 
 def parse_args(argv=None):
-    parser = script_parser(__doc__)
-    add = parser.add_argument
-    add("--data_dir", default=DEFAULT_DATA_DIR, help="directory searched recursively for miniSEED files")
-    add("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="channel families (band + instrument) to use")
-    add("--extensions", nargs="+", default=list(MINISEED_EXTENSIONS), help="file extensions taken as miniSEED")
-    add("--batch_size", type=int, default=BATCH_SIZE, help="spectrograms per batch")
-    add("--num_epochs", type=int, default=NUM_EPOCHS, help="total epochs (with --resume: including those already done)")
-    add("--lr", type=float, default=LR, help="Adam learning rate (with --lr_schedule onecycle: the peak)")
-    add(
-        "--lr_schedule",
-        choices=("onecycle", "constant"),
-        default="onecycle",
-        help=f"'onecycle': cosine rise from --lr / {1 / ONE_CYCLE_START:.0f} to --lr over the first "
-        f"{ONE_CYCLE_WARMUP * 100:.0f}%% of the steps, cosine fall to --lr / {1 / ONE_CYCLE_END:.0f}; "
-        "'constant': --lr throughout",
-    )
-    add("--weight_decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay (0: plain Adam)")
-    add(
-        "--crop_bins",
-        nargs=2,
-        type=int,
-        default=list(CROP_BINS),
-        metavar=("MIN", "MAX"),
-        help="training batches only: random time windows of MIN to MAX bins, normalised again (default 0 0: no "
-        "cropping; crops did not make the model transfer better, see the README's Generalisation section)",
-    )
-    add(
-        "--offset_bins",
-        type=int,
-        default=OFFSET_BINS,
-        metavar="MAX",
-        help="training batches only: drop 0 to MAX time bins at a random place, normalised again, so that the model "
-        "trains on every length modulo its stride of 16 (15 covers them all; 0: off; not with --crop_bins)",
-    )
-    add(
-        "--spectral_tilt",
-        type=float,
-        default=SPECTRAL_TILT,
-        metavar="MAX",
-        help="training batches only: a random instrument response f ** p per sample, its slope drawn in [-MAX, "
-        "MAX] (a fraction of the log10 range per decade of frequency; 0.15 is about p = 1; 0: off)",
-    )
-    add(
-        "--noise_floor",
-        type=float,
-        default=NOISE_FLOOR,
-        metavar="MAX",
-        help="training batches only: noise power added to every bin at a random level in [0, MAX] of the log10 range "
-        "(a noisier site or instrument), normalised again (0: off)",
-    )
-    add(
-        "--horizontal_swap",
-        type=float,
-        default=HORIZONTAL_SWAP,
-        metavar="P",
-        help="training batches only: E and N exchanged in each sample with probability P (a station whose horizontal "
-        "sensors are turned by 90 degrees; 0: off)",
-    )
-    add(
-        "--size_fit",
-        choices=SIZE_FITS,
-        default=ModelConfig.size_fit,
-        help="how a spectrogram meets the model, whose layers halve it 4 times (--arch stride8: 3): 'pad' (repeat the "
-        "last bins at least once, up to a multiple of 16 (8), crop the output) or 'interpolate' (resize the output: "
-        "the seed model, which shifts bins by a length-dependent stretch)",
-    )
-    add(
-        "--arch",
-        choices=list(ARCHS),
-        default=DEFAULT_ARCH,
-        help="encoder widths (the decoder mirrors them): "
-        + ", ".join(
-            f"'{name}' ({' '.join(map(str, w))}, latent F/{2 ** len(w)} x T/{2 ** len(w)})" for name, w in ARCHS.items()
-        )
-        + "; stored in the checkpoint",
-    )
-    add("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
-    add("--val_split", type=float, default=0.2, help="fraction of samples held out for validation")
-    add(
-        "--split_by",
-        choices=SPLITS,
-        default=SPLIT_BY,
-        help=f"what the validation split keeps on one side (default {SPLIT_BY}): 'file' (every window of a file), "
-        "'station' (every file and window of a station), 'network', or 'time' (whole UTC days; samples that "
-        "cross midnight into a day of the other side are used on neither)",
-    )
-    add(
-        "--window_seconds",
-        type=float,
-        help="cut every recording into windows of this many seconds, one sample each (default: off, one "
-        "sample per file; files over 600 s are then skipped)",
-    )
-    add("--window_stride", type=float, help="seconds from one window's start to the next (default: --window_seconds)")
-    add("--seed", type=int, default=42, help="seed of the split, the initial weights and the shuffling")
-    add("--nperseg", type=int, default=256, help="STFT window length in samples at 100 Hz")
-    add("--noverlap", type=int, default=192, help="STFT window overlap in samples")
-    add("--nfft", type=int, default=256, help="STFT FFT length (nfft // 2 + 1 frequency bins)")
-    add("--checkpoint_dir", default="checkpoints", help="parent directory of the run's checkpoint folder")
-    add("--log_dir", default="logs", help="parent directory of the run's TensorBoard folder")
-    add("--save_every", type=int, default=5, help="write checkpoint_epoch_N.pt every this many epochs")
-    add("--keep_checkpoints", type=int, default=3, help="periodic checkpoints kept (older ones removed; 0 keeps all)")
-    add("--save_every_steps", type=int, default=0, help="also write last.pt every N batches of an epoch (0: off)")
-    add(
-        "--save_every_minutes",
-        type=float,
-        default=SAVE_EVERY_MINUTES,
-        help="also write last.pt in an epoch once this many minutes have passed since the last save (0: off); "
-        "short epochs never reach it, a long one loses at most this much to a kill",
-    )
-    add(
-        "--resume",
-        metavar="PATH",
-        help="checkpoint to continue (e.g. checkpoints/<run>/last.pt); a run folder: its newest intact checkpoint; "
-        "'auto': that of the run under --checkpoint_dir written last",
-    )
-    add("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    add(
-        "--cache_dir",
-        help="store spectrograms here once (float16, about 109 kB per 90 s file) and read them "
-        "back each epoch instead of decoding miniSEED; off when not given",
-    )
-    add(
-        "--amp",
-        choices=("off", "auto", "bf16", "fp16"),
-        default="off",
-        help="mixed precision: 'auto' is bf16 where supported, else fp16 (with a gradient scaler)",
-    )
-    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    args = parser.parse_args(argv)
-    problems = argument_problems(args)
-    if problems:
-        parser.error("; ".join(problems))
-    return parser, args
+    return parse(__doc__, SETTINGS, argv, argument_problems)
 
 
 def argument_problems(args):
-    """What is wrong with the flags, one phrase each; [] when nothing is."""
-    rules = [
-        ("batch_size", args.batch_size >= 1, ">= 1"),
-        ("num_epochs", args.num_epochs >= 1, ">= 1"),
-        ("lr", args.lr > 0, "> 0"),
-        ("num_workers", args.num_workers >= 0, ">= 0"),
-        ("val_split", 0 < args.val_split < 1, "between 0 and 1"),
-        ("save_every", args.save_every >= 1, ">= 1"),
-        ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
-        ("save_every_steps", args.save_every_steps >= 0, ">= 0"),
-        ("save_every_minutes", args.save_every_minutes >= 0, ">= 0"),
-        ("weight_decay", args.weight_decay >= 0, ">= 0"),
-        ("spectral_tilt", args.spectral_tilt >= 0, ">= 0"),
-        ("noise_floor", 0 <= args.noise_floor < 1, "in [0, 1)"),
-        ("horizontal_swap", 0 <= args.horizontal_swap <= 1, "in [0, 1]"),
-        ("offset_bins", args.offset_bins >= 0, ">= 0"),
-        ("offset_bins", not args.offset_bins or args.crop_bins == [0, 0], "0 with --crop_bins (crops vary the length)"),
-        (
-            "crop_bins",
-            args.crop_bins == [0, 0] or 1 <= args.crop_bins[0] <= args.crop_bins[1],
-            "0 0 or 1 <= MIN <= MAX",
-        ),
-    ]
-    problems = [f"--{name} must be {rule}" for name, ok, rule in rules if not ok]
+    """What is wrong with the flags beyond each one's own rule, one phrase each; [] when nothing is."""
+    problems = []
+    if args.offset_bins and args.crop_bins != [0, 0]:
+        problems.append("--offset_bins must be 0 with --crop_bins (crops vary the length)")
+    if args.crop_bins != [0, 0] and not 1 <= args.crop_bins[0] <= args.crop_bins[1]:
+        problems.append("--crop_bins must be 0 0 or 1 <= MIN <= MAX")
     try:
         problems += window_problems(args.window_seconds, args.window_stride, stft_config(args))
     except ValueError as err:
@@ -280,26 +158,6 @@ def argument_problems(args):
 
 def stft_config(args):
     return STFTConfig(nperseg=args.nperseg, noverlap=args.noverlap, nfft=args.nfft)
-
-
-def resume_settings(parser, args, checkpoint):
-    """Take the run-defining settings from the checkpoint; warn where the command line differs."""
-    saved = checkpoint["args"]
-    for key in RUN_KEYS:
-        given = getattr(args, key)
-        kept = saved.get(key, BEFORE_FLAG.get(key))
-        if given != parser.get_default(key) and given != kept:
-            log.warning("--%s %s ignored: a resumed run keeps its checkpoint's value %s", key, given, kept)
-        setattr(args, key, kept)
-    if args.data_dir == parser.get_default("data_dir"):
-        args.data_dir = saved["data_dir"]  # a different --data_dir is honoured: the data may have moved
-
-
-def split_files(files, val_split, seed):
-    """Reproducible train/validation split of relative paths: (train, val), both sorted (--split_by file)."""
-    keys = np.array(sorted(files), dtype=str)
-    val = set(choose_val_groups(keys, np.arange(len(keys)), val_split, seed))
-    return [f for f in files if f not in val], sorted(val)
 
 
 def split_samples(dataset, args, checkpoint):
@@ -596,7 +454,7 @@ def train_one_epoch(run, epoch, check=None):
     sums, step_losses = train_epoch(
         *loop,
         dist.is_initialized(),
-        augmentation(run.args, epoch),
+        augmentation(run.args, epoch, rank, run.stft.axes(0)[0]),
         learning_rate(run.args, epoch, len(run.train_loader)),
         start_step,
         after_step,
@@ -623,40 +481,6 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
         log.info("saved last.pt at step %d of epoch %d", step, epoch)
     if dist.is_initialized():
         dist.barrier()  # no process exits (torchrun would end the others) before rank 0 has written last.pt
-
-
-def augmentation(args, epoch):
-    """The epoch's augmentation of training batches (augment.py: a crop or an offset, the spectral tilt, the noise
-    floor, the horizontal swap), or None when all are off."""
-    min_bins, max_bins = args.crop_bins
-    if not any((min_bins, args.offset_bins, args.spectral_tilt, args.noise_floor, args.horizontal_swap)):
-        return None
-    rank = rank_and_world_size()[0]
-    freqs, _ = stft_config(args).axes(0)
-
-    def augment(x, mask, step):
-        rng = batch_rng(args.seed, epoch, rank, step)
-        if min_bins:
-            x, mask = random_time_crop(x, mask, rng, min_bins, max_bins)
-        elif args.offset_bins:
-            x, mask = random_time_offset(x, mask, rng, args.offset_bins)
-        if args.spectral_tilt:
-            x, mask = random_spectral_tilt(x, mask, rng, args.spectral_tilt, freqs)
-        if args.noise_floor:
-            x, mask = random_noise_floor(x, mask, rng, args.noise_floor)
-        if args.horizontal_swap:
-            x, mask = random_horizontal_swap(x, mask, rng, args.horizontal_swap)
-        return x, mask
-
-    return augment
-
-
-def learning_rate(args, epoch, steps_per_epoch):
-    """step in the epoch -> learning rate, or None for a constant --lr."""
-    if args.lr_schedule == "constant":
-        return None
-    total = args.num_epochs * steps_per_epoch
-    return lambda step: args.lr * one_cycle(((epoch - 1) * steps_per_epoch + step) / total)
 
 
 def validate(run):
@@ -724,60 +548,12 @@ def run_checkpoint(run):
     )
 
 
-def write_run_record(run):
-    """config.json (settings, dataset sizes, skip counts) and skipped_files.json (every skip and its reason)."""
-    run.config["skipped"] = run.skips.counts()
-    write_json_atomic(os.path.join(run.run_dir, "config.json"), run.config)
-    write_json_atomic(os.path.join(run.run_dir, "skipped_files.json"), run.skips.summary())
-
-
 def finish(run):
     """The end of a run (rank 0): hparams, the last records, and the report."""
     log_hparams(run.writer, run.args, run.state)
     run.writer.close()
     write_run_record(run)
     report(run.state, run.run_dir, run.log_dir, run.skips, run.dataset)
-
-
-@torch.no_grad()
-def log_images(model, batch, device, writer, epoch):
-    """Input | reconstruction of the fixed validation samples; rows E, N, Z, low frequencies at the bottom."""
-    model.eval()
-    spectrograms = batch["spectrogram"].float()
-    reconstruction = model(model_input(spectrograms, device)).clamp(0, 1).cpu().numpy()
-    for k, meta in enumerate(batch["meta"]):
-        n_time = int(batch["mask"][k].sum())
-        x, r = spectrograms[k, :, :, :n_time].numpy(), reconstruction[k, :, :, :n_time]
-        tile = np.concatenate([np.concatenate([x[c], r[c]], axis=1)[::-1] for c in range(len(x))], axis=0)
-        file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
-        writer.add_image(f"reconstruction/{k}_{file_id}", colormaps["viridis"](tile)[..., :3], epoch, dataformats="HWC")
-
-
-def write_epoch_scalars(writer, epoch, first_step, step_losses, train_loss, val_loss, optimizer, samples_per_s):
-    for step, loss in enumerate(torch.stack(step_losses).tolist() if step_losses else [], start=first_step):
-        writer.add_scalar("loss/train_step", loss, step)
-    writer.add_scalar("loss/train", train_loss, epoch)
-    writer.add_scalar("loss/val", val_loss, epoch)
-    writer.add_scalar("learning_rate", optimizer.param_groups[0]["lr"], epoch)
-    writer.add_scalar("speed/train_samples_per_s", samples_per_s, epoch)
-
-
-def log_hparams(writer, args, state):
-    """Settings and final metrics into the run's own event file (HPARAMS tab), not a new sub-run."""
-    metrics = {"hparam/best_val_loss": state["best_val_loss"], "hparam/best_epoch": state["best_epoch"]}
-    values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-    for summary in hparams(values, metrics):
-        writer.file_writer.add_summary(summary)
-    for tag, value in metrics.items():
-        writer.add_scalar(tag, value, state["epoch"])
-
-
-def report(state, run_dir, log_dir, skips, dataset):
-    print(f"best validation loss {state['best_val_loss']:.5f} at epoch {state['best_epoch']}")
-    print(f"run directory {run_dir}  (TensorBoard: tensorboard --logdir {log_dir})")
-    print(f"skipped files: {skips.describe()}")
-    if dataset.excluded:
-        print("left out by --channels: " + ", ".join(f"{n} {families}" for families, n in dataset.excluded.items()))
 
 
 def main(argv=None):
@@ -797,7 +573,9 @@ def main(argv=None):
     )
     try:
         if checkpoint:
-            resume_settings(parser, args, checkpoint)
+            defaults = {key: parser.get_default(key) for key in (*RUN_KEYS, "data_dir")}
+            for ignored in resume_settings(args, checkpoint, RUN_KEYS, defaults):
+                log.warning(ignored)
         return train(args, checkpoint, device)
     except RunError as err:
         parser.exit(2, f"error: {err}\n")

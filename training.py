@@ -1,7 +1,7 @@
 """One epoch of training and one pass of validation, as train.py (and bench.py) run them.
 
 Both take batches from stft_dataset.pad_collate and return error sums weighted by valid bins, so
-that the mean over processes and batches of different lengths is exact (see runtime.sum_over_processes).
+that the mean over processes and batches of different lengths is exact (see distributed.sum_over_processes).
 """
 
 import math
@@ -10,16 +10,22 @@ import torch
 from tqdm import tqdm
 
 from batching import reconstruct
+from device import model_input
+from distributed import is_rank_zero
 from model import masked_mse
-from runtime import is_rank_zero, model_input
 from waveforms import COMPONENTS
 
-# The default training recipe, train.py's flag defaults (the README's "Generalisation" section says how it was chosen).
+# The default training recipe, train.py's flag defaults (docs/training.md says how it was chosen).
 NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 3e-3, 0.0
 CROP_BINS, OFFSET_BINS, SPECTRAL_TILT, NOISE_FLOOR, HORIZONTAL_SWAP = (0, 0), 0, 0.15, 0.5, 0.0  # of training batches
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the GPU)
 ONE_CYCLE_WARMUP = 0.3  # fraction of a one-cycle run spent raising the learning rate (torch's OneCycleLR default)
 ONE_CYCLE_START, ONE_CYCLE_END = 1 / 25, 1e-4  # learning-rate factors at the start and the end of a one-cycle run
+LR_SCHEDULE_HELP = (
+    f"onecycle: cosine rise from --lr / {1 / ONE_CYCLE_START:.0f} over {ONE_CYCLE_WARMUP * 100:.0f}%% of the steps, "
+    f"cosine fall to --lr / {1 / ONE_CYCLE_END:.0f}; constant: --lr throughout"
+)
+SPLIT_BY = "station"  # --split_by: no station on both sides, so the validation loss is one on unseen stations
 
 
 def placeholder_batch():
@@ -118,6 +124,14 @@ def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=ONE_CYCLE_START, end=ONE_
     if progress < warmup:
         return start + (1 - start) * (1 - math.cos(math.pi * progress / warmup)) / 2
     return end + (1 - end) * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))) / 2
+
+
+def learning_rate(args, epoch, steps_per_epoch):
+    """step in the epoch -> learning rate, or None for a constant --lr."""
+    if args.lr_schedule == "constant":
+        return None
+    total = args.num_epochs * steps_per_epoch
+    return lambda step: args.lr * one_cycle(((epoch - 1) * steps_per_epoch + step) / total)
 
 
 @torch.no_grad()

@@ -40,3 +40,20 @@ def real_dir(tmp_path):
 def train_dir(tmp_path):
     """12 real files (3 per default family) for short training runs."""
     return copy_files(shipped_files(per_family=3), tmp_path / "train_waveforms")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs of several epochs, torchrun and fault runs; -m 'not slow' skips them")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A 1-epoch run on 12 real files (3 per default family), shared by the tests of the scripts that read a
+    checkpoint: (checkpoint path, data_dir)."""
+    import train  # noqa: PLC0415  (imported here: most test modules never need it)
+
+    base = tmp_path_factory.mktemp("run")
+    data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
+    run_flags = flags(data_dir=data_dir, num_epochs=1, batch_size=4, num_workers=0, val_split=0.5)
+    summary = train.main(run_flags + flags(checkpoint_dir=base / "checkpoints", log_dir=base / "logs"))
+    return os.path.join(summary["run_dir"], "best_model.pt"), data_dir

@@ -5,7 +5,7 @@ import obspy
 import pytest
 import torch
 from conftest import copy_files, shipped_files
-from test_stft_dataset import KNW, PFO, first_seconds, real_stream, scipy_n_time, write
+from waveform_files import KNW, PFO, first_seconds, real_stream, scipy_n_time, write
 
 from batching import LengthBatchSampler, length_groups, reconstruct
 from embedding import encode_batch

@@ -5,13 +5,14 @@ import os
 
 import pytest
 
+import archives
 import bench
 from stft_dataset import SeismicSTFTDataset
 
 
 def test_make_files_writes_real_70_s_windows_the_dataset_reads(tmp_path):
-    assert bench.make_files(30, str(tmp_path / "made"), processes=2) == 30
-    assert bench.make_files(32, str(tmp_path / "made"), processes=2) == 2  # the 30 already there are kept
+    assert archives.make_files(30, str(tmp_path / "made"), processes=2) == 30
+    assert archives.make_files(32, str(tmp_path / "made"), processes=2) == 2  # the 30 already there are kept
     dataset = SeismicSTFTDataset(str(tmp_path / "made"))
     assert len(dataset) == 32 and not dataset.skips.files  # all cut from files of the default families
     shapes = {dataset[i][0].shape for i in range(len(dataset))}
@@ -60,8 +61,8 @@ def test_bad_flags_are_parse_errors(argv, message, capsys):
 
 def test_make_archive_writes_sds_day_files_that_join_across_midnight(tmp_path):
     root = str(tmp_path / "archive")
-    assert bench.make_archive(2, 3, root, processes=2) == 2 * 3 * 3
-    assert bench.make_archive(2, 3, root, processes=2) == 0  # kept
+    assert archives.make_archive(2, 3, root, processes=2) == 2 * 3 * 3
+    assert archives.make_archive(2, 3, root, processes=2) == 0  # kept
     dataset = SeismicSTFTDataset(root, families=("LH",), window_seconds=60, window_stride=30)
     assert len(dataset.recordings) == 2 and not dataset.skips.files  # one recording per station over 3 days
     assert len(dataset) == 2 * ((3 * 86400 - 60) // 30 + 1)
@@ -72,5 +73,5 @@ def test_link_files_and_startup_only(tmp_path, capsys):
     assert {"startup_cold_s", "startup_warm_s", "startup_warm_dataset_cpu_s"} <= set(figures)
     assert min(figures.values()) > 0
     assert len(SeismicSTFTDataset(str(tmp_path / "links"))) == 300
-    assert bench.link_files(300, str(tmp_path / "links")) == 0  # kept
+    assert archives.link_files(300, str(tmp_path / "links")) == 0  # kept
     assert "s warm" in capsys.readouterr().out

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED, copy_files, flags, shipped_files
-from test_stft_dataset import empty_file, nan_samples, truncated_file
 from torch.utils.data import DataLoader, Subset
+from waveform_files import empty_file, nan_samples, truncated_file
 
 import file_index
 import spectrogram_cache

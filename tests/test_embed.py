@@ -12,7 +12,7 @@ import torch
 from conftest import copy_files, shipped_files
 from google.protobuf import text_format
 from tensorboard.plugins.projector import projector_config_pb2
-from test_stft_dataset import KNW, first_seconds, real_stream, single_component, text_file, waveform_of, write
+from waveform_files import KNW, first_seconds, real_stream, single_component, text_file, waveform_of, write
 
 import embed
 import event_noise_windows
@@ -21,17 +21,6 @@ import train
 from checkpoints import model_from_checkpoint
 from embedding import CATALOG_COLUMNS, EmbeddingWriter
 from stft_dataset import SeismicSTFTDataset
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch run on 12 real files: (checkpoint path, data_dir)."""
-    base = tmp_path_factory.mktemp("run")
-    data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
-    argv = ["--data_dir", data_dir, "--num_epochs", "1", "--batch_size", "4", "--num_workers", "0"]
-    argv += ["--checkpoint_dir", str(base / "checkpoints"), "--log_dir", str(base / "logs")]
-    summary = train.main(argv)
-    return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,13 @@ import pytest
 import torch
 from conftest import copy_files, flags, shipped_files
 from matplotlib.image import imread
-from test_stft_dataset import KNW, PFO, first_seconds, real_stream, write
+from waveform_files import KNW, PFO, first_seconds, real_stream, write
 
 import inference
 import train
 from baselines import blur, time_mean
 from checkpoints import model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch run on 12 real files: (checkpoint path, data_dir)."""
-    base = tmp_path_factory.mktemp("run")
-    data_dir = copy_files(shipped_files(per_family=3), base / "waveforms")
-    summary = train.main(
-        flags(
-            data_dir=data_dir,
-            num_epochs="1",
-            batch_size="4",
-            num_workers="0",
-            val_split="0.5",
-            checkpoint_dir=str(base / "checkpoints"),
-            log_dir=str(base / "logs"),
-        )
-    )
-    return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
 
 
 def test_validation_split_outputs_figures_and_metrics(trained, tmp_path):

@@ -12,14 +12,15 @@ import pytest
 import torch
 from conftest import ROOT, copy_files, flags, shipped_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_stft_dataset import nan_samples
 from torch.utils.data import DataLoader, Subset
+from waveform_files import nan_samples
 
 import inference
-import runtime
 import train
 import training
 from checkpoints import clean_state_dict, model_from_checkpoint
+from device import mixed_precision
+from distributed import epoch_seed, sum_over_processes
 from model import ConvAutoencoder
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 
@@ -179,7 +180,7 @@ def test_ddp_validation_loss_equals_a_single_process_evaluation(ddp_run):
     sums = np.zeros(2)
     for share in ddp_run["val"]:  # the same batches as the processes formed (padding changes the output)
         loader = DataLoader(Subset(dataset, [position[f] for f in share]), batch_size=4, collate_fn=pad_collate)
-        sums += runtime.sum_over_processes(training.evaluate(model, loader, nullcontext, CPU, SkipLog()), CPU)
+        sums += sum_over_processes(training.evaluate(model, loader, nullcontext, CPU, SkipLog()), CPU)
     assert training.mean_loss(*sums) == pytest.approx(best["best_val_loss"], rel=1e-5)
 
 
@@ -305,7 +306,7 @@ def test_fp16_uses_a_gradient_scaler_that_resume_restores(amp_dir, tmp_path):
     ],
 )
 def test_mixed_precision_on_cpu(amp, name, output_dtype, scaled):
-    autocast, scaler, resolved = runtime.mixed_precision(amp, CPU)
+    autocast, scaler, resolved = mixed_precision(amp, CPU)
     assert resolved == name and scaler.is_enabled() == scaled
     if amp == "off":
         assert autocast is nullcontext
@@ -375,10 +376,10 @@ def test_clean_state_dict_keeps_prefixes_inside_key_names():
 
 
 def test_epoch_seed_is_reproducible_and_differs_across_processes_and_epochs():
-    seeds = {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch in range(1, 6) for rank in range(4)}
+    seeds = {(epoch, rank): epoch_seed(42, epoch, rank) for epoch in range(1, 6) for rank in range(4)}
     assert len(set(seeds.values())) == len(seeds)
-    assert seeds == {(epoch, rank): runtime.epoch_seed(42, epoch, rank) for epoch, rank in seeds}
-    assert runtime.epoch_seed(43, 1, 0) != seeds[1, 0]
+    assert seeds == {(epoch, rank): epoch_seed(42, epoch, rank) for epoch, rank in seeds}
+    assert epoch_seed(43, 1, 0) != seeds[1, 0]
     assert all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds.values())
 
 
@@ -394,4 +395,4 @@ def test_each_epoch_seeds_torch_with_its_epoch_seed(real_dir, tmp_path, monkeypa
     monkeypatch.setattr(train, "train_epoch", spy)
     argv = flags(data_dir=real_dir, num_epochs=2, seed=5, num_workers=0, val_split=0.5, device="cpu")
     train.main([*argv, "--channels", "HH", *flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l")])
-    assert seeds == [runtime.epoch_seed(5, 1, 0), runtime.epoch_seed(5, 2, 0)]  # 2 HH files: 1 trains
+    assert seeds == [epoch_seed(5, 1, 0), epoch_seed(5, 2, 0)]  # 2 HH files: 1 trains

@@ -7,12 +7,13 @@ import torch
 from conftest import INCOMPLETE, copy_files, flags, shipped_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from test_stft_dataset import nan_samples
+from waveform_files import nan_samples
 
 import checkpoints
 import inference
 import train
 import training
+from recordings import choose_val_groups
 from stft_dataset import SeismicSTFTDataset
 from transform import STFTConfig
 
@@ -62,9 +63,9 @@ def test_run_writes_checkpoints_config_and_split(train_dir, tmp_path):
 
 def test_split_is_reproducible_from_the_seed():
     files = [f"f{i}.mseed" for i in range(50)]
-    train_a, val_a = train.split_files(files, 0.2, seed=7)
-    train_b, val_b = train.split_files(files, 0.2, seed=7)
-    _, val_c = train.split_files(files, 0.2, seed=8)
+    train_a, val_a = split_files(files, 0.2, seed=7)
+    train_b, val_b = split_files(files, 0.2, seed=7)
+    _, val_c = split_files(files, 0.2, seed=8)
     assert val_a == val_b and train_a == train_b and val_a != val_c
     assert len(val_a) == 10 and not set(val_a) & set(train_a) and len(train_a) + len(val_a) == 50
 
@@ -294,7 +295,7 @@ def with_nan_files(tmp_path):
 def seed_for(data_dir, wanted):
     """A --seed whose split (--val_split 0.25: 2 of 6) meets `wanted(validation files)`."""
     files = sorted(os.listdir(data_dir))
-    return next(seed for seed in range(1000) if wanted(set(train.split_files(files, 0.25, seed)[1])))
+    return next(seed for seed in range(1000) if wanted(set(split_files(files, 0.25, seed)[1])))
 
 
 def test_training_batches_whose_files_all_fail_take_no_step(tmp_path):
@@ -331,3 +332,10 @@ def test_ctrl_c_exits_130_and_prints_the_resume_command(real_dir, tmp_path, monk
     (run_name,) = os.listdir(tmp_path / "checkpoints")
     last = os.path.join(str(tmp_path / "checkpoints"), run_name, "last.pt")
     assert f"continue with: python train.py --resume {last} --num_epochs 7" in capsys.readouterr().err
+
+
+def split_files(files, val_split, seed):
+    """Reproducible train/validation split of relative paths: (train, val), both sorted (--split_by file)."""
+    keys = np.array(sorted(files), dtype=str)
+    val = set(choose_val_groups(keys, np.arange(len(keys)), val_split, seed))
+    return [f for f in files if f not in val], sorted(val)

@@ -13,7 +13,7 @@ import obspy
 import pytest
 import torch
 from conftest import SHIPPED, flags
-from test_stft_dataset import reference_spectrogram
+from waveform_files import reference_spectrogram
 
 import bench
 import embed

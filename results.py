@@ -1,0 +1,65 @@
+"""Dated results files: the Markdown tables a script writes of what it measured, headed by the date, the commit, the
+machine and the command, so that a figure in results/ always says where it came from."""
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+from file_index import available_cores
+from storage import atomic_write
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def commit():
+    """The repository's short commit hash, '+changes' when tracked files differ from it; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def machine(device=None):
+    """CPU model, usable cores, Python and torch versions, and the GPU where the device is one."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    described = (
+        f"{cpu}, {available_cores()} cores usable, Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    if device is not None and device.type == "cuda":
+        described += f", GPU {torch.cuda.get_device_name(device)}"
+    return described
+
+
+def markdown_table(header, rows):
+    """A Markdown table: header is a list of column names, rows lists of cells (written with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]) + "\n"
+
+
+def write_results(path, title, body, device=None):
+    """Write results/<file>.md: the title, then when, where and how it was measured, then body (Markdown)."""
+    now = datetime.now(timezone.utc)
+    header = (
+        f"# {title}\n\n"
+        f"- measured: {now:%Y-%m-%d %H:%M} UTC, commit {commit()}\n"
+        f"- machine: {machine(device)}\n"
+        f"- command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}`\n\n"
+    )
+    atomic_write(path, lambda f: f.write((header + body).encode()))
+    return path
+
+
+def dated_path(directory, name):
+    """directory/<YYYY-MM-DD>-<name>.md (UTC date)."""
+    return os.path.join(directory, f"{datetime.now(timezone.utc):%Y-%m-%d}-{name}.md")

@@ -1,0 +1,149 @@
+"""waveforms.py on real recordings: component order and codes, gaps, trimming, padded ends, resampling.
+
+Broken files are built in tmp_path from the shipped recordings (obspy read -> modify -> write) or taken from
+obspy's own test data.
+"""
+
+import os
+
+import numpy as np
+import obspy
+import pytest
+from conftest import SHIPPED
+from waveform_files import (
+    KNW,
+    N_FREQ,
+    first_seconds,
+    obspy_test_file,
+    real_stream,
+    reference_spectrogram,
+    scipy_n_time,
+    spectrogram_of,
+    waveform_of,
+    with_gap,
+    write,
+)
+
+from stft_dataset import SeismicSTFTDataset
+from transform import STFTConfig
+from waveforms import DEFAULT_FAMILIES, UnusableFile, read_waveform
+
+
+@pytest.mark.parametrize("seconds, n_time", [(30, scipy_n_time(3001)), (70, 111), (90, 142)])
+def test_real_file_cut_to_length_gives_scipy_shape(tmp_path, seconds, n_time):
+    result = spectrogram_of(write(first_seconds(real_stream(), seconds), tmp_path, "cut.mseed"))
+    assert result.shape == (3, N_FREQ, n_time) and result.dtype == np.float32
+    assert result.min() == 0.0 and result.max() == 1.0  # min-max per component
+
+
+def test_channels_are_ordered_east_north_vertical(tmp_path):
+    stream = real_stream()
+    stream.select(channel="HHN")[0].data[:] = 0
+    stream.sort(keys=["channel"], reverse=True)  # Z, N, E in the file: order must come from the codes
+    result = spectrogram_of(write(stream, tmp_path, "dead_north.mseed"))
+    assert np.all(result[1] == 0)
+    assert result[0].std() > 0.05 and result[2].std() > 0.05
+
+
+def test_channels_follow_the_component_codes_not_the_trace_order(tmp_path):
+    """Traces stored Z, E, N: channel 0 is E (made dead: all zeros), 1 is N and 2 is Z, each as scipy computes it."""
+    stream = real_stream()
+    stream.select(channel="HHE")[0].data[:] = 0
+    stream.traces = [stream.select(channel=f"HH{code}")[0] for code in "ZEN"]
+    path = write(stream, tmp_path, "zen.mseed")
+    assert [trace.stats.channel for trace in obspy.read(path)] == ["HHZ", "HHE", "HHN"]
+    result = spectrogram_of(path)
+    expected = reference_spectrogram(np.stack([stream.select(channel=f"HH{c}")[0].data for c in "NZ"]).astype(float))
+    assert np.all(result[0] == 0)
+    np.testing.assert_allclose(result[1:], expected, atol=1e-5)
+    assert np.abs(result[1] - result[2]).mean() > 0.01  # N and Z differ: a swap would show
+
+
+def test_obspy_gappy_single_channel_file_is_skipped(tmp_path):
+    directory = tmp_path / "gaps"
+    directory.mkdir()
+    path = obspy_test_file("io/mseed/tests/data/gaps.mseed", directory, "BW.BGLD.EH.mseed")  # EHE only, gaps
+    dataset = SeismicSTFTDataset(str(directory))
+    assert len(dataset) == 0 and dataset.skips.files[path][0] == "fewer than 3 components"
+    assert "missing N, Z" in dataset.skips.files[path][1]
+
+
+def test_unrotated_1_2_codes_map_to_north_east(tmp_path):
+    stream = real_stream()
+    for trace in stream:
+        trace.stats.channel = {"HHE": "HH2", "HHN": "HH1"}.get(trace.stats.channel, trace.stats.channel)
+    unrotated = write(stream, tmp_path, "unrotated.mseed")
+    np.testing.assert_array_equal(spectrogram_of(unrotated), spectrogram_of(os.path.join(SHIPPED, KNW)))
+
+
+def test_short_gap_is_interpolated(tmp_path):
+    waveform = waveform_of(with_gap(0.5, tmp_path, "short_gap.mseed"))
+    original = waveform_of(os.path.join(SHIPPED, KNW))
+    assert waveform.shape == (3, 9001)
+    np.testing.assert_array_equal(waveform[:, :3001], original[:, :3001])
+    np.testing.assert_array_equal(waveform[:, 3050:], original[:, 3050:])
+    np.testing.assert_allclose(waveform[2, 3000:3051], np.linspace(original[2, 3000], original[2, 3050], 51))
+
+
+def test_components_of_different_length_trimmed_to_common_span(tmp_path):
+    stream = real_stream()
+    start = stream[0].stats.starttime
+    stream.select(channel="HHE")[0].trim(start + 5, None)  # E starts 5 s late
+    stream.select(channel="HHZ")[0].trim(None, start + 87)  # Z stops 3 s early
+    waveform, meta = read_waveform(write(stream, tmp_path, "uneven.mseed"), DEFAULT_FAMILIES, STFTConfig())
+    original = waveform_of(os.path.join(SHIPPED, KNW))
+    np.testing.assert_array_equal(waveform, original[:, 500:8701])
+    assert meta["starttime"] == str(start + 5)
+
+
+def test_constant_ends_are_cut_off(tmp_path):
+    """Zeros that pad a file's start (all components) and a held value at the end of one component are no recording."""
+    stream = real_stream()
+    start = stream[0].stats.starttime
+    for trace in stream:
+        trace.data[:500] = 0  # 5 s of padding
+    east = stream.select(channel="HHE")[0].data
+    east[-300:] = east[-301] + 7  # 3 s held at a value no neighbour has
+    waveform, meta = read_waveform(write(stream, tmp_path, "padded.mseed"), DEFAULT_FAMILIES, STFTConfig())
+    original = waveform_of(os.path.join(SHIPPED, KNW))
+    np.testing.assert_array_equal(waveform, original[:, 500:-300])
+    assert meta["starttime"] == str(start + 5)
+
+
+def test_short_constant_ends_and_dead_components_are_kept(tmp_path):
+    stream = real_stream()
+    stream.select(channel="HHZ")[0].data[:50] = 0  # 0.5 s, under DEAD_END_SECONDS
+    stream.select(channel="HHE")[0].data[:] = 0  # dead throughout: the transform makes it zeros
+    waveform = waveform_of(write(stream, tmp_path, "short_constant.mseed"))
+    assert waveform.shape == (3, 9001) and np.all(waveform[0] == 0) and np.all(waveform[2, :50] == 0)
+
+
+def test_padding_leaving_under_one_stft_window_is_skipped(tmp_path):
+    stream = real_stream()
+    for trace in stream:
+        trace.data[200:] = 0  # 2 s of signal, 88 s of padding
+    with pytest.raises(UnusableFile, match="too short for one STFT window"):
+        waveform_of(write(stream, tmp_path, "mostly_padding.mseed"))
+
+
+def test_shipped_padded_file_keeps_its_recording_only():
+    """PG.AR's file starts with 10.8 s of constant samples (1,084 on N): cut off, the recording spans [0, 1] again."""
+    path = os.path.join(SHIPPED, "PG.AR.EH.19970801T101342.mseed")
+    waveform, _ = read_waveform(path, DEFAULT_FAMILIES, STFTConfig())
+    raw = np.stack([trace.data for trace in sorted(obspy.read(path), key=lambda t: t.stats.channel)])  # E, N, Z
+    assert np.all(raw[1, :1084] == raw[1, 0]) and raw[1, 1084] != raw[1, 0]
+    np.testing.assert_array_equal(waveform, raw[:, 1084:])
+
+
+@pytest.mark.parametrize("sampling_rate", [40.0, 200.0])
+def test_other_sampling_rates_are_resampled(tmp_path, sampling_rate):
+    stream = real_stream()
+    stream.resample(sampling_rate)
+    result = spectrogram_of(write(stream, tmp_path, f"resampled_{sampling_rate:.0f}hz.mseed", encoding="FLOAT64"))
+    original = spectrogram_of(os.path.join(SHIPPED, KNW))
+    assert result.shape[:2] == original.shape[:2] == (3, N_FREQ)
+    assert abs(result.shape[2] - original.shape[2]) <= 1
+    low = slice(0, 40)  # below 15.6 Hz, inside the 20 Hz Nyquist band of the 40 Hz file
+    n_time = min(result.shape[2], original.shape[2])
+    correlation = np.corrcoef(result[2, low, :n_time].ravel(), original[2, low, :n_time].ravel())[0, 1]
+    assert correlation > 0.9
