@@ -29,6 +29,7 @@ import numpy as np
 import obspy
 
 from file_index import DEFAULT_DATA_DIR
+from results import dated_path, markdown_table, write_results
 from settings import Setting, parse
 from storage import write_json_atomic
 
@@ -42,29 +43,29 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
 FOLDS.update({network: (network,) for network in FOLDS["not-NC"]})  # leave one network out: --folds networks
 DEFAULT_FOLDS = ("stations", "NC", "not-NC")
 LEAVE_ONE_NETWORK_OUT = ("NC", *FOLDS["not-NC"])
-STOP_16 = ["--lr", "2e-3"]  # the default of stop 16: the levers measured against it keep it
+LR_2E3 = ["--lr", "2e-3"]  # the default before 994a71c (lr 3e-3): the levers measured against it keep it
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
-    "lr 2e-3 (the default of stop 16)": STOP_16,
+    "lr 2e-3 (the default before 994a71c)": LR_2E3,
     "lr 5e-3": ["--lr", "5e-3"],
     "seed 1": ["--seed", "1"],  # another split, initialisation and draws: how far one run is from the next
-    "lr 2e-3, seed 1": [*STOP_16, "--seed", "1"],
-    "no floor: lr 2e-3, --noise_floor 0 (the default of stop 15)": [*STOP_16, "--noise_floor", "0"],
-    "stop-14 default: lr 2e-3, --size_fit interpolate --spectral_tilt 0 --noise_floor 0": [
-        *STOP_16,
+    "lr 2e-3, seed 1": [*LR_2E3, "--seed", "1"],
+    "no floor: lr 2e-3, --noise_floor 0 (the default of 3c238b5)": [*LR_2E3, "--noise_floor", "0"],
+    "interpolate, no tilt, no floor: lr 2e-3 (the default of cd02b08)": [
+        *LR_2E3,
         *("--size_fit", "interpolate", "--spectral_tilt", "0", "--noise_floor", "0"),
     ],
     "plain (the first default): constant lr 1e-3, batch 16, 30 epochs, interpolate, no tilt, no floor": [
         *("--lr_schedule", "constant", "--lr", "1e-3", "--batch_size", "16", "--num_epochs", "30"),
         *("--size_fit", "interpolate", "--spectral_tilt", "0", "--noise_floor", "0"),
     ],
-    "no tilt: lr 2e-3, --spectral_tilt 0": [*STOP_16, "--spectral_tilt", "0"],
-    "floor 0.7: lr 2e-3, --noise_floor 0.7": [*STOP_16, "--noise_floor", "0.7"],
-    "offsets: lr 2e-3, --offset_bins 15": [*STOP_16, "--offset_bins", "15"],
-    "crops: lr 2e-3, --crop_bins 40 142": [*STOP_16, "--crop_bins", "40", "142"],
-    "swap: lr 2e-3, --horizontal_swap 0.5": [*STOP_16, "--horizontal_swap", "0.5"],
-    "batch 16: lr 2e-3": [*STOP_16, "--batch_size", "16"],
-    "batch 4: lr 2e-3": [*STOP_16, "--batch_size", "4"],
+    "no tilt: lr 2e-3, --spectral_tilt 0": [*LR_2E3, "--spectral_tilt", "0"],
+    "floor 0.7: lr 2e-3, --noise_floor 0.7": [*LR_2E3, "--noise_floor", "0.7"],
+    "offsets: lr 2e-3, --offset_bins 15": [*LR_2E3, "--offset_bins", "15"],
+    "crops: lr 2e-3, --crop_bins 40 142": [*LR_2E3, "--crop_bins", "40", "142"],
+    "swap: lr 2e-3, --horizontal_swap 0.5": [*LR_2E3, "--horizontal_swap", "0.5"],
+    "batch 16: lr 2e-3": [*LR_2E3, "--batch_size", "16"],
+    "batch 4: lr 2e-3": [*LR_2E3, "--batch_size", "4"],
     "constant lr 1e-3": ["--lr_schedule", "constant", "--lr", "1e-3"],
     "arch stride8": ["--arch", "stride8"],
     "arch stride8, seed 1": ["--arch", "stride8", "--seed", "1"],
@@ -86,6 +87,7 @@ SETTINGS = (
     Setting("work_dir", None, "where data links, checkpoints and results go (default: a temporary one)"),
     Setting("json", None, "also write every figure to this JSON file", metavar="PATH"),
     Setting("tables", None, "only print the tables of earlier --json files", nargs="+", metavar="JSON"),
+    Setting("markdown", None, "also write the tables to DIR/<date>-ablation.md (a dated results file)", metavar="DIR"),
 )
 
 
@@ -179,22 +181,24 @@ def mean_mse(samples):
     return {**means, "files": len(samples)}
 
 
-def print_tables(figures):
-    """Markdown tables: a summary (each lever's ratios to both baselines, per fold and group), each lever and fold
-    over all its held-out files, then each held-out network alone."""
-    print_summary(figures)
-    columns = ("lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s")
-    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
-    tables = (("all held-out files", lambda net: net in GROUPS), ("per network", lambda net: net not in GROUPS))
-    for title, keep in tables:
-        print(f"\n{title}:\n{header}")
-        for row in figures:
-            for net, v in sorted(row["networks"].items()):
-                if keep(net):
-                    mse = f"{v['model']:.5f} | {v['baseline']:.5f} | {v['blur']:.5f}"
-                    ratios = " | ".join(f"{r:.2f}" for r in baseline_ratios(v))
-                    print(f"| {row['lever']} | {row['fold']} | {net} | {v['files']} | {mse} | {ratios} | "
-                          f"{row['train_s']:.0f} |")  # fmt: skip
+def tables(figures):
+    """Markdown: a summary (each lever's ratios to both baselines, per fold and group), each lever and fold over all
+    its held-out files, then each held-out network alone."""
+    text = "model / t-mean and model / blur:\n\n" + summary_table(figures)
+    columns = ["lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s"]
+    for title, keep in (
+        ("all held-out files", lambda net: net in GROUPS),
+        ("per network", lambda net: net not in GROUPS),
+    ):
+        rows = [
+            [row["lever"], row["fold"], net, v["files"], *(f"{v[who]:.5f}" for who in ("model", "baseline", "blur")),
+             *(f"{r:.2f}" for r in baseline_ratios(v)), f"{row['train_s']:.0f}"]
+            for row in figures
+            for net, v in sorted(row["networks"].items())
+            if keep(net)
+        ]  # fmt: skip
+        text += f"\n{title}:\n\n" + markdown_table(columns, rows)
+    return text
 
 
 def baseline_ratios(means):
@@ -202,7 +206,7 @@ def baseline_ratios(means):
     return means["model"] / means["baseline"], means["model"] / means["blur"]
 
 
-def print_summary(figures):
+def summary_table(figures):
     """One row per lever: model MSE / time-mean MSE and model MSE / blur MSE, per fold and group of files."""
     folds = list(dict.fromkeys(row["fold"] for row in figures))
     ratios = defaultdict(dict)
@@ -211,12 +215,12 @@ def print_summary(figures):
             if group in row["networks"]:
                 cell = " / ".join(f"{r:.2f}" for r in baseline_ratios(row["networks"][group]))
                 ratios[row["lever"]][row["fold"], group] = cell
-    columns = [f"{fold}: {group}" for fold in folds for group in GROUPS]
-    print(
-        "\nmodel / t-mean and model / blur:\n| lever | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1)
-    )
-    for lever, cells in ratios.items():
-        print(f"| {lever} | " + " | ".join(cells.get((fold, group), "") for fold in folds for group in GROUPS) + " |")
+    columns = ["lever", *(f"{fold}: {group}" for fold in folds for group in GROUPS)]
+    rows = [
+        [lever, *(cells.get((fold, group), "") for fold in folds for group in GROUPS)]
+        for lever, cells in ratios.items()
+    ]
+    return markdown_table(columns, rows)
 
 
 def run_folds(args):
@@ -254,7 +258,11 @@ def read_figures(paths):
 def main(argv=None):
     args = parse_args(argv)
     figures = read_figures(args.tables) if args.tables else run_folds(args)
-    print_tables(figures)
+    text = tables(figures)
+    print(text)
+    if args.markdown:
+        title = "ablation.py: model / baselines on held-out stations and networks"
+        print(f"wrote {write_results(dated_path(args.markdown, 'ablation'), title, text)}")
     return figures
 
 

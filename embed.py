@@ -5,7 +5,7 @@
     python embed.py checkpoints/<run>/best_model.pt --data_dir windows --labels windows/labels.csv
 
 Model, STFT and normalisation settings and channel families come from the checkpoint; data is read through
-SeismicSTFTDataset (same index, cache and skip rules as training). Outputs (README, "Embeddings"): embeddings.npy,
+SeismicSTFTDataset (same index, cache and skip rules as training). Outputs (docs/embeddings.md): embeddings.npy,
 catalog.csv (same row order), clusters.json, embedding.json, figures, projector/ (tensorboard --logdir OUTPUT_DIR),
 labels.json with --labels.
 """

@@ -3,7 +3,7 @@
 The latent of a (3, F, T) spectrogram is (256, F // 16 + 1, T // 16 + 1) with the seed arch, (128, F // 8 + 1,
 T // 8 + 1) with "stride8" (model.ConvAutoencoder.encode); a pooling
 over time gives a vector of fixed length. Each recording is encoded at its own length (batching.length_groups), so
-its embedding does not depend on its batch. The README's "Embeddings" section says how the default pooling was chosen.
+its embedding does not depend on its batch. docs/embeddings.md says how the default pooling was chosen.
 
 Also here: the catalogue row of a recording, and EmbeddingWriter, which streams embeddings to a .npy file.
 """

@@ -20,12 +20,10 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -39,10 +37,9 @@ from checkpoints import (
     save_checkpoint,
     save_epoch_checkpoints,
 )
-from device import AMP_MODES, loader_options, mixed_precision, package_versions
+from device import AMP_MODES, mixed_precision, package_versions
 from distributed import (
     epoch_seed,
-    from_rank_zero,
     gather_skips,
     init_distributed,
     is_rank_zero,
@@ -53,12 +50,13 @@ from distributed import (
 )
 from file_index import DEFAULT_DATA_DIR
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
-from preemption import Preempted, SkipFirst, StepCheck, StopSignals
-from recordings import SPLITS, choose_val_groups, in_groups, window_problems
+from preemption import Preempted, StepCheck, StopSignals
+from recordings import SPLITS, window_problems
+from run_data import build_loaders, load_dataset, plan_run
 from run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
 from settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import atomic_write, probe_writable
+from storage import probe_writable
 from training import (
     BATCH_SIZE,
     CROP_BINS,
@@ -158,107 +156,6 @@ def argument_problems(args):
 
 def stft_config(args):
     return STFTConfig(nperseg=args.nperseg, noverlap=args.noverlap, nfft=args.nfft)
-
-
-def split_samples(dataset, args, checkpoint):
-    """(train indices, validation indices, validation groups) of the dataset for --split_by.
-
-    A new run draws the groups (recordings.choose_val_groups); a resumed one keeps its checkpoint's, and
-    samples of groups added since go to training.
-    """
-    keys, codes = dataset.groups(args.split_by)
-    if checkpoint:
-        val_groups = checkpoint.get("val_groups", checkpoint["val_files"])
-    else:
-        val_groups = choose_val_groups(keys, codes, args.val_split, args.seed)
-        if val_groups is None:
-            raise RunError(
-                f"--split_by {args.split_by}: {args.data_dir} has fewer than 2 {args.split_by} groups with usable "
-                "samples; need one to train, one to validate (try --split_by file)"
-            )
-    is_val = in_groups(keys, codes, val_groups)
-    return np.flatnonzero(~is_val & (codes >= 0)), np.flatnonzero(is_val), val_groups
-
-
-def new_run_name(checkpoint_dir):
-    name = datetime.now().strftime("%Y%m%d-%H%M%S")
-    suffix = 1
-    while os.path.exists(os.path.join(checkpoint_dir, name if suffix == 1 else f"{name}-{suffix}")):
-        suffix += 1
-    return name if suffix == 1 else f"{name}-{suffix}"
-
-
-def load_dataset(args, stft, skips):
-    """Rank 0 indexes (and caches) first; the other processes then find the index and cache stored."""
-    if not is_rank_zero():
-        dist.barrier()
-    try:
-        dataset = SeismicSTFTDataset(
-            args.data_dir,
-            args.channels,
-            stft,
-            args.extensions,
-            skips=skips,
-            cache_dir=args.cache_dir,
-            window_seconds=args.window_seconds,
-            window_stride=args.window_stride,
-        )
-    except OSError as err:  # a missing --data_dir; a --cache_dir that cannot be written (full, read-only)
-        raise RunError(str(err)) from None
-    if dist.is_initialized() and is_rank_zero():
-        dist.barrier()
-    if len(dataset) == 0 and skips.counts().get("shorter than --window_seconds"):
-        raise RunError(
-            f"--window_seconds {args.window_seconds:g} is longer than every usable recording in {args.data_dir} "
-            "(see the warnings above)"
-        )
-    if len(dataset) < 2:
-        raise RunError(
-            f"{len(dataset)} usable {'windows' if args.window_seconds else 'files'} of families "
-            f"{' '.join(args.channels)} in {args.data_dir} (skipped files: {skips.describe()}); "
-            "need at least 2 (one to train, one to validate)"
-        )
-    return dataset
-
-
-def plan_run(args, checkpoint, dataset):
-    """Run name, run folder and split: new, or the checkpoint's (groups added since then go to training).
-
-    Returns run name, run folder, train and validation sample indices, validation files, validation groups.
-    """
-    if checkpoint:
-        run_name, run_dir = checkpoint["run_name"], os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_name = from_rank_zero(new_run_name(args.checkpoint_dir) if is_rank_zero() else None)
-        run_dir = os.path.join(args.checkpoint_dir, run_name)
-    train_indices, val_indices, val_groups = split_samples(dataset, args, checkpoint)
-    val_files = set(dataset.files[dataset.sample_recording[val_indices]].tolist())
-    if checkpoint:
-        val_files |= set(checkpoint["val_files"])  # files gone since stay on record
-    val_files = sorted(val_files)
-    if is_rank_zero():
-        os.makedirs(run_dir, exist_ok=True)
-        text = "".join(name + "\n" for name in val_files)
-        atomic_write(os.path.join(run_dir, "val_files.txt"), lambda f: f.write(text.encode()))
-    return run_name, run_dir, train_indices, val_indices, val_files, val_groups
-
-
-def build_loaders(dataset, train_indices, val_indices, val_files, args, device):
-    """(train loader, validation loader, train sampler): this process's share of each, in index arrays."""
-    rank, world_size = rank_and_world_size()
-    present = set(dataset.files.tolist())
-    missing = [f for f in val_files if f not in present]
-    if missing:
-        log.warning("%d validation files of this run are no longer in %s", len(missing), args.data_dir)
-    train_set = Subset(dataset, train_indices)
-    # Each validation file exactly once over all processes (DistributedSampler would repeat files to even out).
-    val_set = Subset(dataset, val_indices[rank::world_size])
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    common = loader_options(args.batch_size, args.num_workers, device)
-    # Batches by index, so that a run resumed in the middle of an epoch leaves out those done (SkipFirst.skip).
-    batches = SkipFirst(BatchSampler(sampler, common.pop("batch_size"), drop_last=False))
-    train_loader = DataLoader(train_set, batch_sampler=batches, **common)
-    return train_loader, DataLoader(val_set, batch_size=args.batch_size, **common), sampler
 
 
 @dataclass

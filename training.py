@@ -61,15 +61,7 @@ def train_epoch(
     """
     model.train()
     total, bins, samples, step_losses = torch.zeros((), dtype=torch.float64, device=device), 0, 0, []
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch} train",
-        unit="batch",
-        leave=False,
-        dynamic_ncols=True,
-        disable=not is_rank_zero(),
-        initial=start_step,
-    )
+    bar = progress_bar(loader, f"epoch {epoch} train", start_step)
     for step, batch in enumerate(bar, start=start_step):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is not None or distributed:
@@ -94,6 +86,19 @@ def train_epoch(
         if after_step:
             after_step(step + 1, (total, bins, samples), step_losses)
     return (total, bins, samples), step_losses
+
+
+def progress_bar(loader, description, start_step=0):
+    """The loader's batches behind a progress bar that rank 0 alone shows and that leaves no line behind."""
+    return tqdm(
+        loader,
+        desc=description,
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not is_rank_zero(),
+        initial=start_step,
+    )
 
 
 def training_batch(batch, augment, step):
@@ -139,9 +144,7 @@ def evaluate(model, loader, autocast, device, skips):
     """(sum over batches of MSE x valid bins, valid bins) over this process's validation files."""
     model.eval()
     total, bins = torch.zeros((), dtype=torch.float64, device=device), 0
-    for batch in tqdm(
-        loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True, disable=not is_rank_zero()
-    ):
+    for batch in progress_bar(loader, "validation"):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue

@@ -43,7 +43,7 @@ def train_dir(tmp_path):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs of several epochs, torchrun and fault runs; -m 'not slow' skips them")
+    config.addinivalue_line("markers", "slow: runs of several epochs, torchrun, fault runs (-m 'not slow' skips them)")
 
 
 @pytest.fixture(scope="session")

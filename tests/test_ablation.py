@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 
 import obspy
 import pytest
 from conftest import SHIPPED
 
 import ablation
+import run_data
 import train
 from stft_dataset import SeismicSTFTDataset
 
@@ -23,7 +25,7 @@ def test_fold_holds_its_networks_out_and_adds_the_foreign_recording(tmp_path):
 def test_stations_fold_holds_out_the_default_runs_validation_stations(tmp_path):
     _, args = train.parse_args([])
     dataset = SeismicSTFTDataset(SHIPPED, index_path=tmp_path / "index.npz")
-    _, _, val_groups = train.split_samples(dataset, args, checkpoint=None)
+    _, _, val_groups = run_data.split_samples(dataset, args, checkpoint=None)
     assert tuple(val_groups) == ablation.FOLDS["stations"]
     train_dir, test_dir = ablation.link_fold(ablation.FOLDS["stations"], str(tmp_path / "fold"))
     held_out = {ablation.station_of(name) for name in os.listdir(test_dir)}
@@ -95,3 +97,15 @@ def test_networks_folds_hold_each_shipped_network_out_alone():
     assert set(folds) == shipped - {"BG"}  # BG has only DP files, of no default family
     assert all(ablation.FOLDS[fold] == (fold,) for fold in folds)
     assert ablation.parse_args([]).folds == ["stations", "NC", "not-NC"]
+
+
+def test_tables_go_to_a_dated_results_file_with_their_provenance(tmp_path, capsys):
+    means = {"model": 1.0, "baseline": 2.0, "blur": 4.0, "files": 3}
+    row = {"lever": "default", "fold": "NC", "train_s": 1.0, "flags": [], "networks": {"all": means}}
+    (tmp_path / "a.json").write_text(json.dumps([row]))
+    ablation.main(["--tables", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "results")])
+    (written,) = os.listdir(tmp_path / "results")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d-ablation\.md", written)
+    text = (tmp_path / "results" / written).read_text()
+    assert re.search(r"- measured: \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit [0-9a-f]{4,}", text) and "- machine: " in text
+    assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in text

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import flags
 
+import augment
 import train
 from augment import (
     NOMINAL_DECADES,
@@ -187,13 +188,13 @@ def test_horizontal_swap_exchanges_e_and_n_of_the_drawn_samples(real_dir):
 )
 def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeypatch, name, lever):
     seen = []
-    original = getattr(train, name)
+    original = getattr(augment, name)
 
     def recording(x, mask, *args):
         seen.append(x.shape[0])
         return original(x, mask, *args)
 
-    monkeypatch.setattr(train, name, recording)
+    monkeypatch.setattr(augment, name, recording)
     common = flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l", data_dir=train_dir)
     summary = train.main([*common, *TINY, "--num_epochs", "2", *lever])
     assert sum(seen) == 2 * 9  # 9 training files per epoch; the 3 validation files never

@@ -17,7 +17,6 @@ from waveform_files import KNW, first_seconds, real_stream, single_component, te
 import embed
 import event_noise_windows
 import similar
-import train
 from checkpoints import model_from_checkpoint
 from embedding import CATALOG_COLUMNS, EmbeddingWriter
 from stft_dataset import SeismicSTFTDataset

@@ -9,7 +9,6 @@ from matplotlib.image import imread
 from waveform_files import KNW, PFO, first_seconds, real_stream, write
 
 import inference
-import train
 from baselines import blur, time_mean
 from checkpoints import model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset

@@ -18,6 +18,7 @@ from waveform_files import reference_spectrogram
 import bench
 import embed
 import inference
+import run_data
 import similar
 import train
 import waveforms
@@ -241,7 +242,7 @@ def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_di
     _, args = train.parse_args(["--data_dir", real_dir])
     assert args.split_by == "station"
     dataset = SeismicSTFTDataset(real_dir)
-    train_indices, val_indices, val_groups = train.split_samples(dataset, args, None)
+    train_indices, val_indices, val_groups = run_data.split_samples(dataset, args, None)
     keys, codes = dataset.groups("station")
     assert set(keys[codes[val_indices]]) == set(val_groups) and not set(keys[codes[train_indices]]) & set(val_groups)
     assert len(train_indices) + len(val_indices) == len(dataset) == 8
