@@ -56,6 +56,7 @@ def write_results(path, title, body, device=None):
         f"- machine: {machine(device)}\n"
         f"- command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}`\n\n"
     )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: f.write((header + body).encode()))
     return path
 

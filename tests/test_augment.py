@@ -67,6 +67,7 @@ def test_dead_component_stays_zero_after_a_crop():
     assert (cropped[0, 1] == 0).all() and torch.isfinite(cropped).all()
 
 
+@pytest.mark.slow
 def test_offset_drops_up_to_max_bins_of_the_shortest_sample_as_a_crop(real_dir):
     batch = real_batch(real_dir, [142, 142, 130])
     lengths = set()
@@ -132,6 +133,7 @@ def test_noise_floor_draws_repeat_for_a_seed_and_keep_dead_components_zero():
     assert (first[1, 2] == 0).all() and torch.isfinite(first).all() and first[1, 1].max() == 1.0
 
 
+@pytest.mark.slow
 def test_one_cycle_follows_torch_one_cycle_lr():
     """The reference: torch's OneCycleLR (cosine phases) with the same start (peak / 25) and end (peak / 10,000)."""
     steps = 1000
@@ -176,6 +178,7 @@ def test_horizontal_swap_exchanges_e_and_n_of_the_drawn_samples(real_dir):
     assert torch.equal(random_horizontal_swap(x, mask, batch_rng(42, 1, 0, 3), 1.0)[0], x[:, [1, 0, 2]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, lever",
     [
@@ -203,6 +206,7 @@ def test_augmentation_reaches_training_batches_only(train_dir, tmp_path, monkeyp
     assert plain["history"][0]["val_loss"] != summary["history"][0]["val_loss"]  # trained on other batches
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_one_cycle_and_constant_stays(train_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -225,6 +229,7 @@ AUGMENTATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augmentation", AUGMENTATIONS)
 def test_interrupted_augmented_one_cycle_run_resumes_exactly(train_dir, tmp_path, monkeypatch, augmentation):
     augmented = [*TINY, *augmentation]

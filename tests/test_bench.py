@@ -20,6 +20,7 @@ def test_make_files_writes_real_70_s_windows_the_dataset_reads(tmp_path):
     assert len({os.path.basename(name).split(".")[1] for name in dataset.files}) > 5  # many stations, not one file
 
 
+@pytest.mark.slow
 def test_bench_reports_every_stage_as_json(real_dir, tmp_path, capsys):
     path = tmp_path / "bench.json"
     archive = ["--make_archive", "2", "2", str(tmp_path / "archive")]
@@ -47,7 +48,7 @@ def test_directory_without_usable_files_is_a_clear_error(tmp_path):
     "argv, message",
     [
         (["--num_files", "-1"], "--num_files must be >= 0"),
-        (["--batch_size", "0"], "--batch_size >= 1"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
         (["--make_files", "many", "dir"], "N must be a whole number"),
         (["--amp", "fp8"], "invalid choice: 'fp8'"),
         (["--make_files", "10"], "expected 2 arguments"),
@@ -68,6 +69,7 @@ def test_make_archive_writes_sds_day_files_that_join_across_midnight(tmp_path):
     assert len(dataset) == 2 * ((3 * 86400 - 60) // 30 + 1)
 
 
+@pytest.mark.slow
 def test_link_files_and_startup_only(tmp_path, capsys):
     figures = bench.main(["--link_files", "300", str(tmp_path / "links"), "--startup_only"])
     assert {"startup_cold_s", "startup_warm_s", "startup_warm_dataset_cpu_s"} <= set(figures)

@@ -296,6 +296,7 @@ def test_parallel_header_index_equals_serial(real_dir, tmp_path, monkeypatch):
 # --- train.py ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_with_cache_dir_builds_then_reuses_cache(train_dir, tmp_path, monkeypatch):
     # --device cpu: the losses are compared at rel=1e-6, and CUDA's bilinear backward (atomic adds) is not
     # deterministic, so on a GPU machine --device auto would flake.

@@ -90,6 +90,7 @@ def test_clusters_json_and_figures(embedded):
     assert "clusters_over_time.png" in pngs  # the shipped files span years
 
 
+@pytest.mark.slow
 def test_clustering_is_reproducible_and_k_can_be_given(embedded, trained, tmp_path):
     _, out, _ = embedded
     rerun(embedded, trained, tmp_path / "again", "--projector_points", "0", "--clusters", "auto")
@@ -178,6 +179,7 @@ def test_embedding_writer_streams_rows(tmp_path):
     assert os.listdir(tmp_path) == ["e.npy"]
 
 
+@pytest.mark.slow
 def test_rerun_into_the_same_directory_replaces_the_outputs(embedded, trained, tmp_path):
     out = tmp_path / "out"
     rerun(embedded, trained, out, "--num_anomalies", "3", "--projector_points", "4", "--clusters", "4")

@@ -24,6 +24,8 @@ from checkpoints import load_checkpoint, resume_point
 from preemption import SkipFirst
 from stft_dataset import SeismicSTFTDataset
 
+pytestmark = pytest.mark.slow  # fault runs: training runs stopped and resumed
+
 TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25", "--split_by", "file", "--device", "cpu"]
 TINY += ["--crop_bins", "40", "142"]  # not the default: a resume within an epoch must draw the same crops again
 STEPS = 3  # 9 training files in batches of 4

@@ -136,6 +136,7 @@ def assert_one_share_per_process(shares, train_files):
     assert sorted(shares[0] + shares[1]) == sorted(train_files)
 
 
+@pytest.mark.slow
 def test_ddp_processes_train_on_disjoint_halves_of_the_training_files(ddp_run):
     config = ddp_run["config"]
     assert config["processes"] == PROCESSES
@@ -145,12 +146,14 @@ def test_ddp_processes_train_on_disjoint_halves_of_the_training_files(ddp_run):
     assert_one_share_per_process(ddp_run["train"], sorted(set(ddp_run["names"]) - set(val_files)))
 
 
+@pytest.mark.slow
 def test_ddp_validation_evaluates_every_validation_file_once(ddp_run):
     shares = ddp_run["val"]
     assert [len(share) for share in shares] == [2, 2]
     assert sorted(shares[0] + shares[1]) == sorted(ddp_run["val_files"])
 
 
+@pytest.mark.slow
 def test_ddp_only_rank_zero_writes_one_run_folder(ddp_run):
     assert len(ddp_run["runs"]) == 1 and ddp_run["log_runs"] == ddp_run["runs"]
     assert len(ddp_run["events"]) == 1
@@ -162,6 +165,7 @@ def test_ddp_only_rank_zero_writes_one_run_folder(ddp_run):
     assert np.isfinite(last["history"][0]["train_loss"]) and np.isfinite(last["history"][0]["val_loss"])
 
 
+@pytest.mark.slow
 def test_ddp_processes_validate_the_model_that_is_saved(ddp_run):
     """Every process validates exactly the saved weights, BatchNorm statistics included (rank 0's, broadcast)."""
     saved = ddp_run["best"]["model_state"]
@@ -170,6 +174,7 @@ def test_ddp_processes_validate_the_model_that_is_saved(ddp_run):
             torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"rank {rank}: {key}")
 
 
+@pytest.mark.slow
 def test_ddp_validation_loss_equals_a_single_process_evaluation(ddp_run):
     """best_model.pt after epoch 1 holds the weights its best_val_loss was measured with."""
     best = ddp_run["best"]
@@ -184,6 +189,7 @@ def test_ddp_validation_loss_equals_a_single_process_evaluation(ddp_run):
     assert training.mean_loss(*sums) == pytest.approx(best["best_val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ddp_resume_continues_the_same_run(ddp_run, ddp_resumed):
     last = ddp_resumed["last"]
     assert last["epoch"] == 2 and [h["epoch"] for h in last["history"]] == [1, 2]
@@ -196,16 +202,19 @@ def test_ddp_resume_continues_the_same_run(ddp_run, ddp_resumed):
     assert ddp_resumed["train"][0] != ddp_run["train"][0]  # sampler.set_epoch: a new order each epoch
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_counts_the_optimizer_steps_it_took(ddp_run):
     assert ddp_run["last"]["global_step"] == 8 // 4  # per process: 8 training files in batches of 4
 
 
+@pytest.mark.slow
 def test_ddp_resume_keeps_the_tensorboard_history(ddp_run, ddp_resumed):
     events = EventAccumulator(os.path.join(ddp_run["log_dir"], ddp_run["runs"][0])).Reload()
     assert [e.step for e in events.Scalars("loss/val")] == [1, 2]
     assert [e.step for e in events.Scalars("loss/train_step")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_ddp_survives_batches_with_no_usable_file(tmp_path):
     """Batches of one file, 4 of them with NaN samples: a process whose batch is empty must still join
     the gradient all-reduce, or the two processes fall out of step and hang."""
@@ -266,6 +275,7 @@ def run_amp(data_dir, tmp_path, *extra):
     )
 
 
+@pytest.mark.slow
 def test_bf16_trains_with_finite_losses_close_to_fp32_and_no_scaler(amp_dir, tmp_path):
     summary = run_amp(amp_dir, tmp_path, "--num_epochs", "1", "--amp", "bf16")
     assert np.isfinite(summary["history"][0]["train_loss"]) and np.isfinite(summary["history"][0]["val_loss"])
@@ -280,6 +290,7 @@ def test_bf16_trains_with_finite_losses_close_to_fp32_and_no_scaler(amp_dir, tmp
         assert json.load(f)["amp"] == "bf16"
 
 
+@pytest.mark.slow
 def test_fp16_uses_a_gradient_scaler_that_resume_restores(amp_dir, tmp_path):
     first = run_amp(amp_dir, tmp_path, "--num_epochs", "1", "--amp", "fp16")
     last = os.path.join(first["run_dir"], "last.pt")
@@ -314,6 +325,7 @@ def test_mixed_precision_on_cpu(amp, name, output_dtype, scaled):
         assert ConvAutoencoder()(torch.rand(1, 3, 129, 142)).dtype == output_dtype
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_weights_that_inference_loads(tmp_path, monkeypatch):
     data_dir = copy_files(shipped_files(("HH",), per_family=8), tmp_path / "waveforms")  # all 142 time bins
     compiled = []

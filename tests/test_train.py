@@ -35,6 +35,7 @@ def run(data_dir, tmp_path, *extra):
     return train.main(argv)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_config_and_split(train_dir, tmp_path):
     summary = run(train_dir, tmp_path, "--num_epochs", "3", "--save_every", "1", "--keep_checkpoints", "2")
     run_dir = summary["run_dir"]
@@ -70,6 +71,7 @@ def test_split_is_reproducible_from_the_seed():
     assert len(val_a) == 10 and not set(val_a) & set(train_a) and len(train_a) + len(val_a) == 50
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_expected_tags(train_dir, tmp_path):
     summary = run(train_dir, tmp_path, "--num_epochs", "2")
     events = EventAccumulator(summary["log_dir"], size_guidance={"images": 0, "scalars": 0}).Reload()
@@ -88,6 +90,7 @@ def test_tensorboard_events_hold_the_expected_tags(train_dir, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_path):
     # On the CPU only: CUDA's bilinear interpolation backward adds with atomics, in no fixed order, so two
     # runs differ in the last bits and rel=1e-5 would flake under --device auto on a GPU machine.
@@ -114,6 +117,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_dir, tmp_pat
     assert [e.step for e in events.Scalars("loss/val")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path, capsys):
     first = run(train_dir, tmp_path, "--num_epochs", "1")
     resumed = train.main(
@@ -126,6 +130,7 @@ def test_resume_keeps_the_run_settings_of_the_checkpoint(train_dir, tmp_path, ca
     assert "--batch_size" not in err  # not given: nothing to warn about
 
 
+@pytest.mark.slow
 def test_a_run_from_before_size_fit_and_arch_resumes_as_the_seed_model(train_dir, tmp_path):
     first = run(train_dir, tmp_path, "--num_epochs", "1", "--size_fit", "interpolate")
     path = os.path.join(first["run_dir"], "last.pt")
@@ -139,6 +144,7 @@ def test_a_run_from_before_size_fit_and_arch_resumes_as_the_seed_model(train_dir
     assert checkpoint["args"]["arch"] == "seed" and checkpoint["model_config"]["features"] == [32, 64, 128, 256]
 
 
+@pytest.mark.slow
 def test_arch_is_stored_in_the_checkpoint_and_kept_on_resume(train_dir, tmp_path, capsys):
     first = run(train_dir, tmp_path, "--num_epochs", "1", "--arch", "stride8")
     path = os.path.join(first["run_dir"], "last.pt")
@@ -151,6 +157,7 @@ def test_arch_is_stored_in_the_checkpoint_and_kept_on_resume(train_dir, tmp_path
     assert model.encode(torch.rand(1, 3, 129, 142)).shape == (1, 128, 17, 18)
 
 
+@pytest.mark.slow
 def test_resume_from_a_moved_directory_with_files_added_and_removed(tmp_path, capsys):
     """The data moved (--data_dir honoured), 2 files were added (they train) and a validation file is gone."""
     data_dir = copy_files(shipped_files(per_family=3), tmp_path / "old")
@@ -169,6 +176,7 @@ def test_resume_from_a_moved_directory_with_files_added_and_removed(tmp_path, ca
     assert "1 validation files of this run are no longer in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_few_epochs_make_the_loss_fall_and_beat_the_baseline(train_dir, tmp_path):
     """The model learns: with a learning rate of 0 every other test passes. 9 training files, 3 to validate.
 

@@ -15,7 +15,7 @@ import torch
 from conftest import SHIPPED, flags
 from waveform_files import reference_spectrogram
 
-import bench
+import archives
 import embed
 import inference
 import run_data
@@ -32,7 +32,7 @@ MIDNIGHT = obspy.UTCDateTime("2016-09-03T00:00:00")
 
 def joined(names, start):
     """One 3-component recording (E, N, Z, int32) of the shipped 90 s files `names` back to back from `start`."""
-    stream = bench.joined_recording([os.path.join(SHIPPED, name) for name in names])
+    stream = archives.joined_recording([os.path.join(SHIPPED, name) for name in names])
     for trace in stream:
         trace.stats.starttime = start
     return stream
@@ -44,8 +44,8 @@ def samples_of(stream):
 
 
 def write_sds(stream, root):
-    """Per-channel day files in SDS layout, cut at midnight (bench.write_sds); returns their paths."""
-    bench.write_sds(stream, root)
+    """Per-channel day files in SDS layout, cut at midnight (archives.write_sds); returns their paths."""
+    archives.write_sds(stream, root)
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names if ".D." in name)
 
 
@@ -206,6 +206,7 @@ def run_windowed(root, tmp_path, *extra):
     return train.main(argv + list(extra))
 
 
+@pytest.mark.slow
 def test_windowed_sds_trains_resumes_exactly_and_evaluates_from_the_checkpoint(tmp_path):
     root = str(tmp_path / "sds")
     write_sds(joined(GDXB[:4], MIDNIGHT - 100), root)
