@@ -66,7 +66,10 @@ def text_column(metadata, name, default=""):
     """A metadata column as a numpy str array ("" for missing values), or `default` throughout without the column."""
     if name not in metadata.columns:
         return np.full(len(metadata), default, dtype=object).astype(str)
-    return metadata[name].fillna(default).astype(str).to_numpy(dtype=str)
+    values = metadata[name]
+    if pd.api.types.is_float_dtype(values) and np.all(values.dropna() % 1 == 0):  # codes read as numbers: 12, not 12.0
+        values = values.astype("Int64")
+    return values.astype(object).where(values.notna(), default).to_numpy(dtype=object).astype(str)
 
 
 def start_times(metadata):
@@ -84,9 +87,9 @@ def trace_lengths(dataset, metadata):
     if "trace_npts" in metadata.columns and metadata["trace_npts"].notna().all():
         return metadata["trace_npts"].to_numpy(dtype=np.int64)
     axis = 1 + dataset.data_format["dimension_order"].index("W")  # location: trace in block, then its dimensions
-    location = metadata["trace_name"].astype(str).str.split("$", n=1).str[1]
-    parts = location.str.split(",").str[axis].str.extract(r"^:(\d+)$")[0]
-    lengths = pd.to_numeric(parts, errors="coerce").to_numpy()
+    location = metadata["trace_name"].astype(str).str.partition("$")[2]  # "" for a trace stored alone
+    parts = location.str.extract("^" + "[^,]*," * axis + r":(\d+)(?:,|$)", expand=False)  # the W slice ":9001"
+    lengths = np.array(pd.to_numeric(parts, errors="coerce"), dtype=np.float64)
     missing = np.flatnonzero(np.isnan(lengths))
     if len(missing):
         import h5py  # a dependency of seisbench

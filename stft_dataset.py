@@ -230,7 +230,8 @@ class SeismicSTFTDataset(Dataset):
         if self.cache is not None:  # an item whose shard was cut short since the start is read from its file
             samples = {i: item for i in indices if (item := self.cache.item(i)) is not None}
         if self.traces is not None:  # a SeisBench dataset reads a batch's traces in one call
-            self.traces.prefetch(self.files[np.unique([self.sample_recording[i] for i in indices if i not in samples])])
+            unread = np.array([self.sample_recording[i] for i in indices if i not in samples], dtype=np.int64)
+            self.traces.prefetch(self.files[np.unique(unread)])
         by_recording = {}
         for i in indices:
             if i in samples:
