@@ -243,12 +243,14 @@ def trained_on_dataset(tmp_path_factory):
     return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
 
 
+@pytest.mark.slow
 def test_train_on_a_dataset_validates_on_its_dev_split(trained_on_dataset):
     checkpoint, data_dir = trained_on_dataset
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["val_groups"] == ["dev"] and len(saved["val_files"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", ["trace_category", "source_magnitude"])
 def test_embed_scores_a_metadata_column_and_the_catalogue_joins_the_metadata(trained_on_dataset, tmp_path, column):
     checkpoint, data_dir = trained_on_dataset
