@@ -5,6 +5,7 @@
                     # first writes 20,000 files cut from the shipped data (those already there are kept)
     python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
     python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
+    python bench.py --seisbench 20000 /tmp/sb20k                # a SeisBench dataset: start-up, samples/s vs files
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -28,6 +29,7 @@ headers matter here) counted as 60 s windows every 30 s: windows, start-up cold 
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -50,6 +52,7 @@ from embedding import encode_batch
 from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
 from model import ConvAutoencoder, masked_mse
 from runtime import loader_options, mixed_precision, model_input, resolve_device, script_parser
+from seisbench_data import is_seisbench_dataset, open_dataset, write_tiled_dataset
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from training import train_epoch
 from transform import STFTConfig, spectrogram
@@ -119,6 +122,14 @@ def parse_args(argv=None):
         help="first make N hard links to the shipped files in DIR (1,000 per folder; seconds, not minutes, for "
         "132k files), then measure on DIR; default: off",
     )
+    add(
+        "--seisbench",
+        nargs=2,
+        metavar=("N", "DIR"),
+        help="only measure a SeisBench dataset of N traces that WaveformDataWriter writes into DIR, tiled from the "
+        "shipped recordings (a dataset already in DIR is kept): start-up and samples/s against --data_dir's files",
+    )
+    add("--seisbench_seconds", type=float, help="length of the traces --seisbench writes (default: whole, 90 s)")
     add(
         "--startup_only",
         action="store_true",
@@ -630,7 +641,9 @@ def main(argv=None):
         print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
-    if args.startup_only:
+    if args.seisbench:
+        figures = seisbench_figures(args)
+    elif args.startup_only:
         figures = startup_figures(args.data_dir)
         print_startup(figures)
     else:
@@ -639,6 +652,68 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     return figures
+
+
+def seisbench_figures(args):
+    """--seisbench N DIR: write the dataset (unless DIR holds one); its start-up in this process (seisbench's
+    WaveformDataset alone, then SeismicSTFTDataset: open + index) and in a new one to the first batch; unless
+    --startup_only, samples/s through a DataLoader (0 workers) against --data_dir's miniSEED files."""
+    n_traces, root = int(args.seisbench[0]), args.seisbench[1]
+    figures = {"seisbench_traces_asked": n_traces}
+    if not is_seisbench_dataset(root):
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # WaveformDataWriter's progress bar
+            write_tiled_dataset(root, shipped_paths(), n_traces, args.seisbench_seconds)
+        figures["seisbench_write_s"] = time.perf_counter() - started
+    figures["seisbench_metadata_mb"] = (
+        sum(os.path.getsize(p) for p in glob.glob(os.path.join(root, "metadata*.csv"))) / 1e6
+    )
+    open_dataset(root)  # imports seisbench (seconds) outside the timing
+    started = time.perf_counter()
+    open_dataset(root)
+    figures["seisbench_waveformdataset_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset = SeismicSTFTDataset(root)
+    figures["seisbench_dataset_s"] = time.perf_counter() - started
+    figures |= {"seisbench_samples": len(dataset), "seisbench_peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF)}
+    wall, import_cpu, dataset_cpu = startup_seconds(root, cold=False)
+    figures |= {"seisbench_startup_s": wall, "seisbench_startup_import_cpu_s": import_cpu}
+    figures["seisbench_startup_dataset_cpu_s"] = dataset_cpu
+    if not args.startup_only:
+        files = SeismicSTFTDataset(args.data_dir)
+        n = min(len(files), len(dataset), args.num_files or len(files))
+        traces = Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(np.int64))
+        shuffled = DataLoader(traces, args.batch_size, shuffle=True, collate_fn=pad_collate)
+        stages = {
+            "files": loader(Subset(files, np.arange(n)), args.batch_size, 0),
+            "traces": loader(traces, args.batch_size, 0),
+        }
+        rates = best_rates({name: passing(batches) for name, batches in {**stages, "shuffled": shuffled}.items()})
+        figures |= {f"seisbench_{name}_per_s": rate for name, rate in rates.items()} | {"seisbench_read": n}
+    print_seisbench(figures)
+    return figures
+
+
+def shipped_paths():
+    names = sorted(os.listdir(SHIPPED))
+    return [os.path.join(SHIPPED, name) for name in names if name.split(".")[2] in DEFAULT_FAMILIES]
+
+
+def print_seisbench(f):
+    print(
+        f"SeisBench dataset: {f['seisbench_samples']} samples, metadata {f['seisbench_metadata_mb']:.0f} MB; "
+        f"WaveformDataset {f['seisbench_waveformdataset_s']:.1f} s, SeismicSTFTDataset (open + index) "
+        f"{f['seisbench_dataset_s']:.1f} s, peak RSS {f['seisbench_peak_rss_mb']:.0f} MB; new process to first batch "
+        f"{f['seisbench_startup_s']:.1f} s (CPU s: imports {f['seisbench_startup_import_cpu_s']:.1f}, dataset "
+        f"{f['seisbench_startup_dataset_cpu_s']:.1f})"
+    )
+    if "seisbench_read" in f:
+        print(
+            f"samples/s, DataLoader 0 workers, {f['seisbench_read']} samples: miniSEED files "
+            f"{f['seisbench_files_per_s']:.1f}, SeisBench traces {f['seisbench_traces_per_s']:.1f} in order, "
+            f"{f['seisbench_shuffled_per_s']:.1f} shuffled "
+            f"({f['seisbench_traces_per_s'] / f['seisbench_files_per_s']:.2f} x the files)"
+        )
 
 
 def measure_all(args):

@@ -328,3 +328,116 @@ def write_dataset(out_dir, traces, component_order="ZNE", chunk="", dtype=np.flo
         with open(os.path.join(out_dir, "chunks"), "a") as f:
             f.write(chunk + "\n")
     return out_dir
+
+
+# Columns a generated dataset carries beyond what this project reads, so that metadata.csv is about as wide as
+# STEAD's (the start-up cost is mostly reading it): name -> value of trace k.
+FILLER_COLUMNS = {
+    "station_latitude_deg": lambda k: round(32 + (k % 997) * 0.01, 4),
+    "station_longitude_deg": lambda k: round(-122 + (k % 991) * 0.01, 4),
+    "station_elevation_m": lambda k: k % 1500,
+    "trace_p_arrival_sample": lambda k: 3000 + k % 200,
+    "trace_p_status": lambda k: "manual",
+    "trace_p_weight": lambda k: 0.5 + (k % 5) / 10,
+    "trace_s_arrival_sample": lambda k: 4000 + k % 300,
+    "trace_s_status": lambda k: "manual",
+    "trace_s_weight": lambda k: 0.5 + (k % 3) / 10,
+    "trace_coda_end_sample": lambda k: 7000 + k % 900,
+    "trace_snr_db": lambda k: f"[{10 + k % 30}.1 {12 + k % 25}.3 {9 + k % 20}.7]",
+    "source_id": lambda k: f"ev{k // 3:08d}",
+    "source_latitude_deg": lambda k: round(33 + (k % 983) * 0.01, 4),
+    "source_longitude_deg": lambda k: round(-121 + (k % 977) * 0.01, 4),
+    "source_depth_km": lambda k: round(2 + (k % 197) * 0.1, 2),
+    "source_magnitude_type": lambda k: "ml",
+    "source_magnitude_author": lambda k: "NC",
+    "source_mechanism_strike_dip_rake": lambda k: "",
+    "source_distance_deg": lambda k: round((k % 887) * 0.002, 4),
+    "source_distance_km": lambda k: round((k % 887) * 0.2, 2),
+    "path_back_azimuth_deg": lambda k: round((k * 37) % 360, 1),
+    "trace_polarity": lambda k: "undecidable",
+}
+
+
+def tiled_traces(paths, n_traces, seconds=None, seed=0):
+    """n_traces (metadata, components) pairs cut from the recordings `paths` in turn: the first `seconds` s of each
+    (None: all of it), a new day for each round over them; split 70 % train, 10 % dev, 20 % test as STEAD's;
+    trace_category "earthquake_local" or "noise"; source_magnitude drawn from 0.5 to 5; other columns filled in."""
+    recordings = [recording_of_file(path) for path in paths]
+    rng = np.random.default_rng(seed)
+    for k in range(n_traces):
+        metadata, components = recordings[k % len(recordings)]
+        rate = metadata["trace_sampling_rate_hz"]
+        start = obspy.UTCDateTime(metadata["trace_start_time"]) + 86400 * (k // len(recordings))
+        n_samples = round(seconds * rate) if seconds else None
+        metadata = {**metadata, "trace_name": f"trace{k:07d}", "trace_start_time": str(start)}
+        metadata["split"] = "train" if k % 10 < 7 else "dev" if k % 10 == 7 else "test"
+        metadata["trace_category"] = "noise" if k % 4 == 3 else "earthquake_local"
+        metadata["source_magnitude"] = round(float(rng.uniform(0.5, 5.0)), 2)
+        metadata.update({name: value(k) for name, value in FILLER_COLUMNS.items()})
+        yield metadata, {c: samples[:n_samples] for c, samples in components.items()}
+
+
+def write_tiled_dataset(out_dir, paths, n_traces, seconds=None, chunk_size=100_000):
+    """A dataset of n_traces tiled from `paths` (tiled_traces), float32 as SeisBench datasets mostly are; over
+    chunk_size traces it is chunked ("00000", "00001", ...: metadata<chunk>.csv beside waveforms<chunk>.hdf5)."""
+    traces = tiled_traces(paths, n_traces, seconds)
+    if n_traces <= chunk_size:
+        return write_dataset(out_dir, traces, dtype=np.float32)
+    for first in range(0, n_traces, chunk_size):
+        part = (next(traces) for _ in range(min(chunk_size, n_traces - first)))
+        write_dataset(out_dir, part, chunk=f"{first // chunk_size:05d}", dtype=np.float32)
+    return out_dir
+
+
+# The shipped recordings have their P arrival at about 30 s (data/README.md): one noise and one event trace of each.
+EVENT_NOISE_SECONDS = {"noise": (5.0, 25.0), "earthquake_local": (28.0, 48.0)}
+
+
+def event_noise_traces(paths):
+    """(metadata, components) of a noise trace (5-25 s) and an event trace (28-48 s) of each recording: STEAD's
+    trace_category, trace_snr_db of the event trace (Z power over the noise trace's, dB; NaN for noise, as STEAD
+    leaves it), and a split by recording: 7 in 10 train, 1 dev, 2 test."""
+    for k, path in enumerate(paths):
+        try:
+            metadata, components = recording_of_file(path)
+        except UnusableFile:
+            continue
+        rate, start = metadata["trace_sampling_rate_hz"], obspy.UTCDateTime(metadata["trace_start_time"])
+        cut = {name: slice(round(a * rate), round(b * rate)) for name, (a, b) in EVENT_NOISE_SECONDS.items()}
+        power = {name: np.var(components["Z"][part].astype(np.float64)) for name, part in cut.items()}
+        split = "train" if k % 10 < 7 else "dev" if k % 10 == 7 else "test"
+        for name, part in cut.items():
+            snr = 10 * np.log10(power[name] / power["noise"]) if name != "noise" and power["noise"] > 0 else np.nan
+            trace = {**metadata, "trace_name": f"{metadata['trace_name']}_{name}", "split": split}
+            trace |= {"trace_start_time": str(start + part.start / rate), "trace_category": name}
+            yield trace | {"trace_snr_db": round(float(snr), 2)}, {c: s[part] for c, s in components.items()}
+
+
+def main(argv=None):
+    """python seisbench_data.py OUTPUT_DIR: the shipped recordings as a SeisBench dataset (event_noise_traces)."""
+    import argparse
+
+    from file_index import DEFAULT_DATA_DIR, find_files
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("output_dir", help="folder the dataset is written to (metadata.csv, waveforms.hdf5)")
+    parser.add_argument(
+        "--data_dir", default=DEFAULT_DATA_DIR, help=f"miniSEED event files (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument("--channels", nargs="+", default=list(DEFAULT_FAMILIES), help="families taken (default: 4)")
+    args = parser.parse_args(argv)
+    paths = [os.path.join(args.data_dir, name) for name in find_files(args.data_dir)]
+    wanted = []
+    for path in paths:
+        try:
+            choose_components([trace.id for trace in read_stream(path, headonly=True)], tuple(args.channels))
+            wanted.append(path)
+        except UnusableFile:
+            continue
+    write_dataset(args.output_dir, event_noise_traces(wanted))
+    with open(os.path.join(args.output_dir, "metadata.csv")) as f:
+        print(f"{args.output_dir}: {sum(1 for _ in f) - 1} traces (noise and earthquake_local)")
+
+
+if __name__ == "__main__":
+    main()
