@@ -3,6 +3,8 @@
 Data flow: path -> waveforms.read_waveform (obspy; E, N, Z at 100 Hz) -> transform.spectrogram
 (log-magnitude STFT, min-max per component to [0, 1]) -> pad_collate (batch, mask of valid time bins).
 Which files exist comes from file_index; with a cache_dir, spectrograms come from spectrogram_cache.
+A SeisBench dataset (metadata.csv + waveforms.hdf5) as data_dir is read through seisbench_data instead of files: one
+recording per trace, named by its trace_name, through the same checks (waveforms.waveform_of_stream) and transform.
 Files that cannot give a clean 3-component waveform are skipped with a reason (see `SkipLog`), never fatal.
 """
 
