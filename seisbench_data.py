@@ -10,6 +10,7 @@ shipped recordings as a SeisBench dataset with seisbench's WaveformDataWriter (t
 """
 
 import os
+import re
 
 import numpy as np
 import obspy
@@ -87,9 +88,9 @@ def trace_lengths(dataset, metadata):
     if "trace_npts" in metadata.columns and metadata["trace_npts"].notna().all():
         return metadata["trace_npts"].to_numpy(dtype=np.int64)
     axis = 1 + dataset.data_format["dimension_order"].index("W")  # location: trace in block, then its dimensions
-    location = metadata["trace_name"].astype(str).str.partition("$")[2]  # "" for a trace stored alone
-    parts = location.str.extract("^" + "[^,]*," * axis + r":(\d+)(?:,|$)", expand=False)  # the W slice ":9001"
-    lengths = np.array(pd.to_numeric(parts, errors="coerce"), dtype=np.float64)
+    slice_of_w = re.compile(r"\$" + "[^,]*," * axis + r":(\d+)(?:,|$)")  # "bucket0$3,:3,:9001" -> 9001
+    found = [slice_of_w.search(name) for name in metadata["trace_name"].astype(str).tolist()]
+    lengths = np.array([float(match.group(1)) if match else np.nan for match in found])
     missing = np.flatnonzero(np.isnan(lengths))
     if len(missing):
         import h5py  # a dependency of seisbench
@@ -125,7 +126,8 @@ class SeisBenchTraces:
         self.family = family.where(family.str.len() == 2, UNKNOWN_FAMILY).to_numpy(dtype=str)
         order = self.dataset.component_order
         own = text_column(metadata, "trace_component_order", str(self.dataset.data_format.get("component_order", "")))
-        self.components = np.array(["".join(c for c in order if c in letters) for letters in own], dtype=str)
+        orders, which = np.unique(own, return_inverse=True)
+        self.components = np.array(["".join(c for c in order if c in letters) for letters in orders], dtype=str)[which]
         self.rate = metadata["trace_sampling_rate_hz"].to_numpy(dtype=np.float64)
         self.start = start_times(metadata)
         self.npts = trace_lengths(self.dataset, metadata)
@@ -142,8 +144,10 @@ class SeisBenchTraces:
 
     def instruments(self, rows):
         """ "NET.STA.LOC.FF?" of rows."""
-        parts = (self.network[rows], self.station[rows], self.location[rows], self.family[rows])
-        return np.array([f"{n}.{s}.{loc}.{f}?" for n, s, loc, f in zip(*parts)], dtype=str)
+        instrument = self.network[rows]
+        for part in (self.station[rows], self.location[rows], self.family[rows]):
+            instrument = np.char.add(np.char.add(instrument, "."), part)
+        return np.char.add(instrument, "?")
 
     def names(self, key):
         """What joins a catalogue row to the dataset's metadata: trace_name, trace_chunk, dataset."""
