@@ -17,7 +17,8 @@ from recordings import choose_val_groups
 from representation import regression_chance, regression_scores
 from seisbench_data import UNKNOWN_FAMILY, is_seisbench_dataset, recording_of_file, write_dataset
 from stft_dataset import SeismicSTFTDataset
-from waveforms import DEFAULT_FAMILIES, NO_SIGNAL
+from transform import STFTConfig
+from waveforms import DEFAULT_FAMILIES, NO_SIGNAL, UnusableFile, read_waveform
 
 NAMES = shipped_files(per_family=1)  # 4 real 90 s recordings: HH, HN, EH, BH
 RESAMPLED = "BK.BDM.HN.20160903T060122.mseed"  # also written at 40 Hz: read back at 100 Hz by both paths
@@ -268,3 +269,13 @@ def test_embed_scores_a_metadata_column_and_the_catalogue_joins_the_metadata(tra
         assert summary["labels"]["numeric"] and all(np.isfinite(s["r2"]) and s["mae"] >= 0 for s in scores.values())
     else:
         assert summary["labels"]["counts"] == {"earthquake_local": 4, "noise": 4}
+
+
+def test_a_file_of_zeros_is_skipped_as_the_trace_of_zeros_is(tmp_path):
+    stream = obspy.read(os.path.join(SHIPPED, NAMES[0]))
+    for trace in stream:
+        trace.data[:] = 0
+    path = str(tmp_path / "zeros.mseed")
+    stream.write(path, format="MSEED")
+    with pytest.raises(UnusableFile, match=f"^{NO_SIGNAL}: AZ.KNW..HH\\?: every component constant"):
+        read_waveform(path, DEFAULT_FAMILIES, STFTConfig())
