@@ -10,7 +10,6 @@ shipped recordings as a SeisBench dataset with seisbench's WaveformDataWriter (t
 """
 
 import os
-import re
 
 import numpy as np
 import obspy
@@ -88,9 +87,7 @@ def trace_lengths(dataset, metadata):
     if "trace_npts" in metadata.columns and metadata["trace_npts"].notna().all():
         return metadata["trace_npts"].to_numpy(dtype=np.int64)
     axis = 1 + dataset.data_format["dimension_order"].index("W")  # location: trace in block, then its dimensions
-    slice_of_w = re.compile(r"\$" + "[^,]*," * axis + r":(\d+)(?:,|$)")  # "bucket0$3,:3,:9001" -> 9001
-    found = [slice_of_w.search(name) for name in metadata["trace_name"].astype(str).tolist()]
-    lengths = np.array([float(match.group(1)) if match else np.nan for match in found])
+    lengths = np.array([length_in_name(name, axis) for name in metadata["trace_name"].astype(str).tolist()])
     missing = np.flatnonzero(np.isnan(lengths))
     if len(missing):
         import h5py  # a dependency of seisbench
@@ -105,6 +102,13 @@ def trace_lengths(dataset, metadata):
             for f in files.values():
                 f.close()
     return lengths.astype(np.int64)
+
+
+def length_in_name(trace_name, axis):
+    """Samples of a bucketed trace from its name: "bucket0$3,:3,:9001", axis 2 -> 9001.0; NaN for other names."""
+    parts = trace_name.partition("$")[2].split(",")
+    found = parts[axis] if len(parts) > axis else ""
+    return float(found[1:]) if found[:1] == ":" and found[1:].isdigit() else np.nan
 
 
 class SeisBenchTraces:
