@@ -13,6 +13,8 @@ from conftest import SHIPPED, copy_files, shipped_files
 
 import embed
 import train
+from embedding import encode_batch
+from model import ConvAutoencoder
 from recordings import choose_val_groups
 from representation import regression_chance, regression_scores
 from seisbench_data import UNKNOWN_FAMILY, is_seisbench_dataset, recording_of_file, write_dataset
@@ -279,3 +281,16 @@ def test_a_file_of_zeros_is_skipped_as_the_trace_of_zeros_is(tmp_path):
     stream.write(path, format="MSEED")
     with pytest.raises(UnusableFile, match=f"^{NO_SIGNAL}: AZ.KNW..HH\\?: every component constant"):
         read_waveform(path, DEFAULT_FAMILIES, STFTConfig())
+
+
+def test_same_embeddings_as_the_miniseed_files(files_and_dataset):
+    """The default model (seeded weights) embeds a trace and its file alike: same spectrogram in, same vector out."""
+    files, dataset_dir = files_and_dataset
+    torch.manual_seed(0)
+    model = ConvAutoencoder().eval()
+    read, expected = by_trace(SeismicSTFTDataset(dataset_dir)), by_file(SeismicSTFTDataset(files))
+    names = sorted(read)
+    batch = {name: torch.stack([by[name][0] for name in names]) for name, by in (("traces", read), ("files", expected))}
+    mask = torch.ones(len(names), batch["files"].shape[-1], dtype=torch.bool)
+    vectors = {name: encode_batch(model, x, mask)[0] for name, x in batch.items()}
+    np.testing.assert_allclose(vectors["traces"], vectors["files"], rtol=1e-5, atol=1e-6)
