@@ -192,12 +192,13 @@ def test_split_by_dataset_uses_the_split_column(tmp_path):
     assert choose_val_groups(*files.groups("dataset"), 0.5, seed=1) is None  # miniSEED files have no split column
 
 
-def test_cache_names_traces_and_gives_the_same_spectrograms(files_and_dataset, tmp_path):
+@pytest.mark.parametrize("windows", [{}, {"window_seconds": 40.0, "window_stride": 40.0}])
+def test_cache_names_traces_and_gives_the_same_spectrograms(files_and_dataset, tmp_path, windows):
     _, dataset_dir = files_and_dataset
-    read = SeismicSTFTDataset(dataset_dir)
-    cached = SeismicSTFTDataset(dataset_dir, cache_dir=str(tmp_path / "cache"), processes=1)
-    again = SeismicSTFTDataset(dataset_dir, cache_dir=str(tmp_path / "cache"), processes=1)
-    assert sorted(again.cache.manifest["path"].tolist()) == sorted(read.files.tolist())
+    read = SeismicSTFTDataset(dataset_dir, **windows)
+    cached = SeismicSTFTDataset(dataset_dir, cache_dir=str(tmp_path / "cache"), processes=1, **windows)
+    again = SeismicSTFTDataset(dataset_dir, cache_dir=str(tmp_path / "cache"), processes=1, **windows)
+    assert sorted(again.cache.manifest["path"].tolist()) == sorted(read.sample_key(i) for i in range(len(read)))
     for i in range(len(read)):
         (x, meta), (y, other) = read[i], again[i]
         np.testing.assert_allclose(x.numpy(), y.float().numpy(), atol=1e-3)  # float16 in the cache
