@@ -6,6 +6,7 @@
     python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
     python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
     python bench.py --markdown results/                                  # also results/<date>-bench.md
+    python bench.py --seisbench 20000 /tmp/sb20k                # a SeisBench dataset: start-up, samples/s vs files
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -29,6 +30,7 @@ headers matter here) counted as 60 s windows every 30 s: windows, start-up cold 
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -45,12 +47,13 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds
+from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds, shipped_sources
 from device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
 from embedding import encode_batch
 from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
 from model import ConvAutoencoder, masked_mse
 from results import dated_path, machine, markdown_table, write_results
+from seisbench_data import is_seisbench_dataset, open_dataset, write_tiled_dataset
 from settings import Setting, at_least, parse
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from training import train_epoch
@@ -78,6 +81,9 @@ SETTINGS = (
             nargs=3, metavar=("STATIONS", "DAYS", "DIR")),
     Setting("link_files", None, "first make N hard links to the shipped files in DIR, then measure on DIR", nargs=2,
             metavar=("N", "DIR")),
+    Setting("seisbench", None, "only measure a SeisBench dataset of N traces written into DIR from the shipped files",
+            nargs=2, metavar=("N", "DIR")),
+    Setting("seisbench_seconds", None, "length of the traces --seisbench writes (default: whole, 90 s)", float),
     Setting("startup_only", False, "measure only the start-up to the first batch, cold and warm", action="store_true"),
 )
 # fmt: on
@@ -88,9 +94,14 @@ def parse_args(argv=None):
 
 
 def count_problems(args):
-    """The counts of --make_files, --link_files and --make_archive must be whole numbers."""
+    """The counts of --make_files, --link_files, --seisbench and --make_archive must be whole numbers."""
     problems = []
-    for flag, names in (("make_files", "N"), ("link_files", "N"), ("make_archive", "STATIONS and DAYS")):
+    for flag, names in (
+        ("make_files", "N"),
+        ("link_files", "N"),
+        ("seisbench", "N"),
+        ("make_archive", "STATIONS and DAYS"),
+    ):
         given = getattr(args, flag)
         if given and not all(n.isdigit() for n in given[: len(given) - 1]):
             problems.append(f"--{flag}: {names} must be a whole number")
@@ -461,7 +472,9 @@ def main(argv=None):
         print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
-    if args.startup_only:
+    if args.seisbench:
+        figures = seisbench_figures(args)
+    elif args.startup_only:
         figures = startup_figures(args.data_dir)
         print(startup_line(figures))
     else:
@@ -472,6 +485,73 @@ def main(argv=None):
     if args.markdown and not args.startup_only:
         print(f"wrote {write_markdown(figures, args.markdown)}")
     return figures
+
+
+def seisbench_figures(args):
+    """--seisbench N DIR: write the dataset (unless DIR holds one); its start-up in this process (seisbench's
+    WaveformDataset alone, then SeismicSTFTDataset: open + index) and in a new one to the first batch; unless
+    --startup_only, samples/s through a DataLoader (0 workers) against --data_dir's miniSEED files."""
+    n_traces, root = int(args.seisbench[0]), args.seisbench[1]
+    figures = {"seisbench_traces_asked": n_traces}
+    if not is_seisbench_dataset(root):
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # WaveformDataWriter's progress bar
+            write_tiled_dataset(root, shipped_sources(), n_traces, args.seisbench_seconds)
+        figures["seisbench_write_s"] = time.perf_counter() - started
+    figures["seisbench_metadata_mb"] = (
+        sum(os.path.getsize(p) for p in glob.glob(os.path.join(root, "metadata*.csv"))) / 1e6
+    )
+    open_dataset(root)  # imports seisbench (seconds) outside the timing
+    started = time.perf_counter()
+    open_dataset(root)
+    figures["seisbench_waveformdataset_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset = SeismicSTFTDataset(root)
+    figures["seisbench_dataset_s"] = time.perf_counter() - started
+    figures |= {"seisbench_samples": len(dataset), "seisbench_peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF)}
+    wall, import_cpu, dataset_cpu = startup_seconds(root, cold=False)
+    figures |= {"seisbench_startup_s": wall, "seisbench_startup_import_cpu_s": import_cpu}
+    figures["seisbench_startup_dataset_cpu_s"] = dataset_cpu
+    if not args.startup_only:
+        files = SeismicSTFTDataset(args.data_dir)
+        n = min(len(files), len(dataset), args.num_files or len(files))
+        traces = Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(np.int64))
+        shuffled = DataLoader(traces, args.batch_size, shuffle=True, collate_fn=pad_collate)
+        stages = {
+            "files": loader(Subset(files, np.arange(n)), args.batch_size, 0),
+            "traces": loader(traces, args.batch_size, 0),
+        }
+        stages = {name: passing(batches) for name, batches in {**stages, "shuffled": shuffled}.items()}
+        paths = [os.path.join(args.data_dir, f) for f in files.files[:n]]
+        keys = dataset.sample_files(traces.indices)
+        batches = [keys[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+        stages["files_read_only"] = lambda: sum(1 for path in paths if read_miniseed(path) is not None)
+        stages["traces_read_only"] = lambda: sum(
+            dataset.traces.prefetch(b) or len(dataset.traces.waiting) for b in batches
+        )
+        rates = best_rates(stages)
+        figures |= {f"seisbench_{name}_per_s": rate for name, rate in rates.items()} | {"seisbench_read": n}
+    print_seisbench(figures)
+    return figures
+
+
+def print_seisbench(f):
+    print(
+        f"SeisBench dataset: {f['seisbench_samples']} samples, metadata {f['seisbench_metadata_mb']:.1f} MB; "
+        f"WaveformDataset {f['seisbench_waveformdataset_s']:.1f} s, SeismicSTFTDataset (open + index) "
+        f"{f['seisbench_dataset_s']:.1f} s, peak RSS {f['seisbench_peak_rss_mb']:.0f} MB; new process to first batch "
+        f"{f['seisbench_startup_s']:.1f} s (CPU s: imports {f['seisbench_startup_import_cpu_s']:.1f}, dataset "
+        f"{f['seisbench_startup_dataset_cpu_s']:.1f})"
+    )
+    if "seisbench_read" in f:
+        print(
+            f"samples/s, DataLoader 0 workers, {f['seisbench_read']} samples: miniSEED files "
+            f"{f['seisbench_files_per_s']:.1f}, SeisBench traces {f['seisbench_traces_per_s']:.1f} in order, "
+            f"{f['seisbench_shuffled_per_s']:.1f} shuffled "
+            f"({f['seisbench_traces_per_s'] / f['seisbench_files_per_s']:.2f} x the files); reading alone (no "
+            f"spectrogram): files {f['seisbench_files_read_only_per_s']:.0f}, traces "
+            f"{f['seisbench_traces_read_only_per_s']:.0f} (get_waveforms in batches, obspy Streams)"
+        )
 
 
 def measure_all(args):

@@ -3,6 +3,7 @@
     python embed.py checkpoints/<run>/best_model.pt                      # the shipped data -> embeddings/<run>/
     python embed.py checkpoints/<run>/best_model.pt --labels station     # + how well it separates stations
     python embed.py checkpoints/<run>/best_model.pt --data_dir windows --labels windows/labels.csv
+    python embed.py checkpoints/<run>/best_model.pt --data_dir /data/ETHZ --labels source_magnitude   # SeisBench
 
 Model, STFT and normalisation settings and channel families come from the checkpoint; data is read through
 SeismicSTFTDataset (same index, cache and skip rules as training). Outputs (docs/embeddings.md): embeddings.npy,
@@ -28,7 +29,15 @@ from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
 from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
-from representation import chance_scores, cluster, compared_features, label_scores, reduce
+from representation import (
+    chance_scores,
+    cluster,
+    compared_features,
+    label_scores,
+    reduce,
+    regression_chance,
+    regression_scores,
+)
 from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
@@ -65,7 +74,7 @@ SETTINGS = (
     *window_settings("embed"),
     Setting("pooling", DEFAULT_POOLING, "how the latent becomes one vector", choices=tuple(POOLINGS)),
     Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette)", clusters_flag),
-    Setting("labels", None, f"catalogue column ({', '.join(LABEL_COLUMNS)}) or CSV of path,label to score against"),
+    Setting("labels", None, "catalogue column, SeisBench metadata column or CSV of path,label to score against"),
     Setting("num_anomalies", 5, "figures of the most anomalous recordings", int, check=at_least(0)),
     Setting("projector_points", 2000, "recordings in the TensorBoard projector (0 = none)", int, check=at_least(0)),
     Setting("seed", 0, "seed of clustering, samples and the map", int),
@@ -96,8 +105,17 @@ def read_labels(spec, dataset, positions):
     """--labels -> (name, {position: label} or None for a catalogue column)."""
     if spec in LABEL_COLUMNS:
         return spec, None
+    if dataset.traces is not None and spec in dataset.traces.dataset.metadata.columns:
+        values, present = dataset.traces.labels(dataset.sample_files(positions), spec)  # floats if numeric
+        found = {i: value for i, value, kept in zip(positions, values, present) if kept}
+        if not found:
+            raise RunError(f"--labels {spec}: no value in this column for the chosen traces of {dataset.data_dir}")
+        return spec, found
     if not os.path.isfile(spec):
-        raise RunError(f"--labels {spec}: neither a catalogue column ({', '.join(LABEL_COLUMNS)}) nor a CSV file")
+        raise RunError(
+            f"--labels {spec}: neither a catalogue column ({', '.join(LABEL_COLUMNS)}), a metadata column of a "
+            "SeisBench dataset nor a CSV file"
+        )
     with open(spec, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
@@ -337,6 +355,8 @@ def score_labels(embeddings, rows, labels, spectrograms, args, output_dir):
     spectra = np.stack([spectrograms[i] for i in chosen])
     compared = compared_features(np.asarray(embeddings[chosen]), spectra, args.seed)
     candidates = {f"model ({args.pooling})": compared.pop("model"), **compared}
+    if isinstance(values[0], float):  # a numeric metadata column (source_magnitude, source_distance_km, ...)
+        return score_values(name, values, candidates, output_dir)
     table = {who: {"dim": int(f.shape[1]), **label_scores(f, values, args.seed)} for who, f in candidates.items()}
     counts = dict(zip(*np.unique(values, return_counts=True)))
     result = {"labels": name, "recordings": len(chosen), "counts": {str(k): int(v) for k, v in counts.items()}}
@@ -348,6 +368,22 @@ def score_labels(embeddings, rows, labels, spectrograms, args, output_dir):
         print(f"{who:34} {s['dim']:5d} {s['knn_accuracy']:9.3f} {s['precision_at_k']:7.3f} {s['silhouette']:10.3f}")
     chance = result["chance"]
     print(f"{'chance (the labels alone)':34} {'':5} {chance['knn_accuracy']:9.3f} {chance['precision_at_k']:7.3f}")
+    return result
+
+
+def score_values(name, values, candidates, output_dir):
+    """Leave-one-out k-NN regression (R^2, mean absolute error) of numeric labels for the embedding and the baselines;
+    printed, and written to labels.json."""
+    table = {who: {"dim": int(f.shape[1]), **regression_scores(f, values)} for who, f in candidates.items()}
+    result = {"labels": name, "recordings": len(values), "numeric": True, "scores": table}
+    result["chance"] = regression_chance(values)
+    write_json_atomic(os.path.join(output_dir, "labels.json"), result)
+    print(f"labels {name}: {len(values)} recordings, numeric; leave-one-out 5-NN regression, standardised features")
+    print(f"{'representation':34} {'dim':>5} {'R^2':>7} {'MAE':>10}")
+    for who, s in table.items():
+        print(f"{who:34} {s['dim']:5d} {s['r2']:7.3f} {s['mae']:10.4g}")
+    chance = result["chance"]
+    print(f"{'chance (the mean of the others)':34} {'':5} {chance['r2']:7.3f} {chance['mae']:10.4g}")
     return result
 
 

@@ -45,6 +45,9 @@ CATALOG_COLUMNS = (
     "anomaly_rank",  # 1 = the highest mse / mse_time_mean
     "map_x",
     "map_y",
+    "trace_name",  # a SeisBench dataset's trace: pandas.merge(catalog, metadata, on="trace_name"); "" for files
+    "trace_chunk",  # its chunk ("" unless the dataset is chunked)
+    "dataset",  # the SeisBench dataset's folder name
 )
 
 
@@ -79,6 +82,7 @@ def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):
         "duration_s": round(float(duration_s), 2),
         "mse": float(mse),
         "mse_time_mean": float(mse_time_mean),
+        **{name: meta.get(name, "") for name in ("trace_name", "trace_chunk", "dataset")},
     }
 
 

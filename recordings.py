@@ -22,7 +22,8 @@ from waveforms import COMPONENTS, MAX_GAP_SECONDS, NOT_REQUESTED, UnusableFile, 
 # 600 s is 6.7 x the shipped 90 s event files, so event archives are untouched and a day file is caught.
 MAX_RECORDING_SECONDS = 600.0
 TIME_BLOCK_SECONDS = 86400.0  # --split_by time: whole UTC days go to one side
-SPLITS = ("file", "station", "network", "time")
+SPLITS = ("file", "station", "network", "time", "dataset")  # dataset: a SeisBench dataset's own split column
+DATASET_SPLIT = ("dev", "train")  # the groups of --split_by dataset: its dev traces validate, never drawn at random
 
 
 def window_problems(window_seconds, window_stride, stft):
@@ -358,10 +359,13 @@ def choose_val_groups(keys, codes, val_split, seed):
     """Groups drawn in a seeded random order until about val_split of the samples are in them; a group that
     would overshoot the target by more than the shortfall it fills is passed over. At least one group on
     each side; None with fewer than 2 groups. With one sample per group (the file split of event files) the
-    same draw as the per-file split of before --split_by. keys, codes: as sample_groups returns them."""
+    same draw as the per-file split of before --split_by. keys, codes: as sample_groups returns them.
+    The groups of --split_by dataset (DATASET_SPLIT) are not drawn: "dev" validates (None when either is empty)."""
     counts = np.bincount(codes[codes >= 0], minlength=len(keys))
-    if len(keys) < 2:
+    if len(keys) < 2 or (tuple(keys.tolist()) == DATASET_SPLIT and 0 in counts):
         return None
+    if tuple(keys.tolist()) == DATASET_SPLIT:
+        return ["dev"]
     order = np.random.default_rng(seed).permutation(len(keys))
     target = min(max(1, round(counts.sum() * val_split)), counts.sum() - 1)
     chosen, n_val = [], 0

@@ -135,6 +135,26 @@ def chance_scores(labels):
     }
 
 
+def regression_scores(features, values, k=NEIGHBOURS):
+    """Leave-one-out k-NN regression of numeric labels: each row predicted by the mean of its k nearest other rows
+    (Euclidean in the space of `features`); R^2 against the labels' variance, and the mean absolute error."""
+    values = np.asarray(values, dtype=np.float64)
+    predicted = values[leave_one_out_neighbours(features, k)].mean(axis=1)
+    return {"r2": r_squared(values, predicted), "mae": float(np.mean(np.abs(predicted - values)))}
+
+
+def regression_chance(values):
+    """What the labels alone give: each row predicted by the mean of the other rows (R^2 a little below 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    predicted = (values.sum() - values) / (len(values) - 1)
+    return {"r2": r_squared(values, predicted), "mae": float(np.mean(np.abs(predicted - values)))}
+
+
+def r_squared(values, predicted):
+    total = np.sum((values - values.mean()) ** 2)
+    return float(1 - np.sum((values - predicted) ** 2) / total) if total > 0 else float("nan")
+
+
 def compared_features(embeddings, spectrograms, seed):
     """The embeddings and the baselines an embedding of D values is compared with, each standardised (zero mean, unit
     variance per value), then rotated by PCA to at most D values (no whitening: a rotation keeps the distances):

@@ -22,6 +22,7 @@ from device import device_and_checkpoint
 from embedding import encode_batch
 from figures import plot_spectrogram_row
 from representation import SearchIndex
+from seisbench_data import is_seisbench_dataset
 from settings import RunError, Setting, at_least, device_setting, parse
 from stft_dataset import SeismicSTFTDataset
 from storage import atomic_write
@@ -97,9 +98,9 @@ def read_spectrogram(path, data):
 def catalogue_reader(settings, data, data_dir):
     """catalogue row -> (3, F, T) spectrogram of that recording, read as embed.py read it: the file, or with windows
     (embedding.json's window_seconds) the window that starts at the row's starttime."""
-    if not settings.get("window_seconds"):
+    if not settings.get("window_seconds") and not is_seisbench_dataset(data_dir):  # a trace is read by its dataset
         return lambda row: read_spectrogram(os.path.join(data_dir, row["path"]), data)
-    windows = {"window_seconds": settings["window_seconds"], "window_stride": settings["window_stride"]}
+    windows = {"window_seconds": settings.get("window_seconds"), "window_stride": settings.get("window_stride")}
     dataset = SeismicSTFTDataset(data_dir, data["families"], data["stft"], data["extensions"], **windows)
 
     def read(row):

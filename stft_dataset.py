@@ -3,6 +3,8 @@
 Data flow: path -> waveforms.read_waveform (obspy; E, N, Z at 100 Hz) -> transform.spectrogram
 (log-magnitude STFT, min-max per component to [0, 1]) -> pad_collate (batch, mask of valid time bins).
 Which files exist comes from file_index; with a cache_dir, spectrograms come from spectrogram_cache.
+A SeisBench dataset (metadata.csv + waveforms.hdf5) as data_dir is read through seisbench_data instead of files: one
+recording per trace, named by its trace_name, through the same checks (waveforms.waveform_of_stream) and transform.
 Files that cannot give a clean 3-component waveform are skipped with a reason (see `SkipLog`), never fatal.
 """
 
@@ -24,6 +26,7 @@ from recordings import (
     window_counts,
     window_samples,
 )
+from seisbench_data import SeisBenchTraces, is_seisbench_dataset
 from spectrogram_cache import SpectrogramCache
 from transform import STFTConfig, spectrogram
 from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
@@ -61,7 +64,7 @@ class SkipLog:
 class SeismicSTFTDataset(Dataset):
     """3-component miniSEED recordings -> (spectrogram (3, n_freq, n_time), metadata), one sample per file or window.
 
-    The spectrogram is float32, or float16 when read from the cache (runtime.model_input converts on the device).
+    The spectrogram is float32, or float16 when read from the cache (device.model_input converts on the device).
 
     Files are found recursively under `data_dir`; an index of their headers is kept so that a restart does
     not re-read them. Event files that hold E, N and Z are one recording each; files that hold one or two
@@ -96,10 +99,18 @@ class SeismicSTFTDataset(Dataset):
         self.window_stride = window_stride or window_seconds
         self.skips = skips if skips is not None else SkipLog()
         self.excluded = Counter()  # families found -> files left out by the channel filter
-        index = build_index(data_dir, extensions, index_path, processes)
-        recordings = find_recordings(
-            index, self.families, lambda k, *why: self.skip(index.path[k], *why), self.excluded, window_seconds
-        )
+        self.traces = None  # a SeisBench dataset's traces (seisbench_data.SeisBenchTraces): read instead of files
+        if is_seisbench_dataset(data_dir):
+            self.traces = SeisBenchTraces(data_dir)
+            key = self.traces.key
+            recordings = self.traces.recordings(
+                self.families, lambda k, *why: self.skip(key[k], *why), self.excluded, window_seconds
+            )
+        else:
+            index = build_index(data_dir, extensions, index_path, processes)
+            recordings = find_recordings(
+                index, self.families, lambda k, *why: self.skip(index.path[k], *why), self.excluded, window_seconds
+            )
         self.recordings = self.windows(recordings) if window_seconds else self.whole(recordings)
         # numpy arrays, not lists of str: DataLoader workers would copy every object they touch.
         self.files = self.recordings.files  # per recording; without windows also per sample
@@ -168,7 +179,13 @@ class SeismicSTFTDataset(Dataset):
         return self.stft.n_time_bins(n_samples)[self.sample_recording]
 
     def groups(self, split_by):
-        """(group keys, group code of every sample) for --split_by file, station, network or time (sample_groups)."""
+        """(group keys, group code of every sample) for --split_by file, station, network or time (sample_groups), or
+        dataset (a SeisBench dataset's split column; no groups for files)."""
+        if split_by == "dataset":
+            if self.traces is None:
+                return np.array([], dtype=str), np.full(len(self), -1, dtype=np.int64)
+            keys, codes = self.traces.split_groups(self.recordings.files)
+            return keys, codes[self.sample_recording]
         if self.window_seconds:
             seconds = self.window_seconds
         else:
@@ -214,6 +231,9 @@ class SeismicSTFTDataset(Dataset):
         samples = {}
         if self.cache is not None:  # an item whose shard was cut short since the start is read from its file
             samples = {i: item for i in indices if (item := self.cache.item(i)) is not None}
+        if self.traces is not None:  # a SeisBench dataset reads a batch's traces in one call
+            unread = np.array([self.sample_recording[i] for i in indices if i not in samples], dtype=np.int64)
+            self.traces.prefetch(self.files[np.unique(unread)])
         by_recording = {}
         for i in indices:
             if i in samples:
@@ -225,12 +245,18 @@ class SeismicSTFTDataset(Dataset):
                 by_recording.setdefault(r, []).append(i)
         for r, windows in by_recording.items():
             samples.update(zip(windows, self.window_samples(r, windows)))
+        if self.traces is not None:  # what joins a catalogue to the dataset's metadata
+            names = {i: self.traces.names(self.files[self.sample_recording[i]]) for i in indices}
+            return [(samples[i][0], {**samples[i][1], **names[i], "index": int(i)}) for i in indices]
         return [(samples[i][0], {**samples[i][1], "index": int(i)}) for i in indices]  # index: the dataset position
 
     def whole_file_sample(self, r):
         path = os.path.join(self.data_dir, self.files[r])
         try:
-            waveform, meta = read_waveform(path, self.families, self.stft)
+            if self.traces is not None:
+                waveform, meta = self.traces.read_waveform(self.files[r], self.families, self.stft)
+            else:
+                waveform, meta = read_waveform(path, self.families, self.stft)
         except UnusableFile as err:
             return None, {"path": path, "skip_reason": err.reason, "message": str(err)}
         except Exception as err:  # one odd file among 100k must not end a run; it is reported like the others
@@ -245,7 +271,10 @@ class SeismicSTFTDataset(Dataset):
         path = os.path.join(self.data_dir, self.files[r])
         instrument = str(self.recordings.instrument[r])
         try:
-            waveforms = read_windows(paths, instrument, starts, seconds, self.stft)
+            if self.traces is not None:
+                waveforms = self.traces.read_windows(self.files[r], instrument, starts, seconds, self.stft)
+            else:
+                waveforms = read_windows(paths, instrument, starts, seconds, self.stft)
         except Exception as err:  # one odd file must not end a run
             waveforms = [UnusableFile("unexpected error", f"{type(err).__name__}: {err}")] * len(starts)
         samples = []

@@ -14,6 +14,8 @@ from importlib.metadata import entry_points
 import numpy as np
 import obspy
 
+from transform import DEAD_RELATIVE_LEVEL
+
 COMPONENTS = ("E", "N", "Z")  # channel 0, 1, 2 of every spectrogram
 # Unrotated horizontals: 1 is taken as N, 2 as E (the SEED convention for 1/2 orientation codes).
 COMPONENT_CODES = {"E": "E", "N": "N", "Z": "Z", "1": "N", "2": "E"}
@@ -21,6 +23,7 @@ DEFAULT_FAMILIES = ("HH", "HN", "EH", "BH")
 MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
 FILE_GONE = "file missing or unreadable"  # removed, moved or locked after the index listed it
+NO_SIGNAL = "no signal"  # every component constant: a recording of zeros
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
 # A window with a component constant this long (a dead channel, zeros filled in by a datalogger) is skipped.
 DEAD_STRETCH_SECONDS = 10.0
@@ -147,7 +150,12 @@ def read_waveform(path, families, stft):
 
     `stft` (transform.STFTConfig) gives the sampling rate to resample to and the shortest usable length.
     """
-    stream = read_stream(path)
+    return waveform_of_stream(read_stream(path), families, stft)
+
+
+def waveform_of_stream(stream, families, stft):
+    """obspy Stream (of a file, or of a SeisBench trace) -> ((3, n_samples) float64 waveform in E, N, Z order,
+    metadata dict): one instrument's components chosen, merged, resampled, trimmed and checked (UnusableFile)."""
     instrument, family, picks = choose_components([trace.id for trace in stream], families)
     traces = [
         merge_component([stream[i] for i in picks[c]], instrument[:-1] + c, stft.sampling_rate) for c in COMPONENTS
@@ -167,6 +175,9 @@ def read_waveform(path, families, stft):
         raise UnusableFile(
             "too short for one STFT window", f"{stop - first} common samples{cut} < nperseg={stft.nperseg}"
         )
+    # One dead component is kept (the transform makes it zeros); three leave nothing to learn from.
+    if np.all(np.ptp(waveform, axis=1) <= DEAD_RELATIVE_LEVEL * np.abs(waveform).max(axis=1)):
+        raise UnusableFile(NO_SIGNAL, f"{instrument}: every component constant (all zeros or one held value)")
     meta = {"trace_id": instrument, "family": family, "starttime": str(start + first / stft.sampling_rate)}
     return waveform[:, first:stop], meta
 
@@ -253,6 +264,14 @@ def read_windows(paths, instrument, starts, seconds, stft):
         }
         for path in paths:
             stream += read_stream(path, **selection)
+    except UnusableFile as err:
+        return [err] * len(starts)
+    return windows_of_stream(stream, instrument, starts, seconds, stft)
+
+
+def windows_of_stream(stream, instrument, starts, seconds, stft):
+    """Windows of `instrument`'s E, N, Z in an obspy Stream (of files, or of a SeisBench trace), as read_windows."""
+    try:
         prefix = instrument[:-1]  # "NET.STA.LOC.HH"
         picked = [trace for trace in stream if trace.id.startswith(prefix)]
         _, _, positions = choose_components([trace.id for trace in picked], (prefix.split(".")[3],))
