@@ -138,6 +138,7 @@ def test_similar_finds_the_recording_itself_at_distance_zero(embedded, tmp_path,
     assert [n["row"] for n in by_path] == [n["row"] for n in listed[:2]]
 
 
+@pytest.mark.slow
 def test_labels_by_column_and_by_csv(embedded, trained, tmp_path):
     summary = rerun(embedded, trained, tmp_path / "family", "--labels", "family", "--projector_points", "0")
     scores = summary["labels"]["scores"]

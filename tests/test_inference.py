@@ -146,6 +146,7 @@ def test_metrics_equal_an_independent_computation_per_file(trained, tmp_path):
             assert [stored[c] for c in ("E", "N", "Z", "overall")] == pytest.approx([*mse, mse.mean()], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_seed_and_batch_size_flags(trained, tmp_path):
     checkpoint, _ = trained
 

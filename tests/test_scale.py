@@ -395,6 +395,7 @@ def test_epoch_seed_is_reproducible_and_differs_across_processes_and_epochs():
     assert all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in seeds.values())
 
 
+@pytest.mark.slow
 def test_each_epoch_seeds_torch_with_its_epoch_seed(real_dir, tmp_path, monkeypatch):
     """What DataLoader workers and random draws start from in each epoch: what a resumed run repeats."""
     seeds = []

@@ -243,6 +243,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_unusable_files_are_skipped_counted_and_reported(train_dir, tmp_path, capsys):
     copy_files(os.listdir(INCOMPLETE), train_dir, source=INCOMPLETE)
     open(os.path.join(train_dir, "empty.mseed"), "w").close()
@@ -306,6 +307,7 @@ def seed_for(data_dir, wanted):
     return next(seed for seed in range(1000) if wanted(set(split_files(files, 0.25, seed)[1])))
 
 
+@pytest.mark.slow
 def test_training_batches_whose_files_all_fail_take_no_step(tmp_path):
     data_dir, nan_names = with_nan_files(tmp_path)
     seed = seed_for(data_dir, lambda val: not val & nan_names)  # both NaN files train, alone in their batches
