@@ -24,8 +24,9 @@ NEIGHBOURS = 5  # k of the k-nearest-neighbour scores
 ASSIGN_CHUNK = 4_096  # rows read from the embeddings at a time to assign clusters and map positions (~38 MB float32)
 
 
-def fit_sample(n_rows, seed, size=FIT_SAMPLE):
-    """Sorted row numbers of a random sample of at most `size` rows."""
+def fit_sample(n_rows, seed, size=None):
+    """Sorted row numbers of a random sample of at most `size` (default FIT_SAMPLE) rows."""
+    size = size or FIT_SAMPLE
     if n_rows <= size:
         return np.arange(n_rows)
     return np.sort(np.random.default_rng(seed).choice(n_rows, size, replace=False))
