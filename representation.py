@@ -77,12 +77,12 @@ def cluster(reduced, k, seed):
     return kmeans, description
 
 
-def assign(pipeline, kmeans, embeddings):
+def assign(pipeline, kmeans, embeddings, chunk=ASSIGN_CHUNK):
     """Every row's cluster, distance to its centre and map position (the first two principal components), read
-    from `embeddings` (a memory map) ASSIGN_CHUNK rows at a time: (labels (N,), distances (N,), map (N, 2))."""
+    from `embeddings` (a memory map) `chunk` rows at a time: (labels (N,), distances (N,), map (N, 2))."""
     labels, distances = np.empty(len(embeddings), dtype=np.int64), np.empty(len(embeddings))
     map_xy = np.zeros((len(embeddings), 2))
-    for start, reduced in transform_in_chunks(pipeline, embeddings):
+    for start, reduced in transform_in_chunks(pipeline, embeddings, chunk):
         stop = start + len(reduced)
         labels[start:stop] = kmeans.predict(reduced)
         distances[start:stop] = np.linalg.norm(reduced - kmeans.cluster_centers_[labels[start:stop]], axis=1)

@@ -12,6 +12,10 @@ SHIPPED = os.path.join(ROOT, "data", "filtered_waveforms")
 INCOMPLETE = os.path.join(ROOT, "tests", "data", "incomplete")  # real single-component (??Z only) windows
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs torchrun or other subprocesses (deselect with -m 'not slow')")
+
+
 def shipped_files(families=("HH", "HN", "EH", "BH"), per_family=2):
     """Names of real shipped files, `per_family` of each family (named NET.STA.FAMILY.TIME.mseed)."""
     names = sorted(os.listdir(SHIPPED))
