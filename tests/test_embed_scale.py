@@ -70,8 +70,8 @@ def test_torchrun_embeddings_equal_one_process(one_and_two):
     one, two = one_and_two
     first, second = np.load(one / "embeddings.npy"), np.load(two / "embeddings.npy")
     assert first.dtype == second.dtype == np.float16 and first.shape == second.shape == (48, 2304)
-    # Same rows in the same order; the values may differ by the float16 rounding of a last float32 bit, where a
-    # process's batch boundaries differ (batch 5 of 48 rows against 5 of 24).
+    # Same rows in the same order; identical on this machine, but a last float32 bit may differ where a process's
+    # batch boundaries differ (batch 5 of 48 rows against 5 of 24), and float16 may round it either way.
     np.testing.assert_allclose(first.astype(np.float32), second.astype(np.float32), rtol=2**-10, atol=1e-7)
     assert read_json(one / "embedding.json")["processes"] == 1 and read_json(two / "embedding.json")["processes"] == 2
     assert not [name for name in os.listdir(two) if name.endswith(".rows") or "tmp" in name]
@@ -81,18 +81,25 @@ def test_torchrun_embeddings_equal_one_process(one_and_two):
 def test_torchrun_catalogue_clusters_and_label_scores_equal_one_process(one_and_two):
     one, two = one_and_two
     first, second = (pd.read_csv(d / "catalog.csv", keep_default_na=False) for d in (one, two))
-    text = ["path", "trace_id", "starttime", "cluster", "anomaly_rank"]
+    text = ["path", "trace_id", "starttime", "duration_s", "cluster", "anomaly_rank"]
     assert first[text].equals(second[text])
+    # PCA and KMeans sums run on 2 BLAS threads in one process, on 1 under torchrun: 3e-7 relative measured
     for column in ("mse", "mse_time_mean", "cluster_distance", "map_x", "map_y"):
-        np.testing.assert_allclose(first[column], second[column], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(first[column], second[column], rtol=1e-5, atol=1e-4)
     clusters = [read_json(d / "clusters.json") for d in (one, two)]
     assert [c["nearest"] for c in clusters[0]["clusters"]] == [c["nearest"] for c in clusters[1]["clusters"]]
     assert clusters[0]["k"] == clusters[1]["k"] and clusters[0]["silhouette"] == pytest.approx(
-        clusters[1]["silhouette"]
+        clusters[1]["silhouette"], rel=1e-4
     )
     labels = [read_json(d / "labels.json") for d in (one, two)]
-    assert labels[0]["counts"] == labels[1]["counts"] and labels[0]["scores"] == pytest.approx(labels[1]["scores"])
-    assert sorted(os.listdir(one / "projector")) == sorted(os.listdir(two / "projector"))
+    assert labels[0]["counts"] == labels[1]["counts"] and list(labels[0]["scores"]) == list(labels[1]["scores"])
+    for who, scores in labels[0]["scores"].items():
+        assert labels[1]["scores"][who] == pytest.approx(scores, rel=1e-4)  # float32 sums over 1 or 2 BLAS threads
+    projected = [one / "projector" / "00000" / "embeddings", two / "projector" / "00000" / "embeddings"]
+    shown = [pd.read_csv(d / "metadata.tsv", sep="\t", keep_default_na=False)[text] for d in projected]
+    assert len(shown[0]) == 6 and shown[0].equals(shown[1])  # the same 6 recordings
+    tensors = [np.loadtxt(d / "tensors.tsv", delimiter="\t") for d in projected]
+    np.testing.assert_allclose(tensors[0], tensors[1], rtol=2**-10, atol=1e-7)
 
 
 @pytest.mark.slow
