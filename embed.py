@@ -3,11 +3,14 @@
     python embed.py checkpoints/<run>/best_model.pt                      # the shipped data -> embeddings/<run>/
     python embed.py checkpoints/<run>/best_model.pt --labels station     # + how well it separates stations
     python embed.py checkpoints/<run>/best_model.pt --data_dir windows --labels windows/labels.csv
+    torchrun --standalone --nproc_per_node 4 embed.py checkpoints/<run>/best_model.pt --data_dir /archive
 
 Model, STFT and normalisation settings and channel families come from the checkpoint; data is read through
-SeismicSTFTDataset (same index, cache and skip rules as training). Outputs (README, "Embeddings"): embeddings.npy,
-catalog.csv (same row order), clusters.json, embedding.json, figures, projector/ (tensorboard --logdir OUTPUT_DIR),
-labels.json with --labels.
+SeismicSTFTDataset (same index, cache and skip rules as training). Under torchrun each process embeds a contiguous
+share of the samples and rank 0 joins them: the outputs are those of one process (shards.py; docs/embeddings.md has
+the multi-machine command). Outputs (docs/embeddings.md): embeddings.npy (float16, read memory-mapped),
+catalog.csv and catalog.parquet (same row order), clusters.json, embedding.json, figures, projector/
+(tensorboard --logdir OUTPUT_DIR), labels.json with --labels.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import csv
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -175,6 +179,7 @@ def embed(args, device):
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
     share = own_share(planned_order(dataset.time_bins(), args.batch_size, positions))
+    started = time.perf_counter()
     passed = embed_files(
         model, dataset, share, args, device, output_dir, kept_positions(args, dataset, positions, labels)
     )
@@ -185,6 +190,14 @@ def embed(args, device):
     catalog, thumbnails, spectrograms = joined
     if not catalog:
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
+    seconds, processes = time.perf_counter() - started, rank_and_world_size()[1]
+    log.info(
+        "embedded %d samples in %.1f s: %.0f samples/s, %d processes",
+        len(catalog["path"]),
+        seconds,
+        len(catalog["path"]) / seconds,
+        processes,
+    )
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
     rows, dim = len(embeddings), int(embeddings.shape[1])
@@ -196,7 +209,7 @@ def embed(args, device):
     description = {"checkpoint": os.path.abspath(args.checkpoint), "data_dir": os.path.abspath(dataset.data_dir)}
     description |= {"split": args.split, "pooling": args.pooling, "window_seconds": window_seconds}
     description |= {"window_stride": window_stride, "rows": rows, "dim": dim, "dtype": str(embeddings.dtype)}
-    description |= {"processes": rank_and_world_size()[1], "skipped": skips.summary()}
+    description |= {"processes": processes, "skipped": skips.summary()}
     write_json_atomic(os.path.join(output_dir, "embedding.json"), description)
     summary = {"output_dir": output_dir, "rows": rows, "dim": dim}
     if labels:

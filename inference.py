@@ -2,6 +2,10 @@
 
     python inference.py checkpoints/<run>/best_model.pt                  # the run's validation files
     python inference.py checkpoints/<run>/best_model.pt --split all --data_dir /new/events
+    torchrun --standalone --nproc_per_node 4 inference.py checkpoints/<run>/best_model.pt --split all --num_samples 0
+
+Under torchrun each process evaluates a contiguous share of the samples and rank 0 writes metrics.json in the order
+of one process (shards.py), with "processes".
 
 Model, STFT and normalisation settings come from the checkpoint. Beside the model's figures stand two
 baselines (baselines.py): the time-mean one repeats each sample's time-averaged spectrum over time, and
