@@ -40,6 +40,7 @@ from embedding import (
     encode_batch,
     merge_parts,
     read_embeddings,
+    read_rows,
     write_catalog,
 )
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
@@ -393,7 +394,7 @@ def write_projector(embeddings, catalog, thumbnails, output_dir):
         metadata = [[str(catalog[c][i]) for c in CATALOG_COLUMNS] for i in chosen]
         with SummaryWriter(building) as writer:
             writer.add_embedding(
-                torch.from_numpy(np.asarray(embeddings[chosen], dtype=np.float32)),
+                torch.from_numpy(read_rows(embeddings, chosen)),
                 metadata=metadata,
                 metadata_header=list(CATALOG_COLUMNS),
                 label_img=torch.stack([thumbnails[catalog["position"][i]] for i in chosen]),
@@ -414,7 +415,7 @@ def score_labels(embeddings, catalog, labels, spectrograms, args, output_dir):
     if len(set(values)) < 2:
         raise RunError(f"--labels {args.labels}: the embedded recordings hold fewer than 2 different labels")
     spectra = np.stack([spectrograms[p] for p in positions])
-    compared = compared_features(np.asarray(embeddings[chosen], dtype=np.float32), spectra, args.seed)
+    compared = compared_features(read_rows(embeddings, chosen), spectra, args.seed)
     candidates = {f"model ({args.pooling})": compared.pop("model"), **compared}
     table = {who: {"dim": int(f.shape[1]), **label_scores(f, values, args.seed)} for who, f in candidates.items()}
     counts = dict(zip(*np.unique(values, return_counts=True)))

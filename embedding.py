@@ -139,6 +139,35 @@ def read_embeddings(path):
     return np.load(path, mmap_mode="r")
 
 
+def read_in_chunks(embeddings, chunk):
+    """(start row, float32 rows) of every `chunk` rows. A memory map (np.load mmap_mode) is read with plain file
+    reads: pages read through the map would stay in this process's resident memory, N x D bytes by the end."""
+    if not isinstance(embeddings, np.memmap) or embeddings.filename is None:
+        for start in range(0, len(embeddings), chunk):
+            yield start, np.asarray(embeddings[start : start + chunk], dtype=np.float32)
+        return
+    dim = embeddings.shape[1]
+    with open(embeddings.filename, "rb") as f:
+        f.seek(embeddings.offset)
+        for start in range(0, len(embeddings), chunk):
+            count = min(chunk, len(embeddings) - start) * dim
+            yield start, np.fromfile(f, embeddings.dtype, count).reshape(-1, dim).astype(np.float32)
+
+
+def read_rows(embeddings, rows):
+    """float32 copy of the rows `rows` (sorted row numbers) of `embeddings`; a memory map is read with plain file
+    reads, as in read_in_chunks: a few rows spread over the map would bring most of it into resident memory."""
+    if not isinstance(embeddings, np.memmap) or embeddings.filename is None:
+        return np.asarray(embeddings[rows], dtype=np.float32)
+    dim, row_bytes = embeddings.shape[1], embeddings.shape[1] * embeddings.dtype.itemsize
+    found = np.empty((len(rows), dim), dtype=np.float32)
+    with open(embeddings.filename, "rb") as f:
+        for i, row in enumerate(rows):
+            f.seek(embeddings.offset + int(row) * row_bytes)
+            found[i] = np.frombuffer(f.read(row_bytes), embeddings.dtype)
+    return found
+
+
 class CatalogColumns:
     """Catalogue rows appended one by one and kept as columns of numpy arrays: about 200 bytes a row (measured; a list
     of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held once."""

@@ -16,6 +16,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from embedding import read_in_chunks, read_rows
+
 CLUSTER_COMPONENTS = 32  # principal components the clustering works in
 AUTO_K = range(2, 13)  # K tried by --clusters auto
 FIT_SAMPLE = 20_000  # rows that the scaler, PCA and KMeans are fitted on (all rows are assigned)
@@ -36,17 +38,16 @@ def reduce(embeddings, seed):
     """Standardise -> PCA fitted on a sample of the rows: (pipeline, the sample reduced (S, components)).
 
     `embeddings` may be a memory map of any float dtype: only the sample is read, as float32."""
-    sample = fit_sample(len(embeddings), seed)
-    rows = np.asarray(embeddings[sample], dtype=np.float32)
-    components = min(CLUSTER_COMPONENTS, embeddings.shape[1], len(sample))
+    rows = read_rows(embeddings, fit_sample(len(embeddings), seed))
+    components = min(CLUSTER_COMPONENTS, embeddings.shape[1], len(rows))
     pipeline = make_pipeline(StandardScaler(), PCA(components, random_state=seed)).fit(rows)
     return pipeline, pipeline.transform(rows)
 
 
 def transform_in_chunks(pipeline, embeddings, chunk=ASSIGN_CHUNK):
     """(start row, the rows reduced (n, components)) for every chunk of `embeddings`, read as float32."""
-    for start in range(0, len(embeddings), chunk):
-        yield start, pipeline.transform(np.asarray(embeddings[start : start + chunk], dtype=np.float32))
+    for start, rows in read_in_chunks(embeddings, chunk):
+        yield start, pipeline.transform(rows)
 
 
 def silhouette(features, labels, seed):

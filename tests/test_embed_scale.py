@@ -133,10 +133,11 @@ def test_shares_join_to_the_order_of_one_process(monkeypatch):
         assert joined == order == [1, 4, 8, 3, 6, 7, 0, 2, 5, 10]
 
 
-def test_clusters_fitted_on_a_sample_and_assigned_in_chunks(monkeypatch):
+def test_clusters_fitted_on_a_sample_and_assigned_in_chunks(monkeypatch, tmp_path):
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=5, size=(3, 40))
-    embeddings = (centres[rng.integers(0, 3, 900)] + rng.normal(size=(900, 40))).astype(np.float16)
+    np.save(tmp_path / "e.npy", (centres[rng.integers(0, 3, 900)] + rng.normal(size=(900, 40))).astype(np.float16))
+    embeddings = np.load(tmp_path / "e.npy", mmap_mode="r")  # assign reads it in chunks of plain file reads
     monkeypatch.setattr(representation, "FIT_SAMPLE", 300)
     pipeline, reduced = reduce(embeddings, seed=0)
     assert len(reduced) == 300
