@@ -4,6 +4,7 @@ Without torchrun (no RANK in the environment) every helper is a no-op for a sing
 """
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import numpy as np
@@ -90,3 +91,11 @@ def share_batchnorm_statistics(model):
     if dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+@contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (indexing, caching an archive); the others run it after and find its results
+    stored. An error on rank 0 still releases the others, which then meet the same error."""
+    if not is_rank_zero():
+        dist.barrier()

@@ -4,22 +4,26 @@
     python embed.py checkpoints/<run>/best_model.pt --labels station     # + how well it separates stations
     python embed.py checkpoints/<run>/best_model.pt --data_dir windows --labels windows/labels.csv
     python embed.py checkpoints/<run>/best_model.pt --data_dir /data/ETHZ --labels source_magnitude   # SeisBench
+    torchrun --standalone --nproc_per_node 4 embed.py checkpoints/<run>/best_model.pt --data_dir /archive
 
 Model, STFT and normalisation settings and channel families come from the checkpoint; data is read through
-SeismicSTFTDataset (same index, cache and skip rules as training). Outputs (docs/embeddings.md): embeddings.npy,
-catalog.csv (same row order), clusters.json, embedding.json, figures, projector/ (tensorboard --logdir OUTPUT_DIR),
-labels.json with --labels.
+SeismicSTFTDataset (same index, cache and skip rules as training). Under torchrun each process embeds a contiguous
+share of the samples and rank 0 joins them: the outputs are those of one process (shards.py; docs/embeddings.md has
+the multi-machine command). Outputs (docs/embeddings.md): embeddings.npy (float16, read memory-mapped),
+catalog.csv and catalog.parquet (same row order), clusters.json, embedding.json, figures, projector/
+(tensorboard --logdir OUTPUT_DIR), labels.json with --labels.
 """
 
 import argparse
 import csv
-import io
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -27,9 +31,24 @@ from torch.utils.tensorboard import SummaryWriter
 from batching import LengthBatchSampler
 from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
-from embedding import CATALOG_COLUMNS, DEFAULT_POOLING, POOLINGS, EmbeddingWriter, catalog_row, encode_batch
+from distributed import gather_skips, init_distributed, rank_and_world_size, rank_zero_first
+from embedding import (
+    CATALOG_COLUMNS,
+    DEFAULT_POOLING,
+    POOLINGS,
+    CatalogColumns,
+    EmbeddingWriter,
+    catalog_row,
+    concatenate_columns,
+    encode_batch,
+    merge_parts,
+    read_embeddings,
+    read_rows,
+    write_catalog,
+)
 from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
 from representation import (
+    assign,
     chance_scores,
     cluster,
     compared_features,
@@ -39,6 +58,7 @@ from representation import (
     regression_scores,
 )
 from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
+from shards import gather_in_rank_order, own_share, planned_order
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
 
@@ -86,19 +106,45 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Embed; returns a summary dict (output_dir, rows, k, label scores)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Embed; returns a summary dict (output_dir, rows, k, label scores) on rank 0, None on the other processes."""
     parser, args = parse_args(argv)
     try:
-        return embed(args)
+        rank, _, device = init_distributed(args.device)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    # Other processes report errors only; rank 0 merges their skipped files into its own report.
+    level = logging.INFO if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, force=True, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return embed(args, device)
     except (FileNotFoundError, RunError) as err:
         parser.exit(2, f"error: {err}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def load(args):
-    """(model in eval mode, checkpoint, data settings, device) or RunError."""
-    device, checkpoint = device_and_checkpoint(args.device, args.checkpoint)
-    return model_from_checkpoint(checkpoint, device).eval(), checkpoint, data_settings(checkpoint), device
+def load(args, device):
+    """(model in eval mode, checkpoint, data settings) or RunError."""
+    _, checkpoint = device_and_checkpoint(str(device), args.checkpoint)
+    return model_from_checkpoint(checkpoint, device).eval(), checkpoint, data_settings(checkpoint)
+
+
+def open_dataset(args, settings, skips):
+    """(dataset of --data_dir, as the run read its data; window_seconds, window_stride). Rank 0 indexes first."""
+    window_seconds, window_stride = chosen_windows(args, settings)
+    with rank_zero_first():
+        dataset = SeismicSTFTDataset(
+            args.data_dir or settings["data_dir"],
+            settings["families"],
+            settings["stft"],
+            settings["extensions"],
+            skips=skips,
+            cache_dir=args.cache_dir,
+            window_seconds=window_seconds,
+            window_stride=window_stride,
+        )
+    return dataset, window_seconds, window_stride
 
 
 def read_labels(spec, dataset, positions):
@@ -127,29 +173,63 @@ def read_labels(spec, dataset, positions):
     return os.path.basename(spec), found
 
 
-def embed(args):
-    model, checkpoint, settings, device = load(args)
-    data_dir, stft = args.data_dir or settings["data_dir"], settings["stft"]
+def embed(args, device):
+    model, checkpoint, settings = load(args, device)
     skips = SkipLog()
-    window_seconds, window_stride = chosen_windows(args, settings)
-    dataset = SeismicSTFTDataset(
-        data_dir,
-        settings["families"],
-        stft,
-        settings["extensions"],
-        skips=skips,
-        cache_dir=args.cache_dir,
-        window_seconds=window_seconds,
-        window_stride=window_stride,
-    )
+    dataset, window_seconds, window_stride = open_dataset(args, settings, skips)
     positions = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"]).tolist()
     if not positions:
         raise RunError(
-            f"no usable files of families {' '.join(settings['families'])} for --split {args.split} in {data_dir}"
+            f"no usable files of families {' '.join(settings['families'])} for --split {args.split} in "
+            f"{dataset.data_dir}"
         )
     labels = read_labels(args.labels, dataset, positions) if args.labels else None
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
+    share = own_share(planned_order(dataset.time_bins(), args.batch_size, positions))
+    started = time.perf_counter()
+    passed = embed_files(
+        model, dataset, share, args, device, output_dir, kept_positions(args, dataset, positions, labels)
+    )
+    gather_skips(skips)
+    joined = join_shares(passed, os.path.join(output_dir, "embeddings.npy"))
+    if joined is None:  # not rank 0: its share is with rank 0
+        return None
+    catalog, thumbnails, spectrograms = joined
+    if not catalog:
+        raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
+    seconds, processes = time.perf_counter() - started, rank_and_world_size()[1]
+    log.info(
+        "embedded %d samples in %.1f s: %.0f samples/s, %d processes",
+        len(catalog["path"]),
+        seconds,
+        len(catalog["path"]) / seconds,
+        processes,
+    )
+    # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
+    embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
+    rows, dim = len(embeddings), int(embeddings.shape[1])
+    remove_stale_outputs(output_dir)
+    describe_clusters(embeddings, catalog, args, output_dir, dataset)
+    write_catalog(output_dir, catalog)
+    plot_outputs(catalog, model, dataset, args, output_dir, device)
+    write_projector(embeddings, catalog, thumbnails, output_dir)
+    description = {"checkpoint": os.path.abspath(args.checkpoint), "data_dir": os.path.abspath(dataset.data_dir)}
+    description |= {"split": args.split, "pooling": args.pooling, "window_seconds": window_seconds}
+    description |= {"window_stride": window_stride, "rows": rows, "dim": dim, "dtype": str(embeddings.dtype)}
+    description |= {"processes": processes, "skipped": skips.summary()}
+    write_json_atomic(os.path.join(output_dir, "embedding.json"), description)
+    summary = {"output_dir": output_dir, "rows": rows, "dim": dim}
+    if labels:
+        summary["labels"] = score_labels(embeddings, catalog, labels, spectrograms, args, output_dir)
+    print(f"{rows} recordings embedded ({dim} values each, pooling {args.pooling}) in {output_dir}")
+    print(f"skipped files: {skips.describe()}")
+    return summary
+
+
+def kept_positions(args, dataset, positions, labels):
+    """(projector positions, label positions, label time bins): the samples whose thumbnails or spectrograms are
+    kept while embedding. Every process draws the same ones."""
     rng = np.random.default_rng(args.seed)
     projector_keep = set(rng.permutation(positions)[: args.projector_points].tolist())
     label_keep = set()
@@ -157,39 +237,22 @@ def embed(args):
         labelled = positions if labels[1] is None else sorted(labels[1])
         label_keep = set(rng.permutation(labelled)[:LABEL_SAMPLE].tolist())
     label_bins = int(np.median(dataset.time_bins()[sorted(label_keep)])) if label_keep else 0
-    keep = (projector_keep, label_keep, label_bins)
-    passed = embed_files(model, dataset, positions, args, device, output_dir, keep)
-    if not passed["rows"]:
-        raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
-    embeddings = np.load(os.path.join(output_dir, "embeddings.npy"), mmap_mode="r")
-    rows = passed["rows"]
-    remove_stale_outputs(output_dir)
-    describe_clusters(embeddings, rows, args, output_dir, dataset, stft)
-    write_catalog(os.path.join(output_dir, "catalog.csv"), rows)
-    plot_outputs(rows, model, dataset, stft, args, output_dir, device)
-    write_projector(embeddings, rows, passed["thumbnails"], output_dir)
-    summary = {"output_dir": output_dir, "rows": len(rows), "dim": int(embeddings.shape[1])}
-    write_json_atomic(
-        os.path.join(output_dir, "embedding.json"),
-        {
-            "checkpoint": os.path.abspath(args.checkpoint),
-            "data_dir": os.path.abspath(data_dir),
-            "split": args.split,
-            "pooling": args.pooling,
-            "window_seconds": window_seconds,
-            "window_stride": window_stride,
-            "rows": len(rows),
-            "dim": int(embeddings.shape[1]),
-            "skipped": skips.summary(),
-        },
-    )
-    if labels:
-        summary["labels"] = score_labels(embeddings, rows, labels, passed["spectrograms"], args, output_dir)
-    print(
-        f"{len(rows)} recordings embedded ({embeddings.shape[1]} values each, pooling {args.pooling}) in {output_dir}"
-    )
-    print(f"skipped files: {skips.describe()}")
-    return summary
+    return projector_keep, label_keep, label_bins
+
+
+def join_shares(passed, path):
+    """Rank 0: every process's share joined in rank order: embeddings.npy written from the parts, and (catalogue
+    columns, thumbnails by position, label spectrograms by position). The other processes: None."""
+    shares = gather_in_rank_order(passed)
+    if shares is None:
+        return None
+    dim = next((share["dim"] for share in shares if share["dim"]), None)
+    merge_parts(path, [share["part"] for share in shares], dim)
+    thumbnails, spectrograms = {}, {}
+    for share in shares:
+        thumbnails |= share["thumbnails"]
+        spectrograms |= share["spectrograms"]
+    return concatenate_columns([share["catalog"] for share in shares]), thumbnails, spectrograms
 
 
 def remove_stale_outputs(output_dir):
@@ -201,15 +264,16 @@ def remove_stale_outputs(output_dir):
 
 
 @torch.no_grad()
-def embed_files(model, dataset, positions, args, device, output_dir, keep):
-    """One pass in batches of one length: embeddings.npy streamed, catalogue rows, and the projector thumbnails and
-    label spectrograms of the rows in `keep` = (projector positions, label positions, label time bins)."""
+def embed_files(model, dataset, share, args, device, output_dir, keep):
+    """One pass over this process's share in batches of one length: its part of embeddings.npy streamed to disk,
+    its catalogue columns, and the projector thumbnails and label spectrograms (by position) of the samples in
+    `keep` = (projector positions, label positions, label time bins)."""
     projector_keep, label_keep, label_bins = keep
-    sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, positions)
+    sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, share)
     workers = dict(num_workers=args.num_workers, persistent_workers=False) if args.num_workers else {}
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate, **workers)
-    writer = EmbeddingWriter(os.path.join(output_dir, "embeddings.npy"))
-    rows, thumbnails, spectrograms = [], {}, {}
+    writer = EmbeddingWriter(os.path.join(output_dir, "embeddings.npy"), rank_and_world_size()[0])
+    catalog, thumbnails, spectrograms = CatalogColumns(), {}, {}
     for batch in loader:
         dataset.skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
@@ -221,14 +285,21 @@ def embed_files(model, dataset, positions, args, device, output_dir, keep):
             relpath = os.path.relpath(meta["path"], dataset.data_dir)
             position = meta["index"]
             duration = float(dataset.sample_seconds(position))
-            rows.append({**catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), "position": position})
+            catalog.append({**catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), "position": position})
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
             if position in projector_keep:
-                thumbnails[len(rows) - 1] = thumbnail(valid)
+                thumbnails[position] = thumbnail(valid)
             if position in label_keep:
-                spectrograms[len(rows) - 1] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0].numpy()
-    writer.close()
-    return {"rows": rows, "thumbnails": thumbnails, "spectrograms": spectrograms}
+                spectrograms[position] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0].numpy()
+    writer.close(merge=False)
+    columns = catalog.columns()
+    return {
+        "catalog": columns,
+        "thumbnails": thumbnails,
+        "spectrograms": spectrograms,
+        "dim": writer.dim,
+        "part": writer.part,
+    }
 
 
 def thumbnail(spectrogram):
@@ -237,41 +308,41 @@ def thumbnail(spectrogram):
     return z.flip(-2).expand(3, -1, -1).clone()
 
 
-def describe_clusters(embeddings, rows, args, output_dir, dataset, stft):
-    """Cluster, map and anomaly columns into `rows`; clusters.json; one figure of each cluster's nearest members."""
-    if args.clusters != "auto" and args.clusters > len(rows):
-        raise RunError(f"--clusters {args.clusters}: more clusters than the {len(rows)} recordings embedded")
-    if len(rows) < 3:
-        raise RunError(f"{len(rows)} recordings embedded: clustering needs at least 3")
+def describe_clusters(embeddings, catalog, args, output_dir, dataset):
+    """Cluster, map and anomaly columns into `catalog`; clusters.json; one figure of each cluster's nearest members.
+    Fitted on a sample (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map."""
+    n_rows = len(embeddings)
+    if args.clusters != "auto" and args.clusters > n_rows:
+        raise RunError(f"--clusters {args.clusters}: more clusters than the {n_rows} recordings embedded")
+    if n_rows < 3:
+        raise RunError(f"{n_rows} recordings embedded: clustering needs at least 3")
     pipeline, reduced = reduce(embeddings, args.seed)
-    labels, distances, description = cluster(reduced, args.clusters, args.seed)
-    ratio = np.array([row["mse"] / max(row["mse_time_mean"], 1e-12) for row in rows])
-    anomaly_rank = np.empty(len(rows), dtype=int)
-    anomaly_rank[np.argsort(-ratio, kind="stable")] = np.arange(1, len(rows) + 1)
-    map_xy = reduced[:, :2] if reduced.shape[1] >= 2 else np.pad(reduced, ((0, 0), (0, 1)))
-    for row, label, distance, rank, (x, y) in zip(rows, labels, distances, anomaly_rank, map_xy):
-        row.update(cluster=int(label), cluster_distance=float(distance), anomaly_rank=int(rank))
-        row.update(map_x=float(x), map_y=float(y))
-    description["clusters"] = [cluster_summary(rows, labels, distances, c) for c in range(description["k"])]
+    kmeans, description = cluster(reduced, args.clusters, args.seed)
+    labels, distances, map_xy = assign(pipeline, kmeans, embeddings)
+    ratio = catalog["mse"] / np.maximum(catalog["mse_time_mean"], 1e-12)
+    anomaly_rank = np.empty(n_rows, dtype=np.int64)
+    anomaly_rank[np.argsort(-ratio, kind="stable")] = np.arange(1, n_rows + 1)
+    catalog.update(cluster=labels, cluster_distance=distances, anomaly_rank=anomaly_rank)
+    catalog.update(map_x=map_xy[:, 0], map_y=map_xy[:, 1])
+    description["clusters"] = [cluster_summary(catalog, c) for c in range(description["k"])]
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
     for c, summary in enumerate(description["clusters"]):
-        members = [rows[i] for i in summary["nearest_rows"]]
-        spectrograms = [dataset[row["position"]][0].float().numpy() for row in members]
-        titles = [f"{row['trace_id']}\n{row['starttime'][:19]}" for row in members]
+        members = summary["nearest_rows"]
+        spectrograms = [dataset[catalog["position"][i]][0].float().numpy() for i in members]
+        titles = [f"{catalog['trace_id'][i]}\n{catalog['starttime'][i][:19]}" for i in members]
         title = f"cluster {c}: {summary['size']} recordings; the {len(members)} nearest its centre"
-        save_figure(
-            plot_spectrogram_row(spectrograms, titles, stft, title), os.path.join(output_dir, f"cluster_{c}.png")
-        )
+        figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title)
+        save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
 
 
-def cluster_summary(rows, labels, distances, c):
-    members = np.flatnonzero(labels == c)
-    nearest = members[np.argsort(distances[members], kind="stable")[:NEAREST_SHOWN]]
-    times = sorted(rows[i]["starttime"] for i in members)
+def cluster_summary(catalog, c):
+    members = np.flatnonzero(catalog["cluster"] == c)
+    nearest = members[np.argsort(catalog["cluster_distance"][members], kind="stable")[:NEAREST_SHOWN]]
+    times = catalog["starttime"][members].tolist()
 
     def counts(column):
-        values, n = np.unique([rows[i][column] for i in members], return_counts=True)
+        values, n = np.unique(catalog[column][members].astype(str), return_counts=True)
         return {str(v): int(k) for v, k in sorted(zip(values, n), key=lambda item: -item[1])}
 
     return {
@@ -280,19 +351,11 @@ def cluster_summary(rows, labels, distances, c):
         "families": counts("family"),
         "stations": counts("station"),
         "networks": counts("network"),
-        "first": times[0] if times else None,
-        "last": times[-1] if times else None,
+        "first": min(times) if times else None,
+        "last": max(times) if times else None,
         "nearest_rows": nearest.tolist(),
-        "nearest": [rows[i]["path"] for i in nearest],
+        "nearest": catalog["path"][nearest].tolist(),
     }
-
-
-def write_catalog(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, CATALOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def save_figure(figure, path):
@@ -300,23 +363,23 @@ def save_figure(figure, path):
 
 
 @torch.no_grad()
-def plot_outputs(rows, model, dataset, stft, args, output_dir, device):
+def plot_outputs(catalog, model, dataset, args, output_dir, device):
     """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings; clusters_over_time.png if > 1 day."""
-    xy = np.array([[row["map_x"], row["map_y"]] for row in rows])
+    xy = np.column_stack([catalog["map_x"], catalog["map_y"]])
     colourings = {
-        "coloured by cluster": np.array([row["cluster"] for row in rows]),
-        "coloured by channel family": np.array([row["family"] for row in rows]),
+        "coloured by cluster": catalog["cluster"],
+        "coloured by channel family": catalog["family"].astype(str),
     }
     save_figure(plot_map(xy, colourings), os.path.join(output_dir, "map.png"))
-    for row in sorted(rows, key=lambda row: row["anomaly_rank"])[: args.num_anomalies]:
-        x = dataset[row["position"]][0].float()[None].to(device)
+    for i in np.argsort(catalog["anomaly_rank"], kind="stable")[: args.num_anomalies]:
+        x = dataset[catalog["position"][i]][0].float()[None].to(device)
         reconstruction = model(x)[0].cpu().numpy()
-        file_id = os.path.splitext(os.path.basename(row["path"]))[0]
-        ratio = row["mse"] / row["mse_time_mean"]
-        title = f"anomaly {row['anomaly_rank']}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
-        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, stft, title)
-        save_figure(figure, os.path.join(output_dir, f"anomaly_{row['anomaly_rank']}_{file_id}.png"))
-    times = np.array([np.datetime64(row["starttime"].rstrip("Z")) for row in rows]).astype("datetime64[s]")
+        file_id = os.path.splitext(os.path.basename(catalog["path"][i]))[0]
+        rank, ratio = catalog["anomaly_rank"][i], catalog["mse"][i] / catalog["mse_time_mean"][i]
+        title = f"anomaly {rank}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
+        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title)
+        save_figure(figure, os.path.join(output_dir, f"anomaly_{rank}_{file_id}.png"))
+    times = np.array([np.datetime64(t.rstrip("Z")) for t in catalog["starttime"]]).astype("datetime64[s]")
     over_time = os.path.join(output_dir, "clusters_over_time.png")
     if times.max() - times.min() > np.timedelta64(1, "D"):
         save_figure(plot_clusters_over_time(times, colourings["coloured by cluster"]), over_time)
@@ -324,19 +387,24 @@ def plot_outputs(rows, model, dataset, stft, args, output_dir, device):
         os.remove(over_time)
 
 
-def write_projector(embeddings, rows, thumbnails, output_dir):
+def rows_of(catalog, positions):
+    """Catalogue rows (ascending) of the dataset positions `positions`."""
+    return np.flatnonzero(np.isin(catalog["position"], list(positions))).tolist()
+
+
+def write_projector(embeddings, catalog, thumbnails, output_dir):
     """projector/: TensorBoard's embedding projector of the rows with thumbnails (built aside, then swapped in)."""
     final, building = os.path.join(output_dir, "projector"), os.path.join(output_dir, ".projector.tmp")
     shutil.rmtree(building, ignore_errors=True)
     if thumbnails:
-        chosen = sorted(thumbnails)
-        metadata = [[str(rows[i][c]) for c in CATALOG_COLUMNS] for i in chosen]
+        chosen = rows_of(catalog, thumbnails)
+        metadata = [[str(catalog[c][i]) for c in CATALOG_COLUMNS] for i in chosen]
         with SummaryWriter(building) as writer:
             writer.add_embedding(
-                torch.from_numpy(np.asarray(embeddings[chosen])),
+                torch.from_numpy(read_rows(embeddings, chosen)),
                 metadata=metadata,
                 metadata_header=list(CATALOG_COLUMNS),
-                label_img=torch.stack([thumbnails[i] for i in chosen]),
+                label_img=torch.stack([thumbnails[catalog["position"][i]] for i in chosen]),
                 tag="embeddings",
             )
     shutil.rmtree(final, ignore_errors=True)
@@ -344,16 +412,17 @@ def write_projector(embeddings, rows, thumbnails, output_dir):
         os.replace(building, final)
 
 
-def score_labels(embeddings, rows, labels, spectrograms, args, output_dir):
+def score_labels(embeddings, catalog, labels, spectrograms, args, output_dir):
     """Leave-one-out k-NN accuracy, precision@k and silhouette of the labels for the embedding and two baselines of
     the same dimension; printed, and written to labels.json."""
     name, label_of = labels
-    chosen = sorted(spectrograms)
-    values = [rows[i][name] if label_of is None else label_of[rows[i]["position"]] for i in chosen]
+    chosen = rows_of(catalog, spectrograms)
+    positions = catalog["position"][chosen]
+    values = catalog[name][chosen].astype(str).tolist() if label_of is None else [label_of[p] for p in positions]
     if len(set(values)) < 2:
         raise RunError(f"--labels {args.labels}: the embedded recordings hold fewer than 2 different labels")
-    spectra = np.stack([spectrograms[i] for i in chosen])
-    compared = compared_features(np.asarray(embeddings[chosen]), spectra, args.seed)
+    spectra = np.stack([spectrograms[p] for p in positions])
+    compared = compared_features(read_rows(embeddings, chosen), spectra, args.seed)
     candidates = {f"model ({args.pooling})": compared.pop("model"), **compared}
     if isinstance(values[0], float):  # a numeric metadata column (source_magnitude, source_distance_km, ...)
         return score_values(name, values, candidates, output_dir)

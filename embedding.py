@@ -5,14 +5,17 @@ T // 8 + 1) with "stride8" (model.ConvAutoencoder.encode); a pooling
 over time gives a vector of fixed length. Each recording is encoded at its own length (batching.length_groups), so
 its embedding does not depend on its batch. docs/embeddings.md says how the default pooling was chosen.
 
-Also here: the catalogue row of a recording, and EmbeddingWriter, which streams embeddings to a .npy file.
+Also here: the catalogue row of a recording, and EmbeddingWriter, which streams embeddings to a float16 .npy file.
 """
 
+import csv
+import io
 import os
 import shutil
-import tempfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from numpy.lib import format as npy_format
 
@@ -29,6 +32,9 @@ POOLINGS = {
     "time-max": lambda latent: latent.amax(dim=3).flatten(1),  # C x F' values: the maximum over time of each cell
 }
 DEFAULT_POOLING = "time-mean"
+# embeddings.npy holds float16: half the bytes of float32, and the label scores and nearest neighbours of the shipped
+# data are the same as with float32 (tests/test_embed_scale.py; docs/embeddings.md). Arithmetic reads them as float32.
+STORED_DTYPE = np.dtype(np.float16)
 CATALOG_COLUMNS = (
     "path",  # relative to the data directory
     "trace_id",  # NET.STA.LOC.FAMILY?
@@ -87,30 +93,135 @@ def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):
 
 
 class EmbeddingWriter:
-    """Rows appended batch by batch to a temporary file; `close` writes the .npy atomically, copying in chunks, so
-    the embeddings are never held in memory whole."""
+    """Rows appended batch by batch to a raw file of STORED_DTYPE values beside `path` (one part per torchrun process,
+    `rank`), so the embeddings are never held in memory whole. `close` ends the part; `merge_parts` writes the .npy."""
 
-    def __init__(self, path):
+    def __init__(self, path, rank=0):
         self.path, self.rows, self.dim = path, 0, None
-        self.raw = tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), suffix=".rows", delete=False)
+        self.part = part_path(path, rank)
+        self.raw = open(self.part, "wb")
 
     def append(self, embeddings):
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        embeddings = np.ascontiguousarray(embeddings, dtype=STORED_DTYPE)
         self.dim = embeddings.shape[1]
         self.raw.write(embeddings.tobytes())
         self.rows += len(embeddings)
 
-    def close(self):
+    def close(self, merge=True):
+        """Ends the part; with `merge` (one process) writes the .npy of it at once."""
         self.raw.close()
-        try:
-            header = {"descr": npy_format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
-            header["shape"] = (self.rows, self.dim or 0)
+        if merge:
+            merge_parts(self.path, [self.part], self.dim)
 
-            def write(f):
-                npy_format.write_array_header_1_0(f, header)
-                with open(self.raw.name, "rb") as rows:
-                    shutil.copyfileobj(rows, f, 16 << 20)
 
-            atomic_write(self.path, write)
-        finally:
-            os.remove(self.raw.name)
+def part_path(path, rank):
+    return f"{path}.rank{rank}.rows"
+
+
+def merge_parts(path, parts, dim):
+    """The raw parts, in the order given, as one (rows, dim) .npy of STORED_DTYPE, written atomically and copied in
+    chunks; the parts are removed."""
+    try:
+        rows = sum(os.path.getsize(part) for part in parts) // (STORED_DTYPE.itemsize * dim) if dim else 0
+        header = {"descr": npy_format.dtype_to_descr(STORED_DTYPE), "fortran_order": False, "shape": (rows, dim or 0)}
+
+        def write(f):
+            npy_format.write_array_header_1_0(f, header)
+            for part in parts:
+                with open(part, "rb") as raw:
+                    shutil.copyfileobj(raw, f, 16 << 20)
+
+        atomic_write(path, write)
+    finally:
+        for part in parts:
+            if os.path.exists(part):
+                os.remove(part)
+
+
+def read_embeddings(path):
+    """embeddings.npy memory-mapped (read-only): rows are read from disk as they are indexed, whatever N is."""
+    return np.load(path, mmap_mode="r")
+
+
+def read_in_chunks(embeddings, chunk):
+    """(start row, float32 rows) of every `chunk` rows. A memory map (np.load mmap_mode) is read with plain file
+    reads: pages read through the map would stay in this process's resident memory, N x D bytes by the end."""
+    if not isinstance(embeddings, np.memmap) or embeddings.filename is None:
+        for start in range(0, len(embeddings), chunk):
+            yield start, np.asarray(embeddings[start : start + chunk], dtype=np.float32)
+        return
+    dim = embeddings.shape[1]
+    with open(embeddings.filename, "rb") as f:
+        f.seek(embeddings.offset)
+        for start in range(0, len(embeddings), chunk):
+            count = min(chunk, len(embeddings) - start) * dim
+            yield start, np.fromfile(f, embeddings.dtype, count).reshape(-1, dim).astype(np.float32)
+
+
+def read_rows(embeddings, rows):
+    """float32 copy of the rows `rows` (sorted row numbers) of `embeddings`; a memory map is read with plain file
+    reads, as in read_in_chunks: a few rows spread over the map would bring most of it into resident memory."""
+    if not isinstance(embeddings, np.memmap) or embeddings.filename is None:
+        return np.asarray(embeddings[rows], dtype=np.float32)
+    dim, row_bytes = embeddings.shape[1], embeddings.shape[1] * embeddings.dtype.itemsize
+    found = np.empty((len(rows), dim), dtype=np.float32)
+    with open(embeddings.filename, "rb") as f:
+        for i, row in enumerate(rows):
+            f.seek(embeddings.offset + int(row) * row_bytes)
+            found[i] = np.frombuffer(f.read(row_bytes), embeddings.dtype)
+    return found
+
+
+class CatalogColumns:
+    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 200 bytes a row (measured; a list
+    of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held once."""
+
+    def __init__(self, flush_every=4096):
+        self.pending, self.parts, self.flush_every, self.texts = [], [], flush_every, {}
+
+    def append(self, row):
+        self.pending.append(row)
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            names = self.pending[0].keys()
+            self.parts.append({name: self.column([row[name] for row in self.pending]) for name in names})
+            self.pending = []
+
+    def column(self, values):
+        if isinstance(values[0], str):
+            return np.array([self.texts.setdefault(v, v) for v in values], dtype=object)
+        return np.array(values)
+
+    def columns(self):
+        """{column: (N,) array}; empty when no row was appended."""
+        self.flush()
+        if not self.parts:
+            return {}
+        return {name: np.concatenate([part[name] for part in self.parts]) for name in self.parts[0]}
+
+
+def concatenate_columns(tables):
+    """Column tables (as CatalogColumns.columns gives) one after another; empty tables are left out."""
+    tables = [table for table in tables if table]
+    return {name: np.concatenate([table[name] for table in tables]) for name in tables[0]} if tables else {}
+
+
+def write_catalog(directory, catalog, chunk=100_000):
+    """catalog.csv and catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy), each atomically; the
+    CSV is written `chunk` rows at a time."""
+
+    def write_csv(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(CATALOG_COLUMNS)
+        for start in range(0, len(catalog["path"]), chunk):
+            writer.writerows(zip(*(catalog[name][start : start + chunk].tolist() for name in CATALOG_COLUMNS)))
+        text.flush()
+        text.detach()
+
+    atomic_write(os.path.join(directory, "catalog.csv"), write_csv)
+    table = pa.table({name: catalog[name] for name in CATALOG_COLUMNS})
+    atomic_write(os.path.join(directory, "catalog.parquet"), lambda f: pq.write_table(table, f))

@@ -2,6 +2,10 @@
 
     python inference.py checkpoints/<run>/best_model.pt                  # the run's validation files
     python inference.py checkpoints/<run>/best_model.pt --split all --data_dir /new/events
+    torchrun --standalone --nproc_per_node 4 inference.py checkpoints/<run>/best_model.pt --split all --num_samples 0
+
+Under torchrun each process evaluates a contiguous share of the samples and rank 0 writes metrics.json in the order
+of one process (shards.py), with "processes".
 
 Model, STFT and normalisation settings come from the checkpoint. Beside the model's figures stand two
 baselines (baselines.py): the time-mean one repeats each sample's time-averaged spectrum over time, and
@@ -14,15 +18,18 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from baselines import BASELINES
 from batching import LengthBatchSampler, reconstruct
 from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
+from distributed import gather_skips, init_distributed, rank_and_world_size, rank_zero_first
 from figures import plot_reconstruction
 from model import masked_errors
 from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
+from shards import gather_in_rank_order, own_share, planned_order
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
 from waveforms import COMPONENTS
@@ -76,12 +83,12 @@ def choose_files(dataset, checkpoint, args):
 
 
 @torch.no_grad()
-def evaluate_files(model, dataset, positions, args, device, stft, skips):
-    """Per-sample metrics for model and baseline; saves up to --num_plots figures.
+def evaluate_files(model, dataset, share, device, batch_size, skips):
+    """Per-sample metrics for model and baselines of this process's share: [(position, sample)], in reading order.
 
     Batches hold files of one length (batching.py), so a file's figures do not depend on which files are evaluated.
     """
-    sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, positions)
+    sampler = LengthBatchSampler(dataset.time_bins(), batch_size, share)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate)
     samples = []
     for batch in loader:
@@ -89,8 +96,7 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
         if batch["spectrogram"] is None:
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
-        reconstruction = reconstruct(model, x, mask)
-        references = {"model": reconstruction, **{who: make(x, mask) for who, make in BASELINES.items()}}
+        references = {"model": reconstruct(model, x, mask), **{who: make(x, mask) for who, make in BASELINES.items()}}
         errors = {
             (who, metric): masked_errors(reference, x, mask, power)
             for who, reference in references.items()
@@ -105,17 +111,18 @@ def evaluate_files(model, dataset, positions, args, device, stft, skips):
             }
             for (who, metric), values in errors.items():
                 sample[who][metric] = {**dict(zip(COMPONENTS, values[k].tolist())), "overall": values[k].mean().item()}
-            samples.append(sample)
-            if len(samples) <= args.num_plots:
-                n_time = int(mask[k].sum())
-                file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
-                figure = plot_reconstruction(
-                    x[k, :, :, :n_time].cpu().numpy(), reconstruction[k, :, :, :n_time].cpu().numpy(), stft, file_id
-                )
-                figure.savefig(
-                    os.path.join(args.output_dir, f"reconstruction_{len(samples) - 1}_{file_id}.png"), dpi=80
-                )
+            samples.append((meta["index"], sample))
     return samples
+
+
+@torch.no_grad()
+def plot_samples(model, dataset, evaluated, device, output_dir):
+    """reconstruction_<i>_<file>.png of each (position, sample) given, the model run on the sample alone."""
+    for i, (position, sample) in enumerate(evaluated):
+        x = model_input(dataset[position][0][None], device)
+        file_id = os.path.splitext(os.path.basename(sample["path"]))[0]
+        figure = plot_reconstruction(x[0].cpu().numpy(), model(x)[0].cpu().numpy(), dataset.stft, file_id)
+        figure.savefig(os.path.join(output_dir, f"reconstruction_{i}_{file_id}.png"), dpi=80)
 
 
 def summarise(samples):
@@ -152,45 +159,70 @@ def print_table(metrics):
 
 
 def main(argv=None):
-    """Evaluate; returns the metrics dict written to metrics.json."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Evaluate; returns the metrics dict written to metrics.json (rank 0; None on the other torchrun processes)."""
     parser, args = parse_args(argv)
     try:
-        return evaluate_checkpoint(args)
+        rank, _, device = init_distributed(args.device)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    level = logging.INFO if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, force=True, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return evaluate_checkpoint(args, device)
     except (FileNotFoundError, RunError) as err:
         parser.exit(2, f"error: {err}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def evaluate_checkpoint(args):
-    """Rebuild model and data pipeline from the checkpoint, evaluate, write metrics.json and figures."""
-    device, checkpoint = device_and_checkpoint(args.device, args.checkpoint)
-    model = model_from_checkpoint(checkpoint, device).eval()
-    settings = data_settings(checkpoint)
-    data_dir, stft, families = args.data_dir or settings["data_dir"], settings["stft"], settings["families"]
-    skips = SkipLog()
+def open_dataset(args, settings, skips):
+    """The dataset of --data_dir as the run read its data; rank 0 indexes first."""
     window_seconds, window_stride = chosen_windows(args, settings)
-    dataset = SeismicSTFTDataset(
-        data_dir,
-        families,
-        stft,
-        settings["extensions"],
-        skips=skips,
-        window_seconds=window_seconds,
-        window_stride=window_stride,
-    )
+    with rank_zero_first():
+        return SeismicSTFTDataset(
+            args.data_dir or settings["data_dir"],
+            settings["families"],
+            settings["stft"],
+            settings["extensions"],
+            skips=skips,
+            window_seconds=window_seconds,
+            window_stride=window_stride,
+        )
+
+
+def evaluate_checkpoint(args, device):
+    """Rebuild model and data pipeline from the checkpoint, evaluate (each process its share), write metrics.json
+    and figures on rank 0."""
+    _, checkpoint = device_and_checkpoint(str(device), args.checkpoint)
+    model = model_from_checkpoint(checkpoint, device).eval()
+    settings, skips = data_settings(checkpoint), SkipLog()
+    dataset = open_dataset(args, settings, skips)
     positions = choose_files(dataset, checkpoint, args)
     if not positions:
-        raise RunError(f"no usable files of families {' '.join(families)} for --split {args.split} in {data_dir}")
+        raise RunError(
+            f"no usable files of families {' '.join(settings['families'])} for --split {args.split} in "
+            f"{dataset.data_dir}"
+        )
     os.makedirs(args.output_dir, exist_ok=True)
-    samples = evaluate_files(model, dataset, positions, args, device, stft, skips)
-    if not samples:
+    share = own_share(planned_order(dataset.time_bins(), args.batch_size, positions))
+    evaluated = evaluate_files(model, dataset, share, device, args.batch_size, skips)
+    gather_skips(skips)
+    shares = gather_in_rank_order(evaluated)
+    if shares is None:  # not rank 0: its share is with rank 0
+        return None
+    evaluated = [pair for share in shares for pair in share]
+    if not evaluated:
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
+    plot_samples(model, dataset, evaluated[: args.num_plots], device, args.output_dir)
+    samples = [sample for _, sample in evaluated]
     metrics = {
         "checkpoint": args.checkpoint,
         "epoch": checkpoint.get("epoch"),
-        "data_dir": data_dir,
+        "data_dir": dataset.data_dir,
         "split": args.split,
         "num_samples": len(samples),
+        "processes": rank_and_world_size()[1],
         **summarise(samples),
         "skipped": skips.summary(),
         "samples": samples,

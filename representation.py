@@ -4,6 +4,8 @@ separate labels compared with baselines computed from the spectrograms themselve
 Every method works in one space: the embeddings standardised (zero mean, unit variance per dimension), so that no
 dimension dominates by its scale. Clustering reduces that space with PCA first; the map is its first two principal
 components (a linear map: fitted on a sample, it places 132k points in seconds, where t-SNE would take hours on a CPU).
+Scaler, PCA and KMeans are fitted on a sample of FIT_SAMPLE rows; every row is then assigned in chunks read from the
+memory-mapped embeddings, so no N x D matrix is ever held in memory.
 """
 
 import numpy as np
@@ -14,30 +16,38 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from embedding import read_in_chunks, read_rows
+
 CLUSTER_COMPONENTS = 32  # principal components the clustering works in
 AUTO_K = range(2, 13)  # K tried by --clusters auto
 FIT_SAMPLE = 20_000  # rows that the scaler, PCA and KMeans are fitted on (all rows are assigned)
 SILHOUETTE_SAMPLE = 5_000  # rows the silhouette is computed on
 NEIGHBOURS = 5  # k of the k-nearest-neighbour scores
+ASSIGN_CHUNK = 4_096  # rows read from the embeddings at a time to assign clusters and map positions (~38 MB float32)
 
 
-def fit_sample(n_rows, seed, size=FIT_SAMPLE):
-    """Sorted row numbers of a random sample of at most `size` rows."""
+def fit_sample(n_rows, seed, size=None):
+    """Sorted row numbers of a random sample of at most `size` (default FIT_SAMPLE) rows."""
+    size = size or FIT_SAMPLE
     if n_rows <= size:
         return np.arange(n_rows)
     return np.sort(np.random.default_rng(seed).choice(n_rows, size, replace=False))
 
 
 def reduce(embeddings, seed):
-    """(pipeline standardise -> PCA fitted on a sample, reduced embeddings (N, components))."""
-    sample = fit_sample(len(embeddings), seed)
-    components = min(CLUSTER_COMPONENTS, embeddings.shape[1], len(sample))
-    pipeline = make_pipeline(StandardScaler(), PCA(components, random_state=seed)).fit(embeddings[sample])
-    return pipeline, transform_in_chunks(pipeline, embeddings)
+    """Standardise -> PCA fitted on a sample of the rows: (pipeline, the sample reduced (S, components)).
+
+    `embeddings` may be a memory map of any float dtype: only the sample is read, as float32."""
+    rows = read_rows(embeddings, fit_sample(len(embeddings), seed))
+    components = min(CLUSTER_COMPONENTS, embeddings.shape[1], len(rows))
+    pipeline = make_pipeline(StandardScaler(), PCA(components, random_state=seed)).fit(rows)
+    return pipeline, pipeline.transform(rows)
 
 
-def transform_in_chunks(pipeline, embeddings, chunk=20_000):
-    return np.concatenate([pipeline.transform(embeddings[i : i + chunk]) for i in range(0, len(embeddings), chunk)])
+def transform_in_chunks(pipeline, embeddings, chunk=ASSIGN_CHUNK):
+    """(start row, the rows reduced (n, components)) for every chunk of `embeddings`, read as float32."""
+    for start, rows in read_in_chunks(embeddings, chunk):
+        yield start, pipeline.transform(rows)
 
 
 def silhouette(features, labels, seed):
@@ -49,25 +59,36 @@ def silhouette(features, labels, seed):
 
 
 def cluster(reduced, k, seed):
-    """KMeans on the reduced embeddings, K given or ("auto") the best silhouette over AUTO_K.
+    """KMeans fitted on the reduced sample (reduce), K given or ("auto") the best silhouette over AUTO_K.
 
-    Returns (labels (N,), distance of each row to its centre (N,), description: method, K, how chosen, scores).
+    Returns (fitted KMeans, description: method, K, how chosen, scores, the silhouette on the sample).
     """
-    sample = fit_sample(len(reduced), seed)
     if k == "auto":
-        tried = [n for n in AUTO_K if n < len(sample)]
-        scores = {n: silhouette(reduced[sample], fit_kmeans(reduced[sample], n, seed).labels_, seed) for n in tried}
+        tried = [n for n in AUTO_K if n < len(reduced)]
+        scores = {n: silhouette(reduced, fit_kmeans(reduced, n, seed).labels_, seed) for n in tried}
         k = max(scores, key=scores.get)
         chosen = f"highest silhouette over K = {tried[0]}..{tried[-1]}"
     else:
         scores, chosen = {}, "given (--clusters)"
-    kmeans = fit_kmeans(reduced[sample], k, seed)
-    labels = kmeans.predict(reduced)
-    distances = np.linalg.norm(reduced - kmeans.cluster_centers_[labels], axis=1)
+    kmeans = fit_kmeans(reduced, k, seed)
     method = f"KMeans (k-means++, 10 starts) on {reduced.shape[1]} principal components of the standardised embeddings"
     description = {"method": method, "k": int(k), "k_chosen_by": chosen, "silhouette_by_k": scores}
-    description["silhouette"] = silhouette(reduced, labels, seed)
-    return labels, distances, description
+    description["fitted_on"] = len(reduced)
+    description["silhouette"] = silhouette(reduced, kmeans.predict(reduced), seed)
+    return kmeans, description
+
+
+def assign(pipeline, kmeans, embeddings, chunk=ASSIGN_CHUNK):
+    """Every row's cluster, distance to its centre and map position (the first two principal components), read
+    from `embeddings` (a memory map) `chunk` rows at a time: (labels (N,), distances (N,), map (N, 2))."""
+    labels, distances = np.empty(len(embeddings), dtype=np.int64), np.empty(len(embeddings))
+    map_xy = np.zeros((len(embeddings), 2))
+    for start, reduced in transform_in_chunks(pipeline, embeddings, chunk):
+        stop = start + len(reduced)
+        labels[start:stop] = kmeans.predict(reduced)
+        distances[start:stop] = np.linalg.norm(reduced - kmeans.cluster_centers_[labels[start:stop]], axis=1)
+        map_xy[start:stop, : min(2, reduced.shape[1])] = reduced[:, :2]
+    return labels, distances, map_xy
 
 
 def fit_kmeans(features, k, seed):
@@ -85,13 +106,13 @@ class SearchIndex:
     def __init__(self, embeddings, chunk=20_000):
         self.scaler = StandardScaler()
         for start in range(0, len(embeddings), chunk):
-            self.scaler.partial_fit(embeddings[start : start + chunk])
+            self.scaler.partial_fit(np.asarray(embeddings[start : start + chunk], dtype=np.float32))
         scaled = np.concatenate([self.scale(embeddings[i : i + chunk]) for i in range(0, len(embeddings), chunk)])
         self.neighbours = NearestNeighbors(algorithm="brute").fit(scaled)
         self.size = len(embeddings)
 
     def scale(self, embeddings):
-        return self.scaler.transform(np.asarray(embeddings)).astype(np.float32)
+        return self.scaler.transform(np.asarray(embeddings, dtype=np.float32)).astype(np.float32)
 
     def nearest(self, queries, k):
         """(distances (Q, k), rows (Q, k)) of the k nearest catalogue rows to each query embedding, nearest first."""

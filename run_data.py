@@ -6,11 +6,10 @@ import os
 from datetime import datetime
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 
 from device import loader_options
-from distributed import from_rank_zero, is_rank_zero, rank_and_world_size
+from distributed import from_rank_zero, is_rank_zero, rank_and_world_size, rank_zero_first
 from preemption import SkipFirst
 from recordings import choose_val_groups, in_groups
 from settings import RunError
@@ -50,23 +49,20 @@ def new_run_name(checkpoint_dir):
 
 def load_dataset(args, stft, skips):
     """Rank 0 indexes (and caches) first; the other processes then find the index and cache stored."""
-    if not is_rank_zero():
-        dist.barrier()
     try:
-        dataset = SeismicSTFTDataset(
-            args.data_dir,
-            args.channels,
-            stft,
-            args.extensions,
-            skips=skips,
-            cache_dir=args.cache_dir,
-            window_seconds=args.window_seconds,
-            window_stride=args.window_stride,
-        )
+        with rank_zero_first():
+            dataset = SeismicSTFTDataset(
+                args.data_dir,
+                args.channels,
+                stft,
+                args.extensions,
+                skips=skips,
+                cache_dir=args.cache_dir,
+                window_seconds=args.window_seconds,
+                window_stride=args.window_stride,
+            )
     except OSError as err:  # a missing --data_dir; a --cache_dir that cannot be written (full, read-only)
         raise RunError(str(err)) from None
-    if dist.is_initialized() and is_rank_zero():
-        dist.barrier()
     if len(dataset) == 0 and skips.counts().get("shorter than --window_seconds"):
         raise RunError(
             f"--window_seconds {args.window_seconds:g} is longer than every usable recording in {args.data_dir} "
