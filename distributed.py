@@ -99,3 +99,8 @@ def rank_zero_first():
     stored. An error on rank 0 still releases the others, which then meet the same error."""
     if not is_rank_zero():
         dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and is_rank_zero():
+            dist.barrier()

@@ -22,12 +22,6 @@ def own_share(order):
     rank, world_size = rank_and_world_size()
     return order[rank * len(order) // world_size : (rank + 1) * len(order) // world_size]
 
-    try:
-        yield
-    finally:
-        if dist.is_initialized() and is_rank_zero():
-            dist.barrier()
-
 
 def gather_in_rank_order(value):
     """[value of rank 0, of rank 1, ...] on rank 0 (pickled through the process group), None on the others."""
