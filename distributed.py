@@ -3,6 +3,7 @@
 Without torchrun (no RANK in the environment) every helper is a no-op for a single process.
 """
 
+import logging
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from device import resolve_device
+from settings import RunError
 
 PREPARE_MINUTES = 60  # how long processes wait for rank 0 to index and cache the data (torchrun)
 
@@ -104,3 +106,21 @@ def rank_zero_first():
     finally:
         if dist.is_initialized() and is_rank_zero():
             dist.barrier()
+
+
+def run_script(parser, args, work):
+    """work(args, device) in this process, alone or one of a torchrun job: rank 0 logs at INFO, the others errors only
+    (rank 0 reports for all); a RunError or a missing file ends it in one line with exit code 2."""
+    try:
+        rank, _, device = init_distributed(args.device)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    level = logging.INFO if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, force=True, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return work(args, device)
+    except (FileNotFoundError, RunError) as err:
+        parser.exit(2, f"error: {err}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

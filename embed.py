@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from batching import LengthBatchSampler
 from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
-from distributed import gather_skips, init_distributed, rank_and_world_size, rank_zero_first
+from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
 from embedding import (
     CATALOG_COLUMNS,
     DEFAULT_POOLING,
@@ -66,6 +65,10 @@ log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts
 NEAREST_SHOWN = 6  # members nearest each cluster centre: listed in clusters.json and drawn
 THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z spectrogram
+# --labels tables: (score, header, width, format) of categorical and of numeric labels
+CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "prec@5", 7, ".3f"),
+                 ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
+VALUE_COLUMNS = (("r2", "R^2", 7, ".3f"), ("mae", "MAE", 10, ".4g"))
 LABEL_SAMPLE = 5_000  # labelled recordings scored by --labels (leave-one-out over all rows costs N^2)
 
 
@@ -108,20 +111,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Embed; returns a summary dict (output_dir, rows, k, label scores) on rank 0, None on the other processes."""
     parser, args = parse_args(argv)
-    try:
-        rank, _, device = init_distributed(args.device)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-    # Other processes report errors only; rank 0 merges their skipped files into its own report.
-    level = logging.INFO if rank == 0 else logging.ERROR
-    logging.basicConfig(level=level, force=True, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return embed(args, device)
-    except (FileNotFoundError, RunError) as err:
-        parser.exit(2, f"error: {err}\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_script(parser, args, embed)
 
 
 def load(args, device):
@@ -431,12 +421,8 @@ def score_labels(embeddings, catalog, labels, spectrograms, args, output_dir):
     result = {"labels": name, "recordings": len(chosen), "counts": {str(k): int(v) for k, v in counts.items()}}
     result["scores"], result["chance"] = table, chance_scores(values)
     write_json_atomic(os.path.join(output_dir, "labels.json"), result)
-    print(f"labels {name}: {len(chosen)} recordings, {len(counts)} labels; leave-one-out 5-NN, standardised features")
-    print(f"{'representation':34} {'dim':>5} {'5-NN acc':>9} {'prec@5':>7} {'silhouette':>10}")
-    for who, s in table.items():
-        print(f"{who:34} {s['dim']:5d} {s['knn_accuracy']:9.3f} {s['precision_at_k']:7.3f} {s['silhouette']:10.3f}")
-    chance = result["chance"]
-    print(f"{'chance (the labels alone)':34} {'':5} {chance['knn_accuracy']:9.3f} {chance['precision_at_k']:7.3f}")
+    title = f"labels {name}: {len(chosen)} recordings, {len(counts)} labels; leave-one-out 5-NN, standardised features"
+    print_scores(title, CLASS_COLUMNS, table, ("chance (the labels alone)", result["chance"]))
     return result
 
 
@@ -447,13 +433,21 @@ def score_values(name, values, candidates, output_dir):
     result = {"labels": name, "recordings": len(values), "numeric": True, "scores": table}
     result["chance"] = regression_chance(values)
     write_json_atomic(os.path.join(output_dir, "labels.json"), result)
-    print(f"labels {name}: {len(values)} recordings, numeric; leave-one-out 5-NN regression, standardised features")
-    print(f"{'representation':34} {'dim':>5} {'R^2':>7} {'MAE':>10}")
-    for who, s in table.items():
-        print(f"{who:34} {s['dim']:5d} {s['r2']:7.3f} {s['mae']:10.4g}")
-    chance = result["chance"]
-    print(f"{'chance (the mean of the others)':34} {'':5} {chance['r2']:7.3f} {chance['mae']:10.4g}")
+    title = f"labels {name}: {len(values)} recordings, numeric; leave-one-out 5-NN regression, standardised features"
+    print_scores(title, VALUE_COLUMNS, table, ("chance (the mean of the others)", result["chance"]))
     return result
+
+
+def print_scores(title, columns, table, chance):
+    """The score table of --labels: one row per representation, then chance = (name, scores) where it has them."""
+    print(title)
+    print(f"{'representation':34} {'dim':>5} " + " ".join(f"{head:>{width}}" for _, head, width, _ in columns))
+    for who, scores in table.items():
+        cells = " ".join(f"{scores[key]:{width}{form}}" for key, _, width, form in columns)
+        print(f"{who:34} {scores['dim']:5d} {cells}")
+    name, values = chance
+    cells = " ".join(f"{values[key]:{width}{form}}" for key, _, width, form in columns if key in values)
+    print(f"{name:34} {'':5} {cells}")
 
 
 if __name__ == "__main__":

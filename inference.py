@@ -18,14 +18,13 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from baselines import BASELINES
 from batching import LengthBatchSampler, reconstruct
 from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
-from distributed import gather_skips, init_distributed, rank_and_world_size, rank_zero_first
+from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
 from figures import plot_reconstruction
 from model import masked_errors
 from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
@@ -161,19 +160,7 @@ def print_table(metrics):
 def main(argv=None):
     """Evaluate; returns the metrics dict written to metrics.json (rank 0; None on the other torchrun processes)."""
     parser, args = parse_args(argv)
-    try:
-        rank, _, device = init_distributed(args.device)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-    level = logging.INFO if rank == 0 else logging.ERROR
-    logging.basicConfig(level=level, force=True, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return evaluate_checkpoint(args, device)
-    except (FileNotFoundError, RunError) as err:
-        parser.exit(2, f"error: {err}\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_script(parser, args, evaluate_checkpoint)
 
 
 def open_dataset(args, settings, skips):
