@@ -5,6 +5,7 @@
                     # first writes 20,000 files cut from the shipped data (those already there are kept)
     python bench.py --link_files 132169 /tmp/links132k --startup_only    # start-up on 132k files
     python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
+    python bench.py --search 100000 1000000 --json search.json          # only vector search (docs/search.md)
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -46,6 +47,7 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import bench_search
 from embedding import encode_batch
 from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
 from model import ConvAutoencoder, masked_mse
@@ -124,7 +126,29 @@ def parse_args(argv=None):
         action="store_true",
         help="measure only the start-up to the first batch, cold and warm (default: every stage)",
     )
+    add(
+        "--search",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="measure only vector search (bench_search.py): the index of real embeddings tiled to each N; default: off",
+    )
+    add("--checkpoint", help="model whose embeddings --search tiles; None: random weights (seed 0)")
+    add(
+        "--search_queries",
+        type=int,
+        default=bench_search.QUERIES,
+        help="--search: queries timed and scored (%(default)s)",
+    )
+    add(
+        "--search_exact_max_rows",
+        type=int,
+        default=bench_search.vector_index.EXACT_MAX_ROWS,
+        help="--search: flat (exact) index up to this many rows, IVF-PQ beyond (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.search and (min(args.search) < 1 or args.search_queries < 1):
+        parser.error("--search N: every N must be >= 1, and --search_queries too")
     if args.link_files and not args.link_files[0].isdigit():
         parser.error("--link_files N DIR: N must be a whole number")
     if args.make_archive and not all(n.isdigit() for n in args.make_archive[:2]):
@@ -630,7 +654,11 @@ def main(argv=None):
         print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
-    if args.startup_only:
+    if args.search:
+        figures = bench_search.search_stage(
+            args.search, args.data_dir, args.checkpoint, args.search_exact_max_rows, args.search_queries
+        )
+    elif args.startup_only:
         figures = startup_figures(args.data_dir)
         print_startup(figures)
     else:

@@ -31,6 +31,7 @@ from representation import chance_scores, cluster, compared_features, label_scor
 from runtime import RunError, add_window_flags, chosen_windows, device_and_checkpoint, model_input, script_parser
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
+from vector_index import build_for as build_vector_index
 
 log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts
@@ -147,6 +148,7 @@ def embed(args):
     if not passed["rows"]:
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
     embeddings = np.load(os.path.join(output_dir, "embeddings.npy"), mmap_mode="r")
+    build_vector_index(output_dir)  # index.faiss beside embeddings.npy, which similar.py searches (vector_index.py)
     rows = passed["rows"]
     remove_stale_outputs(output_dir)
     describe_clusters(embeddings, rows, args, output_dir, dataset, stft)
