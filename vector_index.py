@@ -191,6 +191,7 @@ def trained_index(embeddings, standardise, settings, seed):
     ivf = faiss.index_factory(components, f"IVF{settings['nlist']},PQ{settings['pq_bytes']}")
     ivf.cp.seed = ivf.pq.cp.seed = seed
     ivf.cp.niter = ivf.pq.cp.niter = KMEANS_ITERATIONS
+    ivf.do_polysemous_training = False  # index_factory's default: minutes of annealing for a code search not used
     ivf.train(rotated)
     return faiss.IndexPreTransform(rotation, ivf)  # faiss's Python wrapper keeps both parts alive with it
 
