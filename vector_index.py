@@ -31,11 +31,11 @@ from storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("vector_index")
 INDEX_FILE, SCALE_FILE, SETTINGS_FILE = "index.faiss", "index_scale.npy", "index.json"
-EXACT_MAX_ROWS = 50_000  # flat (exact) index up to this many rows; beyond, IVF-PQ (measured: docs/search.md)
+EXACT_MAX_ROWS = 5_000  # flat (exact) index up to this many rows; beyond, IVF-PQ (measured: docs/search.md)
 PCA_COMPONENTS = 128  # principal components the IVF-PQ index works in
 PQ_BYTES = 32  # bytes per row of the product-quantised codes (sub-quantisers of 8 bits)
 NPROBE = 32  # cells scanned per query
-RERANK = 10  # candidates per neighbour re-ranked by exact distance
+RERANK = 5  # candidates per neighbour re-ranked by exact distance (k x RERANK read from the embeddings)
 ROWS_PER_CELL = 1000  # nlist ~ rows / ROWS_PER_CELL, a power of 2 in [MIN_CELLS, MAX_CELLS]
 MIN_CELLS, MAX_CELLS = 16, 4096
 TRAIN_PER_CELL = 40  # k-means training rows per cell (faiss asks for at least 39)
