@@ -45,7 +45,7 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("embeddings_dir", help="output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)")
     add("query", nargs="*", help="catalogue row numbers, catalogue paths or miniSEED files (any mix)")
-    add("--queries", metavar="FILE", help="text file of more queries, one a line ('#' starts a comment); default: none")
+    add("--queries", metavar="FILE", help="text file of more queries, one a line ('#' starts a comment)")
     add("-k", type=int, default=10, help="neighbours to list per query")
     add("--data_dir", help="where the catalogue's files are; None: the data_dir embed.py read")
     add(

@@ -40,3 +40,7 @@ def real_dir(tmp_path):
 def train_dir(tmp_path):
     """12 real files (3 per default family) for short training runs."""
     return copy_files(shipped_files(per_family=3), tmp_path / "train_waveforms")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes a minute or more on 2 cores; deselect with -m 'not slow'")

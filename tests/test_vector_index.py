@@ -144,6 +144,7 @@ def test_similar_bad_query_lists_are_parse_errors(argv, message, tmp_path, capsy
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # embeds 168 windows and builds two indexes: 45 s on a loaded 2-core machine
 def test_bench_search_reports_every_figure_per_n(real_dir, monkeypatch, capsys):
     monkeypatch.setattr(bench_search, "BATCH_REPEATS", 2)
     argv = [
