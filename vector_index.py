@@ -45,7 +45,8 @@ CHUNK = 20_000  # rows read, standardised and added at a time
 
 
 def choose_settings(n_rows, dim, exact_max_rows=EXACT_MAX_ROWS):
-    """The index for n_rows embeddings of dim values: {"factory": faiss.index_factory string, ...}."""
+    """The index for n_rows embeddings of dim values: {"kind", "factory" (the faiss.index_factory string of the index
+    built: its PCA is fitted by randomized SVD, see principal_axes), "nlist", "nprobe", "rerank", ...}."""
     if n_rows < 1 or dim < 1:
         raise ValueError(f"an index needs at least one row and one value per row, got {n_rows} x {dim}")
     if n_rows <= exact_max_rows:
