@@ -7,6 +7,7 @@
     python bench.py --make_archive 10 365 /tmp/archive                   # also 10.5 million windows
     python bench.py --markdown results/                                  # also results/<date>-bench.md
     python bench.py --seisbench 20000 /tmp/sb20k                # a SeisBench dataset: start-up, samples/s vs files
+    python bench.py --search 100000 1000000 --json search.json          # only vector search (docs/search.md)
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -47,6 +48,7 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import bench_search
 from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds, shipped_sources
 from device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
 from embedding import encode_batch
@@ -84,6 +86,12 @@ SETTINGS = (
     Setting("seisbench", None, "only measure a SeisBench dataset of N traces written into DIR from the shipped files",
             nargs=2, metavar=("N", "DIR")),
     Setting("seisbench_seconds", None, "length of the traces --seisbench writes (default: whole, 90 s)", float),
+    Setting("search", None, "only measure vector search: real embeddings tiled to each N (bench_search.py)", int,
+            nargs="+", metavar="N", check=(lambda sizes: min(sizes) >= 1, ">= 1")),
+    Setting("checkpoint", None, "model whose embeddings --search tiles (default: random weights, seed 0)"),
+    Setting("search_queries", bench_search.QUERIES, "--search: queries timed and scored", int, check=at_least(1)),
+    Setting("search_exact_max_rows", bench_search.vector_index.EXACT_MAX_ROWS,
+            "--search: flat (exact) index up to this many rows, IVF-PQ beyond", int, check=at_least(1)),
     Setting("startup_only", False, "measure only the start-up to the first batch, cold and warm", action="store_true"),
 )
 # fmt: on
@@ -472,7 +480,11 @@ def main(argv=None):
         print(f"made {link_files(n_files, args.data_dir)} hard links in {args.data_dir}")
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data directory not found: {args.data_dir}")
-    if args.seisbench:
+    if args.search:
+        figures = bench_search.search_stage(
+            args.search, args.data_dir, args.checkpoint, args.search_exact_max_rows, args.search_queries
+        )
+    elif args.seisbench:
         figures = seisbench_figures(args)
     elif args.startup_only:
         figures = startup_figures(args.data_dir)
@@ -482,7 +494,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
-    if args.markdown and not args.startup_only:
+    if args.markdown and not (args.startup_only or args.search or args.seisbench):  # the full table only
         print(f"wrote {write_markdown(figures, args.markdown)}")
     return figures
 

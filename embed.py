@@ -60,6 +60,7 @@ from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, pa
 from shards import gather_in_rank_order, own_share, planned_order
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import atomic_write, write_json_atomic
+from vector_index import build_for as build_vector_index
 
 log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts
@@ -197,24 +198,33 @@ def embed(args, device):
         processes,
     )
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
+    build_vector_index(output_dir)  # index.faiss beside embeddings.npy, which similar.py searches (vector_index.py)
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
-    rows, dim = len(embeddings), int(embeddings.shape[1])
     remove_stale_outputs(output_dir)
     describe_clusters(embeddings, catalog, args, output_dir, dataset)
     write_catalog(output_dir, catalog)
     plot_outputs(catalog, model, dataset, args, output_dir, device)
     write_projector(embeddings, catalog, thumbnails, output_dir)
-    description = {"checkpoint": os.path.abspath(args.checkpoint), "data_dir": os.path.abspath(dataset.data_dir)}
-    description |= {"split": args.split, "pooling": args.pooling, "window_seconds": window_seconds}
-    description |= {"window_stride": window_stride, "rows": rows, "dim": dim, "dtype": str(embeddings.dtype)}
-    description |= {"processes": processes, "skipped": skips.summary()}
-    write_json_atomic(os.path.join(output_dir, "embedding.json"), description)
-    summary = {"output_dir": output_dir, "rows": rows, "dim": dim}
+    description = {"window_seconds": window_seconds, "window_stride": window_stride, "processes": processes}
+    summary = describe_run(embeddings, args, dataset, output_dir, description, skips)
     if labels:
         summary["labels"] = score_labels(embeddings, catalog, labels, spectrograms, args, output_dir)
-    print(f"{rows} recordings embedded ({dim} values each, pooling {args.pooling}) in {output_dir}")
+    print(
+        f"{summary['rows']} recordings embedded ({summary['dim']} values each, pooling {args.pooling}) in {output_dir}"
+    )
     print(f"skipped files: {skips.describe()}")
     return summary
+
+
+def describe_run(embeddings, args, dataset, output_dir, description, skips):
+    """embedding.json: the checkpoint, data, split, pooling, windows, rows, dimension, dtype, processes and skips;
+    returns the summary dict of embed()."""
+    rows, dim = len(embeddings), int(embeddings.shape[1])
+    description |= {"checkpoint": os.path.abspath(args.checkpoint), "data_dir": os.path.abspath(dataset.data_dir)}
+    description |= {"split": args.split, "pooling": args.pooling, "rows": rows, "dim": dim}
+    description |= {"dtype": str(embeddings.dtype), "skipped": skips.summary()}
+    write_json_atomic(os.path.join(output_dir, "embedding.json"), description)
+    return {"output_dir": output_dir, "rows": rows, "dim": dim}
 
 
 def kept_positions(args, dataset, positions, labels):

@@ -1,15 +1,22 @@
-"""The recordings most similar to a given one, from the outputs of embed.py.
+"""The recordings most similar to given ones, from the outputs of embed.py.
 
     python similar.py embeddings/<run> 12                                  # catalogue row 12 (0 = the first row)
     python similar.py embeddings/<run> NC.MDPB.HH.20100203T015406.mseed    # a path of the catalogue
     python similar.py embeddings/<run> /new/file.mseed -k 5                # a new file, encoded with the same model
+    python similar.py embeddings/<run> 12 40 /new/file.mseed               # several queries: one table
+    python similar.py embeddings/<run> --queries queries.txt --table near.csv   # a query a line (row, path or file)
 
 Distances are Euclidean between standardised embeddings (each value scaled to zero mean and unit variance over the
-catalogue), the space of embed.py's label scores; scikit-learn's NearestNeighbors (brute force) searches them.
-Prints a table and writes a figure of the query and its neighbours (Z spectrograms).
+catalogue), the space of embed.py's label scores. The search uses the index embed.py wrote beside the embeddings
+(vector_index.py: exact up to 5,000 rows, IVF-PQ beyond, its candidates re-ranked by exact distance); outputs of an
+older embed.py, without one, get an index built in memory. Prints the neighbours, writes them for all queries into
+one CSV table (query, query_row, rank, row, distance, the catalogue's columns) and, for a single query (or with
+--figures), a figure of each query and its neighbours (Z spectrograms).
 """
 
+import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -17,11 +24,11 @@ import os
 import numpy as np
 import torch
 
+import vector_index
 from checkpoints import data_settings, model_from_checkpoint
 from device import device_and_checkpoint
 from embedding import encode_batch
 from figures import plot_spectrogram_row
-from representation import SearchIndex
 from seisbench_data import is_seisbench_dataset
 from settings import RunError, Setting, at_least, device_setting, parse
 from stft_dataset import SeismicSTFTDataset
@@ -31,29 +38,50 @@ from waveforms import UnusableFile, read_waveform
 
 log = logging.getLogger("similar")
 SHOWN_COLUMNS = {"path": 40, "trace_id": 14, "starttime": 27, "cluster": 7}  # printed columns and their widths
+PRINTED_QUERIES = 10  # queries whose neighbours are printed; the table holds all
+TABLE_COLUMNS = ("query", "query_row", "rank", "row", "distance")  # then the catalogue's columns
 
 
 SETTINGS = (
-    Setting(
-        "embeddings_dir",
-        None,
-        "output directory of embed.py (embeddings.npy, catalog.csv, embedding.json)",
-        positional=True,
-    ),
-    Setting("query", None, "a catalogue row number, a catalogue path, or a miniSEED file", positional=True),
-    Setting("k", 10, "neighbours to list", int, check=at_least(1), flag="-k"),
+    Setting("embeddings_dir", None, "output directory of embed.py (embeddings.npy, catalog.csv, index.faiss)",
+            positional=True),
+    Setting("query", None, "catalogue row numbers, catalogue paths or miniSEED files (any mix)", nargs="*",
+            positional=True),
+    Setting("queries", None, "text file of more queries, one a line ('#' starts a comment)", metavar="FILE"),
+    Setting("k", 10, "neighbours to list per query", int, check=at_least(1), flag="-k"),
     Setting("data_dir", None, "where the catalogue's files are (default: the data_dir embed.py read)"),
-    Setting("output", None, "figure of the query and its neighbours (default: EMBEDDINGS_DIR/similar_<query>.png)"),
-    device_setting("encode a new file on"),
-)
+    Setting("table", None, "CSV of every query's neighbours (default: EMBEDDINGS_DIR/similar[_<query>].csv)"),
+    Setting("figures", None, "a figure of each query and its neighbours (default: for a single query only)",
+            action=argparse.BooleanOptionalAction),
+    Setting("output", None, "the figure of a single query (default: EMBEDDINGS_DIR/similar_<query>.png)"),
+    device_setting("encode new files (and search) on"),
+)  # fmt: skip
 
 
 def parse_args(argv=None):
-    return parse(__doc__, SETTINGS, argv)
+    parser, args = parse(__doc__, SETTINGS, argv)
+    args.query = args.query + (read_query_file(args.queries, parser) if args.queries else [])
+    if not args.query:
+        parser.error("no query: give catalogue rows, paths or files, or --queries FILE")
+    if args.output and len(args.query) > 1:
+        parser.error(f"--output names the figure of a single query; {len(args.query)} queries given")
+    if args.figures is None:
+        args.figures = len(args.query) == 1
+    return parser, args
+
+
+def read_query_file(path, parser):
+    try:
+        with open(path) as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except OSError as err:
+        parser.error(f"--queries {path}: {err.strerror}")
+    return [line for line in lines if line]
 
 
 def main(argv=None):
-    """Search; returns the neighbours: catalogue rows (dicts) with "row" and "distance", nearest first."""
+    """Search; returns the neighbours of every query, nearest first: catalogue rows (dicts) with "query",
+    "query_row", "rank", "row" and "distance"."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     parser, args = parse_args(argv)
     try:
@@ -77,13 +105,20 @@ def load_outputs(directory):
         return embeddings, catalog, json.load(f)
 
 
-def query_row(query, catalog):
-    """The catalogue row a query names, or None for a file that is not in the catalogue."""
-    if query.isdigit():
-        if int(query) >= len(catalog):
+def query_rows(queries, catalog):
+    """The catalogue row each query names (the first row of a catalogue path), or None for a file outside it."""
+    first_row = {}
+    for i, entry in enumerate(catalog):
+        first_row.setdefault(entry["path"], i)
+    rows = []
+    for query in queries:
+        if query.isdigit() and int(query) >= len(catalog):
             raise RunError(f"row {query}: the catalogue has {len(catalog)} rows (0 to {len(catalog) - 1})")
-        return int(query)
-    return next((i for i, entry in enumerate(catalog) if entry["path"] == query), None)
+        row = int(query) if query.isdigit() else first_row.get(query)
+        if row is None and not os.path.isfile(query):
+            raise RunError(f"{query}: neither a catalogue row or path nor a file")
+        rows.append(row)
+    return rows
 
 
 def read_spectrogram(path, data):
@@ -114,44 +149,110 @@ def catalogue_reader(settings, data, data_dir):
 
 
 @torch.no_grad()
-def encode_file(spectrogram_, checkpoint, pooling, device):
-    """(1, D) embedding of a new file's spectrogram with the checkpoint and pooling that embed.py used."""
-    model = model_from_checkpoint(checkpoint, device).eval()
+def encode_file(model, spectrogram_, pooling, device):
+    """(1, D) embedding of a new file's spectrogram with the model and pooling that embed.py used."""
     x = torch.from_numpy(spectrogram_)[None].to(device)
     embedding, _, _ = encode_batch(model, x, torch.ones(1, x.shape[-1], dtype=torch.bool, device=device), pooling)
     return embedding
 
 
+def query_vectors(queries, rows, embeddings, checkpoint, settings, device):
+    """(Q, D) embeddings of the queries: the catalogue's for its rows, new files encoded with the checkpoint."""
+    data, model = data_settings(checkpoint), None
+    vectors = []
+    for query, row in zip(queries, rows):
+        if row is not None:
+            vectors.append(np.asarray(embeddings[row : row + 1], dtype=np.float32))
+            continue
+        model = model or model_from_checkpoint(checkpoint, device).eval()
+        vectors.append(encode_file(model, read_spectrogram(query, data), settings["pooling"], device))
+    return np.concatenate(vectors)
+
+
+def searchable(directory, embeddings, device):
+    """The index embed.py wrote, or (outputs of an older embed.py) one built in memory."""
+    index = vector_index.load(directory, len(embeddings), "cuda" if device.type == "cuda" else "cpu")
+    if index is None:
+        log.info(
+            "%s has no index of its %d rows (embed.py writes one): building it in memory", directory, len(embeddings)
+        )
+        index = vector_index.build(embeddings)
+    return index
+
+
 def search(args):
     embeddings, catalog, settings = load_outputs(args.embeddings_dir)
-    row = query_row(args.query, catalog)
-    if row is None and not os.path.isfile(args.query):
-        raise RunError(f"{args.query}: neither a catalogue row or path nor a file")
+    rows = query_rows(args.query, catalog)
     device, checkpoint = device_and_checkpoint(args.device, settings["checkpoint"])
+    vectors = query_vectors(args.query, rows, embeddings, checkpoint, settings, device)
+    distances, found = searchable(args.embeddings_dir, embeddings, device).search(vectors, args.k + 1, embeddings)
+    results = []  # (query, its catalogue row or None, [(row, distance) of its neighbours, nearest first])
+    for query, row, near, distance in zip(args.query, rows, found, distances):
+        results.append(
+            (query, row, [(int(r), float(d)) for r, d in zip(near, distance) if r != row and r >= 0][: args.k])
+        )
+    table = [
+        {"query": query, "query_row": row, "rank": rank, "row": r, "distance": d, **catalog[r]}
+        for query, row, neighbours in results
+        for rank, (r, d) in enumerate(neighbours, 1)
+    ]
+    print_neighbours(results, catalog)
+    write_table(table_path(args, rows, catalog), table)
+    if args.figures:
+        draw_figures(args, results, checkpoint, settings, catalog)
+    return table
+
+
+def query_name(query, row, catalog):
+    return catalog[row]["path"] if row is not None else os.path.basename(query)
+
+
+def print_neighbours(results, catalog):
+    for query, row, neighbours in results[:PRINTED_QUERIES]:
+        where = f"catalogue row {row}" if row is not None else "new file"
+        print(f"query: {query_name(query, row, catalog)} ({where})")
+        print(f"{'row':>6} {'distance':>9}  " + "  ".join(f"{c:{w}}" for c, w in SHOWN_COLUMNS.items()))
+        for r, d in neighbours:
+            print(f"{r:6d} {d:9.3f}  " + "  ".join(f"{catalog[r][c]:{w}}" for c, w in SHOWN_COLUMNS.items()))
+    if len(results) > PRINTED_QUERIES:
+        print(f"... and {len(results) - PRINTED_QUERIES} more queries (the table holds all)")
+
+
+def table_path(args, rows, catalog):
+    if args.table:
+        return args.table
+    if len(args.query) > 1:
+        return os.path.join(args.embeddings_dir, "similar.csv")
+    name = os.path.splitext(os.path.basename(query_name(args.query[0], rows[0], catalog)))[0]
+    return os.path.join(args.embeddings_dir, f"similar_{name}.csv")
+
+
+def write_table(path, table):
+    """One CSV of every query's neighbours, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(table[0]) if table else TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    print(f"table: {path} ({len(table)} neighbours)")
+
+
+def draw_figures(args, results, checkpoint, settings, catalog):
+    """A figure of each query and its neighbours (Z spectrograms): --output, or EMBEDDINGS_DIR/similar_<query>.png."""
     data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
     read_catalogued = catalogue_reader(settings, data, data_dir)
-    if row is None:
-        name, query_spectrogram = os.path.basename(args.query), read_spectrogram(args.query, data)
-        vector = encode_file(query_spectrogram, checkpoint, settings["pooling"], device)
-    else:
-        name, vector = catalog[row]["path"], np.asarray(embeddings[row : row + 1])
-        query_spectrogram = read_catalogued(catalog[row])
-    distances, rows = SearchIndex(embeddings).nearest(vector, args.k + (row is not None))
-    neighbours = [(int(r), float(d)) for r, d in zip(rows[0], distances[0]) if r != row][: args.k]
-    print(f"query: {name}" + (f" (catalogue row {row})" if row is not None else " (new file)"))
-    print(f"{'row':>6} {'distance':>9}  " + "  ".join(f"{c:{w}}" for c, w in SHOWN_COLUMNS.items()))
-    for r, d in neighbours:
-        print(f"{r:6d} {d:9.3f}  " + "  ".join(f"{catalog[r][c]:{w}}" for c, w in SHOWN_COLUMNS.items()))
-    spectrograms = [query_spectrogram] + [read_catalogued(catalog[r]) for r, _ in neighbours]
-    titles = [f"query\n{name[-40:]}"] + [f"{d:.2f}\n{catalog[r]['path'][-40:]}" for r, d in neighbours]
-    title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
-    figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)
-    output = args.output or os.path.join(
-        args.embeddings_dir, f"similar_{os.path.splitext(os.path.basename(name))[0]}.png"
-    )
-    atomic_write(output, lambda f: figure.savefig(f, format="png", dpi=80))
-    print(f"figure: {output}")
-    return [{**catalog[r], "row": r, "distance": d} for r, d in neighbours]
+    for query, row, neighbours in results:
+        name = query_name(query, row, catalog)
+        query_spectrogram = read_catalogued(catalog[row]) if row is not None else read_spectrogram(query, data)
+        spectrograms = [query_spectrogram] + [read_catalogued(catalog[r]) for r, _ in neighbours]
+        titles = [f"query\n{name[-40:]}"] + [f"{d:.2f}\n{catalog[r]['path'][-40:]}" for r, d in neighbours]
+        title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
+        figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)
+        output = args.output or os.path.join(
+            args.embeddings_dir, f"similar_{os.path.splitext(os.path.basename(name))[0]}.png"
+        )
+        atomic_write(output, lambda f: figure.savefig(f, format="png", dpi=80))
+        print(f"figure: {output}")
 
 
 if __name__ == "__main__":
