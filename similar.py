@@ -165,7 +165,9 @@ def query_vectors(queries, rows, embeddings, checkpoint, settings, device):
             vectors.append(np.asarray(embeddings[row : row + 1], dtype=np.float32))
             continue
         model = model or model_from_checkpoint(checkpoint, device).eval()
-        vectors.append(encode_file(model, read_spectrogram(query, data), settings["pooling"], device))
+        # Rounded as embed.py stores its rows: a file of the catalogue then finds its own row at distance 0.
+        encoded = encode_file(model, read_spectrogram(query, data), settings["pooling"], device)
+        vectors.append(np.asarray(encoded, dtype=embeddings.dtype).astype(np.float32))
     return np.concatenate(vectors)
 
 

@@ -111,7 +111,8 @@ def test_embed_writes_the_index_and_similar_answers_a_list_of_queries_in_one_tab
     assert table["query"].tolist() == [q for q in ("1", new_file, "2", catalog["path"][5]) for _ in range(3)]
     assert table["rank"].tolist() == [1, 2, 3] * 4 and set(table.columns) >= set(catalog.columns)
     by_file = table[table["query"] == new_file]
-    assert by_file["row"].iloc[0] == 6 and by_file["distance"].iloc[0] < 1e-3  # itself: its file encoded alone
+    # itself first: its file encoded alone, rounded to float16 as the stored rows, against rows encoded in batches
+    assert by_file["row"].iloc[0] == 6 and by_file["distance"].iloc[0] < 1e-2 * by_file["distance"].iloc[1]
     for query, row in (("1", 1), ("2", 2), (catalog["path"][5], 5)):
         listed = table[table["query"] == query]
         assert row not in listed["row"].tolist() and listed["query_row"].iloc[0] == str(row)
