@@ -141,20 +141,9 @@ def archive_figures(root):
     """Windows of a generated archive: count, start-up of a new process cold (no index) and warm, memory."""
     figures = {}
     for state in ("cold", "warm"):
-        index = os.path.join(root, INDEX_NAME)
-        if state == "cold" and os.path.exists(index):
-            os.remove(index)
-        launched = time.time()
-        result = subprocess.run(
-            [sys.executable, PROBE, "first_windows", root],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            check=True,
-        )
-        done, n_windows, n_stations, array_bytes, peak_kb, cpu = result.stdout.split()
+        seconds, (n_windows, n_stations, array_bytes, peak_kb, cpu) = run_probe("first_windows", root, state == "cold")
         figures |= {
-            f"archive_startup_{state}_s": float(done) - launched,
+            f"archive_startup_{state}_s": seconds,
             f"archive_peak_rss_{state}_mb": int(peak_kb) / 1024,
             f"archive_dataset_{state}_cpu_s": float(cpu),
         }
@@ -260,20 +249,26 @@ def synchronize(device):
 def startup_seconds(data_dir, cold):
     """Launch of a new Python process to its first batch (index and DataLoader as train.py uses them):
     (wall seconds, CPU seconds of the imports, CPU seconds of building the dataset from the index)."""
-    if cold:
-        with_index = os.path.join(data_dir, INDEX_NAME)
-        if os.path.exists(with_index):
-            os.remove(with_index)
+    seconds, (_, import_cpu, dataset_cpu) = run_probe("first_batch", data_dir, cold)
+    return seconds, float(import_cpu), float(dataset_cpu)
+
+
+def run_probe(name, data_dir, cold):
+    """startup_probe.py NAME DATA_DIR in a new Python process, after removing the index when `cold`: (seconds from
+    the launch to the end the probe reports, the other figures it printed, as text)."""
+    index = os.path.join(data_dir, INDEX_NAME)
+    if cold and os.path.exists(index):
+        os.remove(index)
     launched = time.time()
     result = subprocess.run(
-        [sys.executable, PROBE, "first_batch", data_dir],
+        [sys.executable, PROBE, name, data_dir],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
         check=True,
     )
-    done, _, import_cpu, dataset_cpu = result.stdout.split()
-    return float(done) - launched, float(import_cpu), float(dataset_cpu)
+    done, *figures = result.stdout.split()
+    return float(done) - launched, figures
 
 
 def current_rss_mb():

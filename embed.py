@@ -45,7 +45,7 @@ from embedding import (
     read_rows,
     write_catalog,
 )
-from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row
+from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row, save_figure
 from representation import (
     assign,
     chance_scores,
@@ -56,10 +56,19 @@ from representation import (
     regression_chance,
     regression_scores,
 )
-from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
+from settings import (
+    CHECKPOINT,
+    CHECKPOINT_DATA_DIR,
+    RunError,
+    Setting,
+    at_least,
+    device_setting,
+    parse,
+    window_settings,
+)
 from shards import gather_in_rank_order, own_share, planned_order
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import atomic_write, write_json_atomic
+from storage import write_json_atomic
 from vector_index import build_for as build_vector_index
 
 log = logging.getLogger("embed")
@@ -83,7 +92,7 @@ def clusters_flag(text):
 
 SETTINGS = (
     CHECKPOINT,
-    Setting("data_dir", None, "directory of miniSEED files (default: the checkpoint's)"),
+    CHECKPOINT_DATA_DIR,
     Setting(
         "split",
         "all",
@@ -356,10 +365,6 @@ def cluster_summary(catalog, c):
         "nearest_rows": nearest.tolist(),
         "nearest": catalog["path"][nearest].tolist(),
     }
-
-
-def save_figure(figure, path):
-    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=80))
 
 
 @torch.no_grad()

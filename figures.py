@@ -7,6 +7,7 @@ import matplotlib.dates as mdates
 import numpy as np
 from matplotlib.figure import Figure
 
+from storage import atomic_write
 from waveforms import COMPONENTS
 
 
@@ -99,3 +100,8 @@ def plot_clusters_over_time(times, labels, n_bins=40):
     ax.legend(fontsize=7, ncols=2)
     figure.tight_layout()
     return figure
+
+
+def save_figure(figure, path):
+    """The figure as a PNG at `path`, written atomically."""
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=80))

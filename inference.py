@@ -27,7 +27,16 @@ from device import device_and_checkpoint, model_input
 from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
 from figures import plot_reconstruction
 from model import masked_errors
-from settings import CHECKPOINT, RunError, Setting, at_least, device_setting, parse, window_settings
+from settings import (
+    CHECKPOINT,
+    CHECKPOINT_DATA_DIR,
+    RunError,
+    Setting,
+    at_least,
+    device_setting,
+    parse,
+    window_settings,
+)
 from shards import gather_in_rank_order, own_share, planned_order
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 from storage import write_json_atomic
@@ -40,7 +49,7 @@ LABELS = {"model": "model", "baseline": "time-mean", "blur": "blur"}  # their na
 
 SETTINGS = (
     CHECKPOINT,
-    Setting("data_dir", None, "directory of miniSEED files (default: the checkpoint's)"),
+    CHECKPOINT_DATA_DIR,
     Setting(
         "split",
         "val",

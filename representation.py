@@ -99,26 +99,6 @@ def standardised(features):
     return StandardScaler().fit_transform(features)
 
 
-class SearchIndex:
-    """Nearest recordings by Euclidean distance between standardised embeddings (scikit-learn, brute force: trees
-    do not help in hundreds of dimensions). The scaler is fitted chunk by chunk; the index holds one float32 copy."""
-
-    def __init__(self, embeddings, chunk=20_000):
-        self.scaler = StandardScaler()
-        for start in range(0, len(embeddings), chunk):
-            self.scaler.partial_fit(np.asarray(embeddings[start : start + chunk], dtype=np.float32))
-        scaled = np.concatenate([self.scale(embeddings[i : i + chunk]) for i in range(0, len(embeddings), chunk)])
-        self.neighbours = NearestNeighbors(algorithm="brute").fit(scaled)
-        self.size = len(embeddings)
-
-    def scale(self, embeddings):
-        return self.scaler.transform(np.asarray(embeddings, dtype=np.float32)).astype(np.float32)
-
-    def nearest(self, queries, k):
-        """(distances (Q, k), rows (Q, k)) of the k nearest catalogue rows to each query embedding, nearest first."""
-        return self.neighbours.kneighbors(self.scale(queries), n_neighbors=min(k, self.size))
-
-
 def leave_one_out_neighbours(features, k=NEIGHBOURS):
     """(N, k) rows of each row's k nearest other rows, Euclidean."""
     _, rows = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
@@ -160,20 +140,20 @@ def regression_scores(features, values, k=NEIGHBOURS):
     """Leave-one-out k-NN regression of numeric labels: each row predicted by the mean of its k nearest other rows
     (Euclidean in the space of `features`); R^2 against the labels' variance, and the mean absolute error."""
     values = np.asarray(values, dtype=np.float64)
-    predicted = values[leave_one_out_neighbours(features, k)].mean(axis=1)
-    return {"r2": r_squared(values, predicted), "mae": float(np.mean(np.abs(predicted - values)))}
+    return prediction_scores(values, values[leave_one_out_neighbours(features, k)].mean(axis=1))
 
 
 def regression_chance(values):
     """What the labels alone give: each row predicted by the mean of the other rows (R^2 a little below 0)."""
     values = np.asarray(values, dtype=np.float64)
-    predicted = (values.sum() - values) / (len(values) - 1)
-    return {"r2": r_squared(values, predicted), "mae": float(np.mean(np.abs(predicted - values)))}
+    return prediction_scores(values, (values.sum() - values) / (len(values) - 1))
 
 
-def r_squared(values, predicted):
+def prediction_scores(values, predicted):
+    """{"r2": 1 - residual / total sum of squares (NaN for constant labels), "mae": mean absolute error}."""
     total = np.sum((values - values.mean()) ** 2)
-    return float(1 - np.sum((values - predicted) ** 2) / total) if total > 0 else float("nan")
+    r2 = float(1 - np.sum((values - predicted) ** 2) / total) if total > 0 else float("nan")
+    return {"r2": r2, "mae": float(np.mean(np.abs(predicted - values)))}
 
 
 def compared_features(embeddings, spectrograms, seed):

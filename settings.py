@@ -100,6 +100,7 @@ def run_keys(settings):
 CHECKPOINT = Setting(
     "checkpoint", None, "checkpoint written by train.py (best_model.pt, last.pt, ...)", positional=True
 )
+CHECKPOINT_DATA_DIR = Setting("data_dir", None, "directory of miniSEED files (default: the checkpoint's)")
 
 
 def device_setting(what="run on"):

@@ -28,7 +28,7 @@ import vector_index
 from checkpoints import data_settings, model_from_checkpoint
 from device import device_and_checkpoint
 from embedding import encode_batch
-from figures import plot_spectrogram_row
+from figures import plot_spectrogram_row, save_figure
 from seisbench_data import is_seisbench_dataset
 from settings import RunError, Setting, at_least, device_setting, parse
 from stft_dataset import SeismicSTFTDataset
@@ -253,7 +253,7 @@ def draw_figures(args, results, checkpoint, settings, catalog):
         output = args.output or os.path.join(
             args.embeddings_dir, f"similar_{os.path.splitext(os.path.basename(name))[0]}.png"
         )
-        atomic_write(output, lambda f: figure.savefig(f, format="png", dpi=80))
+        save_figure(figure, output)
         print(f"figure: {output}")
 
 

@@ -1,6 +1,6 @@
 """Nearest recordings among embed.py's embeddings with FAISS: the index embed.py writes and similar.py searches.
 
-The space is the one of embed.py's label scores and of representation.SearchIndex: each embedding value standardised
+The space is the one of embed.py's label scores (representation.standardised): each embedding value standardised
 to zero mean and unit variance over the catalogue (mean and scale stored beside the index), Euclidean distance.
 
     rows <= exact_max_rows  IndexFlatL2: exact; one query scans every row (docs/search.md: the row count at which a
@@ -27,6 +27,8 @@ import faiss
 import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
+from embedding import read_in_chunks, read_rows
+from representation import fit_sample
 from storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("vector_index")
@@ -63,20 +65,6 @@ def choose_settings(n_rows, dim, exact_max_rows=EXACT_MAX_ROWS):
         "nprobe": min(NPROBE, cells),
         "rerank": RERANK,
     }
-
-
-def sample_rows(n_rows, size, seed):
-    """Sorted row numbers of a random sample of at most `size` rows."""
-    if n_rows <= size:
-        return np.arange(n_rows)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size, replace=False))
-
-
-def read_rows(embeddings, rows, chunk=CHUNK):
-    """embeddings[rows] as float32, read `chunk` rows at a time (a memmap is read, never loaded whole)."""
-    return np.concatenate(
-        [np.asarray(embeddings[rows[i : i + chunk]], dtype=np.float32) for i in range(0, len(rows), chunk)]
-    )
 
 
 class VectorIndex:
@@ -152,12 +140,14 @@ def fill(distances, rows, k):
 
 def fit_scale(embeddings, chunk=CHUNK):
     """(mean, scale) of each value over all rows, chunk by chunk, as scikit-learn's StandardScaler computes them
-    (population variance; scale 1 for a constant value): the standardisation of representation.SearchIndex.
+    (population variance; scale 1 for a constant value).
     Sums of the values less the first chunk's mean, in float64, so that large means cost no precision."""
-    shift = np.asarray(embeddings[:chunk], dtype=np.float64).mean(axis=0)
-    total, squares = np.zeros_like(shift), np.zeros_like(shift)
-    for start in range(0, len(embeddings), chunk):
-        centred = np.asarray(embeddings[start : start + chunk], dtype=np.float64) - shift
+    shift = None
+    for _, rows in read_in_chunks(embeddings, chunk):
+        if shift is None:
+            shift = rows.astype(np.float64).mean(axis=0)
+            total, squares = np.zeros_like(shift), np.zeros_like(shift)
+        centred = rows.astype(np.float64) - shift
         total += centred.sum(axis=0)
         squares += np.einsum("ij,ij->j", centred, centred)
     mean = total / len(embeddings)
@@ -183,9 +173,9 @@ def trained_index(embeddings, standardise, settings, seed):
     """PCA fitted on PCA_TRAIN_ROWS rows; IVF cells and PQ codebooks on TRAIN_PER_CELL x nlist rows, rotated."""
     components = settings["components"]
     rotation = principal_axes(
-        standardise(read_rows(embeddings, sample_rows(len(embeddings), PCA_TRAIN_ROWS, seed))), components, seed
+        standardise(read_rows(embeddings, fit_sample(len(embeddings), seed, PCA_TRAIN_ROWS))), components, seed
     )
-    rows = sample_rows(len(embeddings), TRAIN_PER_CELL * settings["nlist"], seed + 1)
+    rows = fit_sample(len(embeddings), seed + 1, TRAIN_PER_CELL * settings["nlist"])
     rotated = np.concatenate(
         [rotation.apply(standardise(read_rows(embeddings, rows[i : i + CHUNK]))) for i in range(0, len(rows), CHUNK)]
     )
@@ -207,8 +197,8 @@ def build(embeddings, exact_max_rows=EXACT_MAX_ROWS, seed=0):
     if settings["kind"] == "ivfpq":
         index = trained_index(embeddings, vector_index.standardise, settings, seed)
         vector_index = VectorIndex(index, mean, scale, settings)
-    for start in range(0, n_rows, CHUNK):
-        vector_index.index.add(vector_index.standardise(embeddings[start : start + CHUNK]))
+    for _, rows in read_in_chunks(embeddings, CHUNK):
+        vector_index.index.add(vector_index.standardise(rows))
     log.info("index %s of %d rows built in %.1f s", settings["factory"], n_rows, time.perf_counter() - started)
     return vector_index
 

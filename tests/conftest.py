@@ -4,7 +4,10 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,3 +60,23 @@ def trained(tmp_path_factory):
     run_flags = flags(data_dir=data_dir, num_epochs=1, batch_size=4, num_workers=0, val_split=0.5)
     summary = train.main(run_flags + flags(checkpoint_dir=base / "checkpoints", log_dir=base / "logs"))
     return os.path.join(summary["run_dir"], "best_model.pt"), data_dir
+
+
+class SearchIndex:
+    """The reference search of the vector index and float16 tests: nearest rows by Euclidean distance between
+    standardised embeddings, scikit-learn brute force (similar.py's search before vector_index.py)."""
+
+    def __init__(self, embeddings, chunk=20_000):
+        self.scaler = StandardScaler()
+        for start in range(0, len(embeddings), chunk):
+            self.scaler.partial_fit(np.asarray(embeddings[start : start + chunk], dtype=np.float32))
+        scaled = np.concatenate([self.scale(embeddings[i : i + chunk]) for i in range(0, len(embeddings), chunk)])
+        self.neighbours = NearestNeighbors(algorithm="brute").fit(scaled)
+        self.size = len(embeddings)
+
+    def scale(self, embeddings):
+        return self.scaler.transform(np.asarray(embeddings, dtype=np.float32)).astype(np.float32)
+
+    def nearest(self, queries, k):
+        """(distances (Q, k), rows (Q, k)) of the k nearest catalogue rows to each query embedding, nearest first."""
+        return self.neighbours.kneighbors(self.scale(queries), n_neighbors=min(k, self.size))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SHIPPED, copy_files, shipped_files
+from conftest import ROOT, SHIPPED, SearchIndex, copy_files, shipped_files
 from torch.utils.data import DataLoader
 
 import embed
@@ -22,7 +22,7 @@ import train
 from batching import LengthBatchSampler
 from checkpoints import data_settings, model_from_checkpoint
 from embedding import STORED_DTYPE, encode_batch
-from representation import SearchIndex, assign, cluster, label_scores, leave_one_out_neighbours, reduce, standardised
+from representation import assign, cluster, label_scores, leave_one_out_neighbours, reduce, standardised
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 PROCESSES = 2

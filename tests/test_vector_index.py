@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import copy_files, shipped_files
+from conftest import SearchIndex, copy_files, shipped_files
 
 import bench
 import bench_search
@@ -16,7 +16,6 @@ import embed
 import similar
 import vector_index
 from model import ConvAutoencoder
-from representation import SearchIndex
 from transform import STFTConfig
 from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 
