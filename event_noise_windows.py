@@ -31,6 +31,7 @@ from waveforms import (
 
 log = logging.getLogger("event_noise_windows")
 WINDOWS = {"noise": ((5, 15), (15, 25)), "event": ((30, 40), (40, 50))}  # seconds after each file's start
+LAST_WINDOW_END = max(end for windows in WINDOWS.values() for _, end in windows)
 
 
 SETTINGS = (
@@ -83,7 +84,10 @@ def write_windows(args):
             continue
         _, _, picks = choose_components([trace.id for trace in stream], args.channels)
         stream.traces = [stream[i] for positions in picks.values() for i in positions]
-        start = max(trace.stats.starttime for trace in stream)
+        start, end = max(trace.stats.starttime for trace in stream), min(trace.stats.endtime for trace in stream)
+        if end - start < LAST_WINDOW_END:
+            skips.add(path, "too short for the windows", f"{end - start:.1f} s of 3 components < {LAST_WINDOW_END} s")
+            continue
         stem = os.path.splitext(os.path.basename(relpath))[0]
         for label, windows in WINDOWS.items():
             os.makedirs(os.path.join(args.output_dir, label), exist_ok=True)
