@@ -27,6 +27,8 @@ from collections import defaultdict
 
 import numpy as np
 import obspy
+import pandas as pd
+from sklearn.metrics import adjusted_mutual_info_score
 
 from file_index import DEFAULT_DATA_DIR
 from results import dated_path, markdown_table, write_results
@@ -73,6 +75,8 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
 GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter
+# embed.py --labels' rows beside the embedding: the time-mean pooling of the same latent, then the two baselines
+REPRESENTATIONS = ("time-mean pooling", "flattened spectrogram, PCA", "time-mean spectrum")
 SHORT = {name: name.split(" (")[0].split(":")[0] for name in LEVERS}
 
 
@@ -156,7 +160,48 @@ def run_lever(flags, train_dir, test_dirs, out_dir):
                "0", "--output_dir", results)  # fmt: skip
         with open(os.path.join(results, "metrics.json")) as f:
             evaluations.append(json.load(f))
-    return evaluations, seconds
+    return evaluations, seconds, representation_scores(best, test_dirs[0], out_dir)
+
+
+def representation_scores(best, test_dir, out_dir):
+    """What the embeddings of the held-out files are worth, from embed.py's own label scores: event versus noise
+    (event_noise_windows.py's 10 s windows of the held-out files) for the default read-out, the time-mean pooling and
+    the two baselines (leave-one-out 5-NN accuracy); the channel family (5-NN accuracy, lower: less instrument) and
+    the adjusted mutual information of embed.py's clusters with it, on the held-out files whole."""
+    windows = os.path.join(out_dir, "event_noise")
+    script("event_noise_windows.py", "--data_dir", test_dir, "--output_dir", windows)
+    for pooling in (None, "time-mean"):
+        embed_scores(best, windows, os.path.join(windows, "labels.csv"), out_dir, pooling)
+    embed_scores(best, test_dir, "family", out_dir)
+    return read_representation(out_dir)
+
+
+def read_representation(out_dir):
+    """representation_scores' figures from the embed.py outputs under out_dir. The baselines are those of the
+    default embedding's run: PCA to its number of values."""
+    runs = ("event_noise_default", "event_noise_time-mean", "held_out_default")  # embed_scores' output folders
+    events, pooled, files = (os.path.join(out_dir, f"embed_{name}") for name in runs)
+    scores = {f"event/noise: {who}": values for who, values in labels_json(events)["scores"].items()}
+    pooled_scores = labels_json(pooled)["scores"]
+    scores["event/noise: time-mean pooling"] = next(v for k, v in pooled_scores.items() if k.startswith("model"))
+    scores |= {f"family: {who}": values for who, values in labels_json(files)["scores"].items()}
+    catalog = pd.read_parquet(os.path.join(files, "catalog.parquet"))
+    scores["cluster AMI with family"] = float(adjusted_mutual_info_score(catalog["family"], catalog["cluster"]))
+    scores["clusters"] = int(catalog["cluster"].nunique())
+    return scores
+
+
+def labels_json(output_dir):
+    with open(os.path.join(output_dir, "labels.json")) as f:
+        return json.load(f)
+
+
+def embed_scores(best, data_dir, labels, out_dir, pooling=None):
+    """embed.py on data_dir with --labels, into out_dir/embed_<data_dir's name>_<pooling or default>."""
+    output_dir = os.path.join(out_dir, f"embed_{os.path.basename(data_dir)}_{pooling or 'default'}")
+    flags = ["--projector_points", "0", "--num_anomalies", "0", *(["--pooling", pooling] if pooling else [])]
+    script("embed.py", best, "--split", "all", "--data_dir", data_dir, "--labels", labels, "--output_dir", output_dir,
+           *flags)  # fmt: skip
 
 
 def script(*argv):
@@ -185,6 +230,9 @@ def tables(figures):
     """Markdown: a summary (each lever's ratios to both baselines, per fold and group), each lever and fold over all
     its held-out files, then each held-out network alone."""
     text = "model / t-mean and model / blur:\n\n" + summary_table(figures)
+    if any("representation" in row for row in figures):
+        text += "\nthe embedding on the held-out files (event/noise: 10 s windows; family: whole files):\n\n"
+        text += representation_table(figures)
     columns = ["lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s"]
     for title, keep in (
         ("all held-out files", lambda net: net in GROUPS),
@@ -199,6 +247,45 @@ def tables(figures):
         ]  # fmt: skip
         text += f"\n{title}:\n\n" + markdown_table(columns, rows)
     return text
+
+
+def representation_table(figures):
+    """One row per lever and fold (and the mean over the lever's folds): event versus noise 5-NN accuracy of the
+    embedding, the time-mean pooling and both baselines, the embedding's margin over the better baseline, the family
+    5-NN accuracies, the clusters' AMI with the family, and the reconstruction ratios."""
+    columns = ["lever", "fold", "event/noise", "t-mean pool", "flat PCA", "t-mean spec", "margin", "family",
+               "family flat", "family t-mean", "AMI (K)", "/t-mean", "/blur"]  # fmt: skip
+    rows, by_lever = [], defaultdict(list)
+    for row in figures:
+        if "representation" in row:
+            values = representation_values(row)
+            by_lever[row["lever"]].append(values)
+            rows.append([row["lever"], row["fold"], *values])
+    for lever, values in by_lever.items():
+        if len(values) > 1:
+            rows.append([lever, f"mean of {len(values)}", *np.mean(values, axis=0)])
+    return markdown_table(columns, [formatted(row) for row in rows])
+
+
+def formatted(row):
+    """A representation_table row as text: 3 decimals, the AMI with its K in brackets."""
+    lever, fold, *values = row
+    *scores, ami, k, to_time_mean, to_blur = values
+    cells = [f"{v:.3f}" for v in scores] + [f"{ami:.2f} ({k:g})", f"{to_time_mean:.2f}", f"{to_blur:.2f}"]
+    return [lever, fold, *cells]
+
+
+def representation_values(row):
+    """The numbers of one representation_table row."""
+    scores = row["representation"]
+    accuracy = {key: value["knn_accuracy"] for key, value in scores.items() if isinstance(value, dict)}
+    events = [next(v for k, v in accuracy.items() if k.startswith("event/noise: model"))]
+    events += [accuracy[f"event/noise: {who}"] for who in REPRESENTATIONS]
+    family = [next(v for k, v in accuracy.items() if k.startswith("family: model"))]
+    family += [accuracy[f"family: {who}"] for who in REPRESENTATIONS[1:]]
+    margin = events[0] - max(events[2:])
+    ami, k = scores["cluster AMI with family"], scores["clusters"]
+    return [*events, margin, *family, ami, k, *baseline_ratios(row["networks"]["all"])]
 
 
 def baseline_ratios(means):
@@ -237,8 +324,9 @@ def run_folds(args):
             continue
         for fold, (train_dir, test_dirs) in folds.items():
             out_dir = os.path.join(work_dir, fold, SHORT[name])
-            (metrics, *cuts), seconds = run_lever(flags, train_dir, test_dirs, out_dir)
+            (metrics, *cuts), seconds, representation = run_lever(flags, train_dir, test_dirs, out_dir)
             figures.append({"lever": SHORT[name], "flags": flags, "fold": fold, "train_s": seconds})
+            figures[-1]["representation"] = representation
             cut_means = {group: mean_mse(cut["samples"]) for group, cut in zip(CUTS, cuts)}
             figures[-1]["networks"] = {**by_network(metrics), **cut_means}
             print(f"{SHORT[name]}, fold {fold}: {figures[-1]['networks']['all']} ({seconds:.0f} s)", flush=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict
 import torch
 
 from model import ConvAutoencoder, ModelConfig
+from readout import Readout
 from recordings import window_problems
 from settings import RunError
 from storage import atomic_write
@@ -130,8 +131,10 @@ def clean_state_dict(state_dict):
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
+    """The model of a checkpoint, on `device`; model.readout is its read-out (readout.py), None where it has none."""
     model = ConvAutoencoder(ModelConfig.from_dict(checkpoint["model_config"]))
     model.load_state_dict(clean_state_dict(checkpoint["model_state"]))
+    model.readout = Readout.from_dict(checkpoint["readout"]) if checkpoint.get("readout") else None
     return model.to(device)
 
 

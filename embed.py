@@ -33,12 +33,13 @@ from device import device_and_checkpoint, model_input
 from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
 from embedding import (
     CATALOG_COLUMNS,
-    DEFAULT_POOLING,
     POOLINGS,
+    READOUT,
     CatalogColumns,
     EmbeddingWriter,
     catalog_row,
     concatenate_columns,
+    default_pooling,
     encode_batch,
     merge_parts,
     read_embeddings,
@@ -105,7 +106,12 @@ SETTINGS = (
     device_setting(),
     Setting("cache_dir", None, "spectrogram cache as in train.py (default: read the miniSEED files)"),
     *window_settings("embed"),
-    Setting("pooling", DEFAULT_POOLING, "how the latent becomes one vector", choices=tuple(POOLINGS)),
+    Setting(
+        "pooling",
+        None,
+        "how the latent becomes one vector (default: the checkpoint's read-out, else time-mean)",
+        choices=(READOUT, *POOLINGS),
+    ),
     Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette)", clusters_flag),
     Setting("labels", None, "catalogue column, SeisBench metadata column or CSV of path,label to score against"),
     Setting("num_anomalies", 5, "figures of the most anomalous recordings", int, check=at_least(0)),
@@ -175,6 +181,9 @@ def read_labels(spec, dataset, positions):
 
 def embed(args, device):
     model, checkpoint, settings = load(args, device)
+    if args.pooling == READOUT and model.readout is None:
+        raise RunError(f"--pooling {READOUT}: {args.checkpoint} has no read-out (train.py fits one when a run ends)")
+    args.pooling = args.pooling or default_pooling(model)
     skips = SkipLog()
     dataset, window_seconds, window_stride = open_dataset(args, settings, skips)
     positions = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"]).tolist()

@@ -18,10 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from numpy.lib import format as npy_format
+from torch.utils.data import DataLoader
 
+from augment import rescale
 from baselines import time_mean
-from batching import length_groups
+from batching import LengthBatchSampler, length_groups
+from device import model_input
 from model import masked_errors
+from stft_dataset import pad_collate
 from storage import atomic_write
 
 # latent (B, C, F', T') -> (B, D)
@@ -31,7 +35,8 @@ POOLINGS = {
     "time-mean-std": lambda latent: torch.cat([latent.mean(dim=3), latent.std(dim=3, correction=0)], dim=2).flatten(1),
     "time-max": lambda latent: latent.amax(dim=3).flatten(1),  # C x F' values: the maximum over time of each cell
 }
-DEFAULT_POOLING = "time-mean"
+READOUT = "readout"  # the checkpoint's read-out (readout.py): the default where the checkpoint has one
+FALLBACK_POOLING = "time-mean"  # the default of checkpoints without a read-out (trained before it)
 # embeddings.npy holds float16: half the bytes of float32, and the label scores and nearest neighbours of the shipped
 # data are the same as with float32 (tests/test_embed_scale.py; docs/embeddings.md). Arithmetic reads them as float32.
 STORED_DTYPE = np.dtype(np.float16)
@@ -58,7 +63,7 @@ CATALOG_COLUMNS = (
 
 
 @torch.no_grad()
-def encode_batch(model, x, mask, pooling=DEFAULT_POOLING):
+def encode_batch(model, x, mask, pooling=READOUT):
     """Padded batch (B, 3, F, T) and its mask -> (embeddings (B, D) float32, model MSE (B,), time-mean MSE (B,)),
     each recording encoded and reconstructed at its own length. The model must be in eval mode."""
     embeddings, mse, mse_time_mean = [None] * len(x), torch.zeros(len(x)), torch.zeros(len(x))
@@ -69,9 +74,47 @@ def encode_batch(model, x, mask, pooling=DEFAULT_POOLING):
         full = torch.ones(len(rows), n_time, dtype=torch.bool, device=own.device)
         mse[rows.cpu()] = masked_errors(reconstruction.float(), own, full).mean(dim=1).cpu()
         mse_time_mean[rows.cpu()] = masked_errors(time_mean(own, full), own, full).mean(dim=1).cpu()
-        for row, vector in zip(rows.tolist(), POOLINGS[pooling](latent.float()).cpu()):
+        for row, vector in zip(rows.tolist(), pooled(model, latent.float(), pooling).cpu()):
             embeddings[row] = vector
     return torch.stack(embeddings).numpy().astype(np.float32), mse.numpy(), mse_time_mean.numpy()
+
+
+@torch.no_grad()
+def pooled_features(model, dataset, positions, batch_size, device, pooling, crop_bins=None):
+    """(N, D) float32 pooled latents of the dataset's samples at `positions` (those that read; unusable ones are
+    dropped, as everywhere), each encoded at its own length; with crop_bins = (L, stride), also of every window of L
+    time bins every `stride` bins of each sample, min-max normalised again as a recording of that length would be
+    (augment.rescale). The model must be in eval mode."""
+    sampler = LengthBatchSampler(dataset.time_bins(), batch_size, positions)
+    rows = []
+    for batch in DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate):
+        if batch["spectrogram"] is None:
+            continue
+        x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
+        rows.append(encode_batch(model, x, mask, pooling)[0])
+        n_time = int(mask.sum(dim=1).min())  # one length: the batch sampler groups by it
+        length, stride = crop_bins or (n_time + 1, 1)
+        for start in range(0, n_time - length + 1, stride):
+            window = rescale(x[..., start : start + length])
+            full = torch.ones(len(window), length, dtype=torch.bool, device=window.device)
+            rows.append(encode_batch(model, window, full, pooling)[0])
+    return np.concatenate(rows)
+
+
+def pooled(model, latent, pooling):
+    """latent (B, C, F', T') -> (B, D) by POOLINGS[pooling], or by the model's read-out (model.readout, from its
+    checkpoint) for READOUT; a model without one gives FALLBACK_POOLING."""
+    if pooling != READOUT:
+        return POOLINGS[pooling](latent)
+    readout = getattr(model, "readout", None)
+    if readout is None:
+        return POOLINGS[FALLBACK_POOLING](latent)
+    return readout(POOLINGS[readout.pooling](latent))
+
+
+def default_pooling(model):
+    """What --pooling means when not given: the read-out of the model's checkpoint, else FALLBACK_POOLING."""
+    return READOUT if getattr(model, "readout", None) is not None else FALLBACK_POOLING
 
 
 def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):

@@ -124,10 +124,10 @@ def query_rows(queries, catalog):
 def read_spectrogram(path, data):
     """(3, F, T) spectrogram of a file as the checkpoint's run read it, or RunError naming the file and reason."""
     try:
-        waveform, _ = read_waveform(path, data["families"], data["stft"])
+        waveform, meta = read_waveform(path, data["families"], data["stft"])
     except UnusableFile as err:
         raise RunError(f"{path}: {err}") from None
-    return spectrogram(waveform, data["stft"])
+    return spectrogram(waveform, data["stft"], meta["native_rate"])
 
 
 def catalogue_reader(settings, data, data_dir):

@@ -30,7 +30,7 @@ log = logging.getLogger("spectrogram_cache")
 
 WINDOW_KEY = re.compile(r"@\d{4}-\d\d-\d\dT[\d:.]+Z$")  # the start time in a window's key "<path>@<start>"
 SHARD_BATCH = 64  # samples read together while building a shard
-CACHE_VERSION = 4  # raise when read_waveform() or spectrogram() change what they return (4: all-constant skipped)
+CACHE_VERSION = 5  # raise when read_waveform() or spectrogram() change what they return (5: bins above Nyquist)
 MANIFEST_FIELDS = {
     "path": str,
     "shard": np.int32,

@@ -261,7 +261,8 @@ class SeismicSTFTDataset(Dataset):
             return None, {"path": path, "skip_reason": err.reason, "message": str(err)}
         except Exception as err:  # one odd file among 100k must not end a run; it is reported like the others
             return None, {"path": path, "skip_reason": "unexpected error", "message": f"{type(err).__name__}: {err}"}
-        return torch.from_numpy(spectrogram(waveform, self.stft)), {"path": path, **meta}
+        native_rate = meta.pop("native_rate")  # the same as the index's rate (recordings.rate), which windows take
+        return torch.from_numpy(spectrogram(waveform, self.stft, native_rate)), {"path": path, **meta}
 
     def window_samples(self, r, windows):
         """Samples of the windows (dataset indices) of recording r, its files read once for all of them."""
@@ -285,7 +286,7 @@ class SeismicSTFTDataset(Dataset):
                 where = f"{path}@{meta['starttime']}" if self.window_seconds else path
                 samples.append((None, {"path": where, "skip_reason": waveform.reason, "message": str(waveform)}))
             else:
-                samples.append((torch.from_numpy(spectrogram(waveform, self.stft)), meta))
+                samples.append((torch.from_numpy(spectrogram(waveform, self.stft, self.recordings.rate[r])), meta))
         return samples
 
 

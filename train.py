@@ -30,6 +30,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from augment import augmentation
 from checkpoints import (
     checkpoint_dict,
+    load_checkpoint,
+    model_from_checkpoint,
     newest_intact,
     restore,
     resume_point,
@@ -48,9 +50,11 @@ from distributed import (
     sum_over_processes,
     wrap_for_training,
 )
+from embedding import pooled_features
 from file_index import DEFAULT_DATA_DIR
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, StepCheck, StopSignals
+from readout import READOUT_POOLING, fit_readout, readout_sample, window_bins
 from recordings import SPLITS, window_problems
 from run_data import build_loaders, load_dataset, plan_run
 from run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
@@ -446,11 +450,28 @@ def run_checkpoint(run):
 
 
 def finish(run):
-    """The end of a run (rank 0): hparams, the last records, and the report."""
+    """The end of a run (rank 0): the read-out into best_model.pt, hparams, the last records, and the report."""
+    store_readout(run)
     log_hparams(run.writer, run.args, run.state)
     run.writer.close()
     write_run_record(run)
     report(run.state, run.run_dir, run.log_dir, run.skips, run.dataset)
+
+
+def store_readout(run):
+    """best_model.pt gains the read-out (readout.py) fitted on the run's training samples with its weights; a run
+    resumed after its last epoch fits it again (it changes nothing else)."""
+    path = os.path.join(run.run_dir, "best_model.pt")
+    if not os.path.exists(path):
+        return
+    checkpoint = load_checkpoint(path, run.device)
+    model = model_from_checkpoint(checkpoint, run.device).eval()
+    positions = readout_sample(run.train_loader.dataset.indices, run.args.seed)
+    windows = window_bins(run.stft)
+    pooled = pooled_features(model, run.dataset, positions, run.args.batch_size, run.device, READOUT_POOLING, windows)
+    readout = fit_readout(pooled, run.args.seed)
+    save_checkpoint({**checkpoint, "readout": readout.to_dict()}, path)
+    log.info("read-out: %d values per embedding, fitted on %d training samples (%s)", readout.dim, len(pooled), path)
 
 
 def main(argv=None):

@@ -42,6 +42,14 @@ class STFTConfig:
         hop = self.nperseg - self.noverlap
         return -(-(n_samples + 2 * (self.nperseg // 2) - self.nperseg) // hop) + 1
 
+    def bins_below_nyquist(self, native_rate=None):
+        """Frequency bins below the Nyquist frequency of a recording sampled at native_rate Hz (all bins for None or a
+        rate at least sampling_rate): the bins that hold its data once it is resampled to sampling_rate."""
+        if native_rate is None or native_rate >= self.sampling_rate:
+            return self.n_freq
+        freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)
+        return max(1, int(np.count_nonzero(freqs < native_rate / 2)))
+
     def axes(self, n_time):
         """Frequencies (Hz) and window-centre times (s) of a spectrogram, as scipy.signal.stft gives them."""
         freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)
@@ -49,11 +57,13 @@ class STFTConfig:
         return freqs, times
 
 
-def spectrogram(waveform, stft):
+def spectrogram(waveform, stft, native_rate=None):
     """(3, n_samples) waveform -> (3, n_freq, n_time) float32 in [0, 1].
 
     Demean, |scipy.signal.stft|, log10(. + eps), then min-max per component. A constant
     (dead) component, also one constant only up to float rounding, becomes all zeros, never NaN.
+    native_rate: the recording's own sampling rate (Hz) before resampling; bins at and above its Nyquist frequency
+    (20 Hz for a 40 Hz BH trace) hold no data: they take no part in the min-max and repeat the last bin below it.
     """
     level = np.abs(waveform).max(axis=-1)
     waveform = waveform - waveform.mean(axis=-1, keepdims=True)
@@ -63,6 +73,8 @@ def spectrogram(waveform, stft):
         waveform, fs=stft.sampling_rate, nperseg=stft.nperseg, noverlap=stft.noverlap, nfft=stft.nfft, axis=-1
     )
     log_magnitude = np.log10(np.abs(coefficients) + stft.eps)  # (3, freq, time)
+    n_valid = stft.bins_below_nyquist(native_rate)
+    log_magnitude[:, n_valid:] = log_magnitude[:, n_valid - 1 : n_valid]  # no data: the edge of the data repeated
     low = log_magnitude.min(axis=(1, 2), keepdims=True)
     span = log_magnitude.max(axis=(1, 2), keepdims=True) - low
     scaled = (log_magnitude - low) / np.where(span > 0, span, 1.0)

@@ -157,6 +157,7 @@ def waveform_of_stream(stream, families, stft):
     """obspy Stream (of a file, or of a SeisBench trace) -> ((3, n_samples) float64 waveform in E, N, Z order,
     metadata dict): one instrument's components chosen, merged, resampled, trimmed and checked (UnusableFile)."""
     instrument, family, picks = choose_components([trace.id for trace in stream], families)
+    native_rate = min(stream[i].stats.sampling_rate for positions in picks.values() for i in positions)
     traces = [
         merge_component([stream[i] for i in picks[c]], instrument[:-1] + c, stft.sampling_rate) for c in COMPONENTS
     ]
@@ -179,6 +180,7 @@ def waveform_of_stream(stream, families, stft):
     if np.all(np.ptp(waveform, axis=1) <= DEAD_RELATIVE_LEVEL * np.abs(waveform).max(axis=1)):
         raise UnusableFile(NO_SIGNAL, f"{instrument}: every component constant (all zeros or one held value)")
     meta = {"trace_id": instrument, "family": family, "starttime": str(start + first / stft.sampling_rate)}
+    meta["native_rate"] = float(native_rate)  # Hz, before resampling: transform.spectrogram's band
     return waveform[:, first:stop], meta
 
 

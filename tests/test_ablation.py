@@ -109,3 +109,41 @@ def test_tables_go_to_a_dated_results_file_with_their_provenance(tmp_path, capsy
     text = (tmp_path / "results" / written).read_text()
     assert re.search(r"- measured: \d{4}-\d\d-\d\d \d\d:\d\d UTC, commit [0-9a-f]{4,}", text) and "- machine: " in text
     assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in text
+
+
+def representation(event, family, ami, clusters):
+    """A stored run's representation scores: event/noise and family 5-NN accuracies of (model, time-mean pooling,
+    flattened spectrogram, time-mean spectrum), the clusters' AMI with the family and their number."""
+    names = ("model (readout)", "time-mean pooling", "flattened spectrogram, PCA", "time-mean spectrum")
+    scores = {f"event/noise: {who}": {"knn_accuracy": v} for who, v in zip(names, event)}
+    scores |= {f"family: {who}": {"knn_accuracy": v} for who, v in zip(names[:1] + names[2:], family)}
+    return scores | {"cluster AMI with family": ami, "clusters": clusters}
+
+
+def test_representation_table_per_fold_and_its_mean(tmp_path, capsys):
+    means = {"model": 1.0, "baseline": 2.0, "blur": 4.0, "files": 3}
+    rows = [
+        {"lever": "default", "fold": fold, "train_s": 1.0, "flags": [], "networks": {"all": means},
+         "representation": representation(event, (0.5, 0.6, 0.7), ami, k)}
+        for fold, event, ami, k in (("NC", (0.9, 0.8, 0.85, 0.7), 0.1, 2), ("not-NC", (0.7, 0.6, 0.8, 0.75), 0.3, 4))
+    ]  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    ablation.main(["--tables", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out.split("the embedding on the held-out files")[1]
+    assert (
+        "| default | NC | 0.900 | 0.800 | 0.850 | 0.700 | 0.050 | 0.500 | 0.600 | 0.700 | 0.10 (2) | 0.50 | 0.25 |"
+        in out
+    )
+    assert "| default | not-NC | 0.700 | 0.600 | 0.800 | 0.750 | -0.100 |" in out  # the margin over the better one
+    assert "| default | mean of 2 | 0.800 | 0.700 | 0.825 | 0.725 | -0.025 | 0.500 | 0.600 | 0.700 | 0.20 (3) |" in out
+
+
+@pytest.mark.slow
+def test_representation_scores_from_embed_on_held_out_files(trained, tmp_path):
+    _, test_dir = ablation.link_fold(("AZ", "TA", "WR"), str(tmp_path / "fold"))  # 8 files and BW.RJOB (too short)
+    scores = ablation.representation_scores(trained[0], test_dir, str(tmp_path / "out"))
+    windows = scores["event/noise: model (readout)"]
+    assert 0 <= windows["knn_accuracy"] <= 1 and windows["dim"] == 64
+    assert scores["event/noise: time-mean pooling"]["dim"] == 256 * 9
+    assert scores["event/noise: flattened spectrogram, PCA"]["dim"] == 32  # 8 files x 4 windows: PCA to 32
+    assert -1 <= scores["cluster AMI with family"] <= 1 and scores["clusters"] >= 2

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import obspy
 import pandas as pd
 import pytest
 import torch
@@ -18,7 +19,8 @@ import embed
 import event_noise_windows
 import similar
 from checkpoints import model_from_checkpoint
-from embedding import CATALOG_COLUMNS, EmbeddingWriter
+from embedding import CATALOG_COLUMNS, POOLINGS, EmbeddingWriter
+from readout import READOUT_DIM, READOUT_POOLING
 from stft_dataset import SeismicSTFTDataset
 
 
@@ -47,8 +49,9 @@ def test_catalog_rows_match_the_embeddings_and_the_model(embedded, trained):
     catalog = pd.read_csv(out / "catalog.csv", keep_default_na=False)
     embeddings = np.load(out / "embeddings.npy")
     assert list(catalog.columns) == list(CATALOG_COLUMNS) and len(catalog) == len(embeddings) == summary["rows"] == 13
-    assert embeddings.dtype == np.float16 and embeddings.shape[1] == summary["dim"] == 256 * 9  # stored as float16
+    assert embeddings.dtype == np.float16 and embeddings.shape[1] == summary["dim"] == READOUT_DIM  # the read-out
     model = model_from_checkpoint(torch.load(trained[0], weights_only=True)).eval()
+    pooled = POOLINGS[READOUT_POOLING]
     dataset = SeismicSTFTDataset(data_dir, index_path=out.parent / "index.json")
     position = {f: i for i, f in enumerate(dataset.files)}
     for row, path in enumerate(catalog["path"]):
@@ -56,8 +59,9 @@ def test_catalog_rows_match_the_embeddings_and_the_model(embedded, trained):
         with torch.no_grad():
             latent = model.encode(x)  # (1, 256, 9, T/16)
             expected_mse = float(((model(x) - x) ** 2).mean())
+            expected = model.readout(pooled(latent))[0].numpy()  # whitened principal components of the pooled latent
         # float16 keeps 11 significant bits: a relative error of at most 2^-11
-        np.testing.assert_allclose(embeddings[row], latent.mean(dim=3).flatten().numpy(), rtol=2**-11, atol=1e-6)
+        np.testing.assert_allclose(embeddings[row], expected, rtol=2**-11, atol=2e-3)
         assert catalog["mse"][row] == pytest.approx(expected_mse, rel=1e-4)
         assert catalog["duration_s"][row] == (40.01 if path == "cut40.mseed" else 90.01)  # samples / sampling rate
     first = catalog.iloc[0]
@@ -143,8 +147,8 @@ def test_similar_finds_the_recording_itself_at_distance_zero(embedded, tmp_path,
 def test_labels_by_column_and_by_csv(embedded, trained, tmp_path):
     summary = rerun(embedded, trained, tmp_path / "family", "--labels", "family", "--projector_points", "0")
     scores = summary["labels"]["scores"]
-    assert list(scores) == ["model (time-mean)", "flattened spectrogram, PCA", "time-mean spectrum"]
-    assert [s["dim"] for s in scores.values()] == [2304, 13, 387]
+    assert list(scores) == ["model (readout)", "flattened spectrogram, PCA", "time-mean spectrum"]
+    assert [s["dim"] for s in scores.values()] == [READOUT_DIM, 13, 13]  # baselines: PCA to 64 values, 13 rows
     assert all(0 <= s["knn_accuracy"] <= 1 and 0 <= s["precision_at_k"] <= 1 for s in scores.values())
     assert summary["labels"]["counts"] == {"BH": 3, "EH": 3, "HH": 4, "HN": 3}
     assert summary["labels"]["chance"] == pytest.approx({"knn_accuracy": 4 / 13, "precision_at_k": 30 / 156})
@@ -169,6 +173,14 @@ def test_event_noise_windows_from_real_files(tmp_path, capsys):
     np.testing.assert_array_equal(event, waveform_of(os.path.join(data, rows[2]["source"]))[:, 3000:4001])
     with open(tmp_path / "windows" / "labels.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def test_event_noise_windows_skip_a_file_shorter_than_the_windows(tmp_path, capsys):
+    data = copy_files(shipped_files(("HH",), per_family=1), tmp_path / "events")
+    obspy.read().write(os.path.join(data, "BW.RJOB.EH.mseed"), format="MSEED")  # obspy's real example: 30 s
+    rows = event_noise_windows.main(["--data_dir", data, "--output_dir", str(tmp_path / "windows")])
+    assert len(rows) == 4 and not any("RJOB" in row["path"] for row in rows)
+    assert "skipped files: 1 too short for the windows" in capsys.readouterr().out
 
 
 def test_embedding_writer_streams_rows(tmp_path):
