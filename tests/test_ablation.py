@@ -11,6 +11,7 @@ from conftest import SHIPPED
 import ablation
 import run_data
 import train
+from readout import READOUT_DIM
 from stft_dataset import SeismicSTFTDataset
 
 
@@ -143,7 +144,7 @@ def test_representation_scores_from_embed_on_held_out_files(trained, tmp_path):
     _, test_dir = ablation.link_fold(("AZ", "TA", "WR"), str(tmp_path / "fold"))  # 8 files and BW.RJOB (too short)
     scores = ablation.representation_scores(trained[0], test_dir, str(tmp_path / "out"))
     windows = scores["event/noise: model (readout)"]
-    assert 0 <= windows["knn_accuracy"] <= 1 and windows["dim"] == 64
+    assert 0 <= windows["knn_accuracy"] <= 1 and windows["dim"] == READOUT_DIM
     assert scores["event/noise: time-mean pooling"]["dim"] == 256 * 9
-    assert scores["event/noise: flattened spectrogram, PCA"]["dim"] == 32  # 8 files x 4 windows: PCA to 32
+    assert scores["event/noise: flattened spectrogram, PCA"]["dim"] == 32  # the read-out's size; 32 rows
     assert -1 <= scores["cluster AMI with family"] <= 1 and scores["clusters"] >= 2

@@ -22,6 +22,7 @@ import train
 from batching import LengthBatchSampler
 from checkpoints import data_settings, model_from_checkpoint
 from embedding import STORED_DTYPE, encode_batch
+from readout import READOUT_DIM
 from representation import assign, cluster, label_scores, leave_one_out_neighbours, reduce, standardised
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
@@ -69,7 +70,7 @@ def read_json(path):
 def test_torchrun_embeddings_equal_one_process(one_and_two):
     one, two = one_and_two
     first, second = np.load(one / "embeddings.npy"), np.load(two / "embeddings.npy")
-    assert first.dtype == second.dtype == np.float16 and first.shape == second.shape == (48, 2304)
+    assert first.dtype == second.dtype == np.float16 and first.shape == second.shape == (48, READOUT_DIM)
     # Same rows in the same order; identical on this machine, but a last float32 bit may differ where a process's
     # batch boundaries differ (batch 5 of 48 rows against 5 of 24), and float16 may round it either way.
     np.testing.assert_allclose(first.astype(np.float32), second.astype(np.float32), rtol=2**-10, atol=1e-7)
