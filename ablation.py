@@ -14,7 +14,10 @@ a multiple of the model's stride of 16, like BW.RJOB). With the default folds ev
 once; `--folds networks` holds each network out alone (leave one network out), training on all the others.
 Each lever is one set of train.py flags, run on every fold before the next lever; the tables give mean MSE per
 held-out group for the model, the time-mean and the blur baseline (baselines.py), and the ratios. Both scripts run
-as a user runs them, in subprocesses.
+as a user runs them, in subprocesses. Then the embedding: event_noise_windows.py cuts 10 s event and noise windows
+from the held-out files and embed.py --labels scores them (the checkpoint's read-out, the time-mean pooling, the
+flattened spectrogram and the time-mean spectrum, 5-NN), and scores the held-out files against their channel family
+(5-NN and the AMI of embed.py's clusters): one table per fold, and the mean over the folds.
 """
 
 import json

@@ -101,7 +101,7 @@ def check_embedding(work):
         [out, os.path.join(data, sorted(n for n in os.listdir(data) if n.endswith(".mseed"))[0]), "-k", "2"]
     )
     assert nearest[0]["distance"] < 1e-3, "a catalogued file is not its own nearest neighbour"
-    accuracy = summary["labels"]["scores"]["model (time-mean)"]["knn_accuracy"]
+    accuracy = summary["labels"]["scores"]["model (readout)"]["knn_accuracy"]
     return f"{summary['rows']} recordings x {summary['dim']}, family 5-NN accuracy {accuracy:.2f}; similar.py answers"
 
 
