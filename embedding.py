@@ -63,9 +63,11 @@ CATALOG_COLUMNS = (
 
 
 @torch.no_grad()
-def encode_batch(model, x, mask, pooling=READOUT):
+def encode_batch(model, x, mask, pooling=None):
     """Padded batch (B, 3, F, T) and its mask -> (embeddings (B, D) float32, model MSE (B,), time-mean MSE (B,)),
-    each recording encoded and reconstructed at its own length. The model must be in eval mode."""
+    each recording encoded and reconstructed at its own length. pooling: READOUT or a POOLINGS key (default:
+    default_pooling(model)). The model must be in eval mode."""
+    pooling = pooling or default_pooling(model)
     embeddings, mse, mse_time_mean = [None] * len(x), torch.zeros(len(x)), torch.zeros(len(x))
     for n_time, rows in length_groups(mask):
         own = x[rows, :, :, :n_time]
@@ -91,25 +93,33 @@ def pooled_features(model, dataset, positions, batch_size, device, pooling, crop
         if batch["spectrogram"] is None:
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
-        rows.append(encode_batch(model, x, mask, pooling)[0])
+        rows.append(pooled_batch(model, x, mask, pooling))
         n_time = int(mask.sum(dim=1).min())  # one length: the batch sampler groups by it
         length, stride = crop_bins or (n_time + 1, 1)
         for start in range(0, n_time - length + 1, stride):
             window = rescale(x[..., start : start + length])
             full = torch.ones(len(window), length, dtype=torch.bool, device=window.device)
-            rows.append(encode_batch(model, window, full, pooling)[0])
+            rows.append(pooled_batch(model, window, full, pooling))
     return np.concatenate(rows)
 
 
+@torch.no_grad()
+def pooled_batch(model, x, mask, pooling):
+    """(B, D) float32 embeddings of a padded batch as encode_batch gives them, without the reconstructions."""
+    vectors = [None] * len(x)
+    for n_time, rows in length_groups(mask):
+        latent = model.encode(x[rows, :, :, :n_time])
+        for row, vector in zip(rows.tolist(), pooled(model, latent.float(), pooling).cpu()):
+            vectors[row] = vector
+    return torch.stack(vectors).numpy().astype(np.float32)
+
+
 def pooled(model, latent, pooling):
-    """latent (B, C, F', T') -> (B, D) by POOLINGS[pooling], or by the model's read-out (model.readout, from its
-    checkpoint) for READOUT; a model without one gives FALLBACK_POOLING."""
+    """latent (B, C, F', T') -> (B, D) by POOLINGS[pooling], or for READOUT by the model's read-out (model.readout,
+    from its checkpoint)."""
     if pooling != READOUT:
         return POOLINGS[pooling](latent)
-    readout = getattr(model, "readout", None)
-    if readout is None:
-        return POOLINGS[FALLBACK_POOLING](latent)
-    return readout(POOLINGS[readout.pooling](latent))
+    return model.readout(POOLINGS[model.readout.pooling](latent))
 
 
 def default_pooling(model):

@@ -64,16 +64,7 @@ def fit_readout(pooled, seed, dim=READOUT_DIM, pooling=READOUT_POOLING):
     return Readout(pooling, as_tensor(mean), as_tensor(scaler.scale_), as_tensor(projection), len(pooled))
 
 
-def readout_sample(positions, seed, size=READOUT_SAMPLE):
-    """Sorted positions of at most `size` of `positions`, drawn with the run's seed."""
-    positions = np.sort(np.asarray(positions, dtype=np.int64))
-    if len(positions) <= size:
-        return positions
-    return np.sort(np.random.default_rng(seed).choice(positions, size, replace=False))
-
-
 def window_bins(stft):
     """READOUT_WINDOW_SECONDS as (time bins of a window, stride in bins) of the transform `stft`."""
     seconds, stride = READOUT_WINDOW_SECONDS
-    hop = stft.nperseg - stft.noverlap
-    return stft.n_time_bins(round(seconds * stft.sampling_rate)), max(1, round(stride * stft.sampling_rate / hop))
+    return stft.n_time_bins(round(seconds * stft.sampling_rate)), max(1, round(stride * stft.sampling_rate / stft.hop))

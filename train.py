@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -54,8 +55,9 @@ from embedding import pooled_features
 from file_index import DEFAULT_DATA_DIR
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, StepCheck, StopSignals
-from readout import READOUT_POOLING, fit_readout, readout_sample, window_bins
+from readout import READOUT_POOLING, READOUT_SAMPLE, fit_readout, window_bins
 from recordings import SPLITS, window_problems
+from representation import fit_sample
 from run_data import build_loaders, load_dataset, plan_run
 from run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
 from settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
@@ -466,7 +468,8 @@ def store_readout(run):
         return
     checkpoint = load_checkpoint(path, run.device)
     model = model_from_checkpoint(checkpoint, run.device).eval()
-    positions = readout_sample(run.train_loader.dataset.indices, run.args.seed)
+    train_indices = np.sort(run.train_loader.dataset.indices)
+    positions = train_indices[fit_sample(len(train_indices), run.args.seed, READOUT_SAMPLE)]
     windows = window_bins(run.stft)
     pooled = pooled_features(model, run.dataset, positions, run.args.batch_size, run.device, READOUT_POOLING, windows)
     readout = fit_readout(pooled, run.args.seed)

@@ -33,14 +33,18 @@ class STFTConfig:
             raise ValueError("sampling_rate and eps must be positive")
 
     @property
+    def hop(self):
+        """Samples from one STFT window to the next."""
+        return self.nperseg - self.noverlap
+
+    @property
     def n_freq(self):
         return self.nfft // 2 + 1
 
     def n_time_bins(self, n_samples):
         """Time bins scipy.signal.stft gives for `n_samples` samples (an int or an integer array) with its defaults:
         nperseg // 2 zeros at each end, then zero padding to whole segments."""
-        hop = self.nperseg - self.noverlap
-        return -(-(n_samples + 2 * (self.nperseg // 2) - self.nperseg) // hop) + 1
+        return -(-(n_samples + 2 * (self.nperseg // 2) - self.nperseg) // self.hop) + 1
 
     def bins_below_nyquist(self, native_rate=None):
         """Frequency bins below the Nyquist frequency of a recording sampled at native_rate Hz (all bins for None or a
@@ -53,7 +57,7 @@ class STFTConfig:
     def axes(self, n_time):
         """Frequencies (Hz) and window-centre times (s) of a spectrogram, as scipy.signal.stft gives them."""
         freqs = np.fft.rfftfreq(self.nfft, d=1.0 / self.sampling_rate)
-        times = np.arange(n_time) * (self.nperseg - self.noverlap) / self.sampling_rate
+        times = np.arange(n_time) * self.hop / self.sampling_rate
         return freqs, times
 
 

@@ -15,7 +15,8 @@ import train
 from augment import random_noise_floor
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from embedding import encode_batch, pooled_features
-from readout import READOUT_DIM, READOUT_POOLING, fit_readout, readout_sample, window_bins
+from readout import READOUT_DIM, READOUT_POOLING, READOUT_SAMPLE, fit_readout, window_bins
+from representation import fit_sample
 from stft_dataset import SeismicSTFTDataset
 from transform import STFTConfig, spectrogram
 from waveforms import DEFAULT_FAMILIES, read_waveform
@@ -33,7 +34,8 @@ def test_run_stores_the_readout_of_its_training_samples(trained):
     assert stored["pooling"] == READOUT_POOLING and stored["projection"].shape == (READOUT_DIM, 256 * 9 * 2)
     model = model_from_checkpoint(checkpoint).eval()
     dataset = SeismicSTFTDataset(data_dir)
-    positions = readout_sample(training_positions(checkpoint, dataset), seed=42)
+    training = np.sort(training_positions(checkpoint, dataset))
+    positions = training[fit_sample(len(training), 42, READOUT_SAMPLE)]  # as train.py draws them
     pooled = pooled_features(model, dataset, positions, 4, "cpu", READOUT_POOLING, window_bins(dataset.stft))
     assert (
         stored["fitted_on"] == len(pooled) == len(positions) * (1 + 16)
