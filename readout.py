@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 READOUT_POOLING = "time-mean-std"  # embedding.POOLINGS key the PCA is fitted on (embedding.pooled_features)
 READOUT_DIM = 32  # values per embedding
 READOUT_SAMPLE = 5_000  # training samples the scaler and PCA are fitted on, each whole and in windows:
-READOUT_WINDOW_SECONDS = (10.0, 5.0)  # windows of 10 s every 5 s of each (17 per 90 s file)
+READOUT_WINDOW_SECONDS = (10.0, 5.0)  # windows of 10 s every 5 s of each (16 per 90 s file)
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Readout:
     mean: torch.Tensor  # (D,)
     scale: torch.Tensor  # (D,)
     projection: torch.Tensor  # (dim, D): principal axes divided by the square root of their variance
-    fitted_on: int  # samples
+    fitted_on: int  # spectrograms: training samples whole and their windows
 
     def __call__(self, pooled):
         """In float64, so that a row's embedding does not depend on the size of its batch (a float32 matrix product

@@ -474,7 +474,8 @@ def store_readout(run):
     pooled = pooled_features(model, run.dataset, positions, run.args.batch_size, run.device, READOUT_POOLING, windows)
     readout = fit_readout(pooled, run.args.seed)
     save_checkpoint({**checkpoint, "readout": readout.to_dict()}, path)
-    log.info("read-out: %d values per embedding, fitted on %d training samples (%s)", readout.dim, len(pooled), path)
+    fitted = f"{len(pooled)} spectrograms of {len(positions)} training samples, whole and in windows"
+    log.info("read-out: %d values per embedding, fitted on %s (%s)", readout.dim, fitted, path)
 
 
 def main(argv=None):
