@@ -26,6 +26,7 @@ from batching import LengthBatchSampler
 from checkpoints import data_settings, model_from_checkpoint
 from embedding import encode_batch
 from model import ConvAutoencoder
+from results import markdown_table
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 WINDOW_SECONDS, WINDOW_STRIDE = 30.0, 3.0  # windows of the shipped 90 s recordings that are tiled
@@ -111,7 +112,7 @@ def timed(call):
     return time.perf_counter() - started
 
 
-def measure(real, n_rows, exact_max_rows=vector_index.EXACT_MAX_ROWS, queries=QUERIES, seed=0):
+def measure(real, n_rows, exact_max_rows=None, queries=QUERIES, seed=0):
     """Figures of the index at n_rows tiled rows (module docstring)."""
     embeddings = TiledEmbeddings(real, n_rows)
     started = time.perf_counter()
@@ -138,7 +139,7 @@ def measure(real, n_rows, exact_max_rows=vector_index.EXACT_MAX_ROWS, queries=QU
     }
 
 
-def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=vector_index.EXACT_MAX_ROWS, queries=QUERIES):
+def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=None, queries=QUERIES):
     """bench.py's search figures at each N of sizes: JSON keys search_* (lists, one entry per N); prints a table."""
     real, source = real_embeddings(data_dir, checkpoint)
     print(f"search: {source}; tiled to N with perturbations of {PERTURBATION:g} x (one real row - another)")
@@ -158,6 +159,7 @@ def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=vector_index.E
         )
     return {
         "search_source": source,
+        "search_queries": queries,
         "search_n": [r["n"] for r in results],
         "search_index": [r["factory"] for r in results],
         "search_build_s": [r["build_s"] for r in results],
@@ -169,3 +171,20 @@ def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=vector_index.E
         "search_batch_ms_p99": [r["batch_ms"][1] for r in results],
         "search_recall_at_10": [r["recall_at_10"] for r in results],
     }
+
+
+def markdown(f):
+    """The results file's body: the table of search_stage's figures."""
+    rows = [
+        (f"{n:,}", index, f"{build:.1f}", f"{stored:,.0f} ({own:,.0f})", f"{q50:.2f} / {q99:.2f}",
+         f"{b50:,.0f} / {b99:,.0f}", f"{recall:.3f}")
+        for n, index, build, stored, own, q50, q99, b50, b99, recall in zip(
+            f["search_n"], f["search_index"], f["search_build_s"], f["search_bytes_per_vector"],
+            f["search_index_bytes_per_vector"], f["search_query_ms_p50"], f["search_query_ms_p99"],
+            f["search_batch_ms_p50"], f["search_batch_ms_p99"], f["search_recall_at_10"],
+        )
+    ]  # fmt: skip
+    queries = f["search_queries"]
+    header = ["N", "index", "build s", "bytes/vector (index)", "1 query ms p50 / p99",
+              f"{queries} queries ms p50 / p99", "recall@10"]  # fmt: skip
+    return f"{f['search_source']}; tiled to N with perturbations of {PERTURBATION:g}\n\n" + markdown_table(header, rows)

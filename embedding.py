@@ -15,6 +15,8 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 from numpy.lib import format as npy_format
@@ -40,6 +42,7 @@ FALLBACK_POOLING = "time-mean"  # the default of checkpoints without a read-out 
 # embeddings.npy holds float16: half the bytes of float32, and the label scores and nearest neighbours of the shipped
 # data are the same as with float32 (tests/test_embed_scale.py; docs/embeddings.md). Arithmetic reads them as float32.
 STORED_DTYPE = np.dtype(np.float16)
+CATALOG_ROW_GROUP = 65_536  # rows of catalog.parquet decoded together: a few ms to read one row (CatalogueReader)
 CATALOG_COLUMNS = (
     "path",  # relative to the data directory
     "trace_id",  # NET.STA.LOC.FAMILY?
@@ -264,7 +267,7 @@ def concatenate_columns(tables):
 
 def write_catalog(directory, catalog, chunk=100_000):
     """catalog.csv and catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy), each atomically; the
-    CSV is written `chunk` rows at a time."""
+    CSV is written `chunk` rows at a time, the Parquet file in row groups of CATALOG_ROW_GROUP rows."""
 
     def write_csv(f):
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -277,4 +280,50 @@ def write_catalog(directory, catalog, chunk=100_000):
 
     atomic_write(os.path.join(directory, "catalog.csv"), write_csv)
     table = pa.table({name: catalog[name] for name in CATALOG_COLUMNS})
-    atomic_write(os.path.join(directory, "catalog.parquet"), lambda f: pq.write_table(table, f))
+    parquet = os.path.join(directory, "catalog.parquet")
+    atomic_write(parquet, lambda f: pq.write_table(table, f, row_group_size=CATALOG_ROW_GROUP))
+
+
+class CatalogueReader:
+    """embed.py's catalogue read on demand, whatever its length: catalog.parquet's rows by number (only the row groups
+    that hold them are decoded) and the first row of a path (the path column alone). Outputs without a Parquet file
+    (an older embed.py) are read from catalog.csv whole, every value as text."""
+
+    def __init__(self, directory):
+        parquet = os.path.join(directory, "catalog.parquet")
+        if os.path.exists(parquet):
+            self.file, self.table = pq.ParquetFile(parquet, read_dictionary=["path"]), None
+            sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        else:
+            text = pa_csv.ConvertOptions(column_types=dict.fromkeys(CATALOG_COLUMNS, pa.string()))
+            self.file, self.table = None, pa_csv.read_csv(os.path.join(directory, "catalog.csv"), convert_options=text)
+            sizes = [self.table.num_rows]
+        self.group_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    def __len__(self):
+        return int(self.group_start[-1])
+
+    def rows(self, numbers):
+        """{row number: {column: value}} of the rows `numbers` (any order, repeats allowed)."""
+        numbers = np.unique(np.asarray(numbers, dtype=np.int64))
+        groups = np.searchsorted(self.group_start, numbers, side="right") - 1
+        found = {}
+        for group in np.unique(groups):
+            table = self.table if self.file is None else self.file.read_row_group(int(group))
+            wanted = numbers[groups == group]
+            found |= dict(zip(wanted.tolist(), table.take(wanted - self.group_start[group]).to_pylist()))
+        return found
+
+    def first_rows(self, paths):
+        """{path: its first row} of those of `paths` that the catalogue holds."""
+        column = self.table.column("path") if self.file is None else self.file.read(columns=["path"]).column("path")
+        found, offset = {}, 0
+        for chunk in column.chunks:
+            codes = chunk if self.file is None else chunk.indices  # Parquet: positions in chunk.dictionary
+            for path in set(paths) - set(found):
+                code = path if self.file is None else pc.index(chunk.dictionary, path).as_py()
+                at = pc.index(codes, code).as_py() if code != -1 else -1
+                if at >= 0:
+                    found[path] = offset + at
+            offset += len(chunk)
+        return found

@@ -27,7 +27,7 @@ import torch
 import vector_index
 from checkpoints import data_settings, model_from_checkpoint
 from device import device_and_checkpoint
-from embedding import encode_batch
+from embedding import CatalogueReader, encode_batch
 from figures import plot_spectrogram_row, save_figure
 from seisbench_data import is_seisbench_dataset
 from settings import RunError, Setting, at_least, device_setting, parse
@@ -91,29 +91,27 @@ def main(argv=None):
 
 
 def load_outputs(directory):
-    """(embeddings memmap, catalogue rows as dicts, settings of embed.py) or RunError."""
+    """(embeddings memmap, catalogue (embedding.CatalogueReader: rows read on demand), settings of embed.py) or
+    RunError."""
     paths = [os.path.join(directory, name) for name in ("embeddings.npy", "catalog.csv", "embedding.json")]
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise RunError(f"{directory} holds no outputs of embed.py (missing {', '.join(missing)})")
     embeddings = np.load(paths[0], mmap_mode="r")
-    with open(paths[1], newline="") as f:
-        catalog = list(csv.DictReader(f))
-    if len(catalog) != len(embeddings):
-        raise RunError(f"{directory}: catalog.csv has {len(catalog)} rows, embeddings.npy {len(embeddings)}")
+    catalogue = CatalogueReader(directory)
+    if len(catalogue) != len(embeddings):
+        raise RunError(f"{directory}: the catalogue has {len(catalogue)} rows, embeddings.npy {len(embeddings)}")
     with open(paths[2]) as f:
-        return embeddings, catalog, json.load(f)
+        return embeddings, catalogue, json.load(f)
 
 
-def query_rows(queries, catalog):
+def query_rows(queries, catalogue):
     """The catalogue row each query names (the first row of a catalogue path), or None for a file outside it."""
-    first_row = {}
-    for i, entry in enumerate(catalog):
-        first_row.setdefault(entry["path"], i)
+    first_row = catalogue.first_rows([query for query in queries if not query.isdigit()])
     rows = []
     for query in queries:
-        if query.isdigit() and int(query) >= len(catalog):
-            raise RunError(f"row {query}: the catalogue has {len(catalog)} rows (0 to {len(catalog) - 1})")
+        if query.isdigit() and int(query) >= len(catalogue):
+            raise RunError(f"row {query}: the catalogue has {len(catalogue)} rows (0 to {len(catalogue) - 1})")
         row = int(query) if query.isdigit() else first_row.get(query)
         if row is None and not os.path.isfile(query):
             raise RunError(f"{query}: neither a catalogue row or path nor a file")
@@ -183,8 +181,8 @@ def searchable(directory, embeddings, device):
 
 
 def search(args):
-    embeddings, catalog, settings = load_outputs(args.embeddings_dir)
-    rows = query_rows(args.query, catalog)
+    embeddings, catalogue, settings = load_outputs(args.embeddings_dir)
+    rows = query_rows(args.query, catalogue)
     device, checkpoint = device_and_checkpoint(args.device, settings["checkpoint"])
     vectors = query_vectors(args.query, rows, embeddings, checkpoint, settings, device)
     distances, found = searchable(args.embeddings_dir, embeddings, device).search(vectors, args.k + 1, embeddings)
@@ -193,6 +191,8 @@ def search(args):
         results.append(
             (query, row, [(int(r), float(d)) for r, d in zip(near, distance) if r != row and r >= 0][: args.k])
         )
+    shown = [row for _, row, _ in results if row is not None] + [r for _, _, near in results for r, _ in near]
+    catalog = catalogue.rows(shown)  # {row: columns} of the queries' and neighbours' rows alone
     table = [
         {"query": query, "query_row": row, "rank": rank, "row": r, "distance": d, **catalog[r]}
         for query, row, neighbours in results

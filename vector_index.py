@@ -3,15 +3,16 @@
 The space is the one of embed.py's label scores (representation.standardised): each embedding value standardised
 to zero mean and unit variance over the catalogue (mean and scale stored beside the index), Euclidean distance.
 
-    rows <= exact_max_rows  IndexFlatL2: exact; one query scans every row (docs/search.md: the row count at which a
-                            query still takes a few milliseconds on 2 cores)
-    more rows               PCA{p},IVF{nlist},PQ{m}: standardised embeddings rotated to their p principal components,
-                            cut into nlist k-means cells, each row stored as m bytes (product quantisation); a query
-                            scans the nprobe nearest cells and the k x rerank best candidates are re-ranked by their
-                            exact distance, computed from the stored embeddings (embeddings.npy, memory-mapped)
+    rows <= exact_max_rows  IndexFlatL2: exact; one query scans every row. exact_max_rows = EXACT_MAX_VALUES / D: the
+                            rows x values a flat query scans within the 20 ms target on 2 cores (docs/search.md)
+    more rows               [PCA{p},]IVF{nlist},PQ{m}: standardised embeddings (rotated to their p principal components
+                            where D > p), cut into nlist k-means cells, each row stored as m bytes (product
+                            quantisation); a query scans the nprobe nearest cells and the k x rerank best candidates
+                            are re-ranked by their exact distance, computed from the stored embeddings (embeddings.npy,
+                            memory-mapped)
 
 Everything is built in chunks of rows: no full float32 copy of the embeddings is held in memory (the flat index is
-that copy, which is why it stops at exact_max_rows). On disk, in the embeddings folder: index.faiss (faiss.write_index
+that copy, another reason it stops at exact_max_rows). On disk, in the embeddings folder: index.faiss (faiss.write_index
 format), index_scale.npy ((2, D) float64: mean and scale of each value) and index.json (the settings and row count).
 Where faiss was built with CUDA and a GPU is present, `load(..., device="cuda")` moves the index to the GPU (guarded:
 falls back to the CPU; not exercised by the tests, which run on CPU builds of faiss).
@@ -33,8 +34,8 @@ from storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("vector_index")
 INDEX_FILE, SCALE_FILE, SETTINGS_FILE = "index.faiss", "index_scale.npy", "index.json"
-EXACT_MAX_ROWS = 5_000  # flat (exact) index up to this many rows; beyond, IVF-PQ (measured: docs/search.md)
-PCA_COMPONENTS = 128  # principal components the IVF-PQ index works in
+EXACT_MAX_VALUES = 5_000 * 2_304  # rows x D of the largest flat (exact) index; beyond, IVF-PQ (docs/search.md)
+PCA_COMPONENTS = 128  # principal components the IVF-PQ index works in, where D is larger
 PQ_BYTES = 32  # bytes per row of the product-quantised codes (sub-quantisers of 8 bits)
 NPROBE = 32  # cells scanned per query
 RERANK = 10  # candidates per neighbour re-ranked by exact distance (k x RERANK read from the embeddings)
@@ -46,19 +47,27 @@ KMEANS_ITERATIONS = 10  # of the cells and of the PQ codebooks (faiss: 25); the 
 CHUNK = 20_000  # rows read, standardised and added at a time
 
 
-def choose_settings(n_rows, dim, exact_max_rows=EXACT_MAX_ROWS):
+def exact_rows(dim):
+    """The most rows of dim values that a flat (exact) index holds: EXACT_MAX_VALUES / dim (5,000 rows of 2,304 values,
+    360,000 of 32)."""
+    return max(1, EXACT_MAX_VALUES // dim)
+
+
+def choose_settings(n_rows, dim, exact_max_rows=None):
     """The index for n_rows embeddings of dim values: {"kind", "factory" (the faiss.index_factory string of the index
-    built: its PCA is fitted by randomized SVD, see principal_axes), "nlist", "nprobe", "rerank", ...}."""
+    built: its PCA is fitted by randomized SVD, see principal_axes), "nlist", "nprobe", "rerank", ...}.
+    exact_max_rows: flat up to this many rows (default: exact_rows(dim))."""
     if n_rows < 1 or dim < 1:
         raise ValueError(f"an index needs at least one row and one value per row, got {n_rows} x {dim}")
-    if n_rows <= exact_max_rows:
+    if n_rows <= (exact_max_rows or exact_rows(dim)):
         return {"kind": "exact", "factory": "Flat", "rerank": 1}
     components = min(PCA_COMPONENTS, dim)
     pq_bytes = math.gcd(PQ_BYTES, components)  # the sub-quantisers split the components evenly
     cells = 2 ** round(math.log2(max(MIN_CELLS, min(MAX_CELLS, n_rows / ROWS_PER_CELL))))
+    rotation = f"PCA{components}," if components < dim else ""  # D <= PCA_COMPONENTS: no reduction, no rotation
     return {
         "kind": "ivfpq",
-        "factory": f"PCA{components},IVF{cells},PQ{pq_bytes}",
+        "factory": f"{rotation}IVF{cells},PQ{pq_bytes}",
         "components": components,
         "nlist": cells,
         "pq_bytes": pq_bytes,
@@ -170,24 +179,24 @@ def principal_axes(sample, components, seed):
 
 
 def trained_index(embeddings, standardise, settings, seed):
-    """PCA fitted on PCA_TRAIN_ROWS rows; IVF cells and PQ codebooks on TRAIN_PER_CELL x nlist rows, rotated."""
-    components = settings["components"]
-    rotation = principal_axes(
-        standardise(read_rows(embeddings, fit_sample(len(embeddings), seed, PCA_TRAIN_ROWS))), components, seed
-    )
+    """PCA (where the factory has one) fitted on PCA_TRAIN_ROWS rows; IVF cells and PQ codebooks on
+    TRAIN_PER_CELL x nlist rows, rotated chunk by chunk (163,840 rows of 2,304 float32 values would be 1.5 GB)."""
+    components, rotate = settings["components"], None
+    if settings["factory"].startswith("PCA"):
+        sample = standardise(read_rows(embeddings, fit_sample(len(embeddings), seed, PCA_TRAIN_ROWS)))
+        rotate = principal_axes(sample, components, seed)
     rows = fit_sample(len(embeddings), seed + 1, TRAIN_PER_CELL * settings["nlist"])
-    rotated = np.concatenate(
-        [rotation.apply(standardise(read_rows(embeddings, rows[i : i + CHUNK]))) for i in range(0, len(rows), CHUNK)]
-    )
+    chunks = (standardise(read_rows(embeddings, rows[i : i + CHUNK])) for i in range(0, len(rows), CHUNK))
+    training = np.concatenate([rotate.apply(chunk) if rotate else chunk for chunk in chunks])
     ivf = faiss.index_factory(components, f"IVF{settings['nlist']},PQ{settings['pq_bytes']}")
     ivf.cp.seed = ivf.pq.cp.seed = seed
     ivf.cp.niter = ivf.pq.cp.niter = KMEANS_ITERATIONS
     ivf.do_polysemous_training = False  # index_factory's default: minutes of annealing for a code search not used
-    ivf.train(rotated)
-    return faiss.IndexPreTransform(rotation, ivf)  # faiss's Python wrapper keeps both parts alive with it
+    ivf.train(training)
+    return faiss.IndexPreTransform(rotate, ivf) if rotate else ivf  # the wrapper keeps both parts alive with it
 
 
-def build(embeddings, exact_max_rows=EXACT_MAX_ROWS, seed=0):
+def build(embeddings, exact_max_rows=None, seed=0):
     """The index of an (N, D) matrix (array or memmap of any float type), read CHUNK rows at a time."""
     n_rows, dim = embeddings.shape
     settings = {**choose_settings(n_rows, dim, exact_max_rows), "dim": int(dim), "seed": seed}
@@ -203,7 +212,7 @@ def build(embeddings, exact_max_rows=EXACT_MAX_ROWS, seed=0):
     return vector_index
 
 
-def build_for(directory, exact_max_rows=EXACT_MAX_ROWS):
+def build_for(directory, exact_max_rows=None):
     """Build the index of DIRECTORY/embeddings.npy and write it beside it (embed.py calls this)."""
     embeddings = np.load(os.path.join(directory, "embeddings.npy"), mmap_mode="r")
     vector_index = build(embeddings, exact_max_rows)

@@ -4,6 +4,7 @@ import json
 import os
 from dataclasses import asdict
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from conftest import SearchIndex, copy_files, shipped_files
 import bench
 import bench_search
 import embed
+import embedding
 import similar
 import vector_index
 from model import ConvAutoencoder
@@ -84,6 +86,58 @@ def test_beyond_exact_max_rows_the_index_is_ivf_pq_and_still_finds_the_rows(real
     assert (approximate[:, 0] == queries).mean() > 0.5
 
 
+def test_exact_up_to_the_values_a_query_may_scan_then_ivf_with_pca_only_where_it_reduces():
+    # flat while rows x D <= EXACT_MAX_VALUES: 5,000 rows of 2,304 values (time-mean), 360,000 of 32 (the read-out)
+    assert vector_index.choose_settings(5_000, 2304)["factory"] == "Flat"
+    assert vector_index.choose_settings(5_001, 2304)["factory"] == "PCA128,IVF16,PQ32"
+    assert vector_index.choose_settings(360_000, 32)["factory"] == "Flat"
+    assert vector_index.choose_settings(360_001, 32)["factory"] == "IVF256,PQ32"  # 32 <= 128 values: no PCA
+    at_scale = vector_index.choose_settings(10_000_000, 32)
+    assert at_scale["factory"] == "IVF4096,PQ32" and at_scale["nprobe"] == 32 and at_scale["rerank"] == 10
+    assert vector_index.choose_settings(600, 32, exact_max_rows=500)["factory"] == "IVF16,PQ32"
+
+
+def test_ivf_pq_of_read_out_sized_embeddings_finds_the_rows(real_embeddings, tmp_path):
+    projection = np.random.default_rng(0).normal(size=(real_embeddings.shape[1], 32))  # 32 values, as the read-out
+    tiled = bench_search.TiledEmbeddings(real_embeddings @ projection, 2000)
+    built = vector_index.build(tiled, exact_max_rows=500)
+    assert built.settings["factory"] == "IVF16,PQ32" and not isinstance(built.index, faiss.IndexPreTransform)
+    built.write(tmp_path)
+    loaded = vector_index.load(tmp_path, len(tiled))
+    queries = np.arange(0, 2000, 20)
+    distances, rows = loaded.search(tiled[queries], 10, tiled)
+    assert (rows[:, 0] == queries).all() and (distances[:, 0] == 0).all()
+    truth = bench_search.exact_neighbours(tiled, loaded, tiled[queries])
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(rows, truth)]) >= 0.9
+
+
+def test_catalogue_reader_decodes_only_the_row_groups_it_needs_and_finds_first_rows(embedded, tmp_path, monkeypatch):
+    out, _ = embedded
+    stored = pd.read_parquet(out / "catalog.parquet")
+    columns = {name: stored[name].to_numpy() for name in stored.columns}
+    columns["path"] = np.array(["a.mseed", "b.mseed", "a.mseed", "b.mseed", "c.mseed", "a.mseed", "b.mseed", "c.mseed"])
+    monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 3)
+    embedding.write_catalog(tmp_path, columns)
+    reader = embedding.CatalogueReader(tmp_path)
+    assert len(reader) == 8 and reader.file.num_row_groups == 3
+    read_groups = []
+    monkeypatch.setattr(
+        reader.file, "read_row_group", lambda g, f=reader.file.read_row_group: read_groups.append(g) or f(g)
+    )
+    rows = reader.rows([7, 0, 7, 1])
+    assert sorted(rows) == [0, 1, 7] and sorted(read_groups) == [0, 2]  # group 1 (rows 3-5) is never decoded
+    assert rows[7] == {**stored.iloc[7].to_dict(), "path": "c.mseed"}
+    assert reader.first_rows(["c.mseed", "b.mseed", "elsewhere.mseed"]) == {"c.mseed": 4, "b.mseed": 1}
+    os.remove(tmp_path / "catalog.parquet")  # outputs of an older embed.py: catalog.csv alone, read as text
+    old = embedding.CatalogueReader(tmp_path)
+    assert (
+        len(old) == 8
+        and old.rows([4])[4]["path"] == "c.mseed"
+        and old.rows([4])[4]["cluster"] == str(stored.cluster[4])
+    )
+    assert old.first_rows(["c.mseed", "elsewhere.mseed"]) == {"c.mseed": 4}
+
+
 def test_fewer_rows_than_k_and_bad_arguments(real_embeddings):
     small = vector_index.build(real_embeddings[:3])
     distances, rows = small.search(real_embeddings[:1], 5, real_embeddings[:3])
@@ -145,7 +199,7 @@ def test_similar_bad_query_lists_are_parse_errors(argv, message, tmp_path, capsy
 
 
 @pytest.mark.slow  # embeds 168 windows and builds two indexes: 45 s on a loaded 2-core machine
-def test_bench_search_reports_every_figure_per_n(real_dir, monkeypatch, capsys):
+def test_bench_search_reports_every_figure_per_n(real_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench_search, "BATCH_REPEATS", 2)
     argv = [
         "--data_dir",
@@ -157,11 +211,17 @@ def test_bench_search_reports_every_figure_per_n(real_dir, monkeypatch, capsys):
         "500",
         "--search_queries",
         "50",
+        "--markdown",
+        str(tmp_path / "results"),
     ]
     figures = bench.main(argv)
     keys = ("search_build_s", "search_bytes_per_vector", "search_query_ms_p50", "search_query_ms_p99")
     assert figures["search_n"] == [300, 2000] and figures["search_index"][0] == "Flat"
     assert figures["search_index"][1].startswith("PCA128,IVF")
+    (written,) = (tmp_path / "results").iterdir()
+    assert (
+        written.name.endswith("-search.md") and "tiled to N" in written.read_text()
+    )  # --markdown: the dated results file
     for key in (*keys, "search_recall_at_10"):
         assert len(figures[key]) == 2 and all(value > 0 for value in figures[key]), key
     assert figures["search_recall_at_10"][0] == 1.0  # the flat index is exact
