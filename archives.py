@@ -79,6 +79,27 @@ def write_archive_day(task):
     return written
 
 
+def make_real_archive(n_days, out_dir, processes=None):
+    """SDS archive of one 100 Hz HH instrument (XX.S000..HH?) over n_days days of real samples: the shipped HH
+    recordings joined back to back and repeated to fill each day (3 day files a day, about 37 MB). Days already there
+    are kept; returns the files written."""
+    tasks = [(out_dir, day) for day in range(n_days)]
+    with ProcessPoolExecutor(min(processes or available_cores(), max(1, n_days))) as pool:
+        return sum(pool.map(write_real_day, tasks))
+
+
+def write_real_day(task):
+    out_dir, day = task
+    joined = joined_recording([path for path in shipped_sources() if path.split(".")[-3] == "HH"])
+    start = ARCHIVE_START + SDS_DAY * day
+    n_samples = SDS_DAY * 100
+    for trace in joined:
+        trace.data = np.resize(trace.data, n_samples)  # repeated to the length of a day
+        trace.stats.update({"network": "XX", "station": "S000", "location": "", "starttime": start})
+        trace.stats.channel = "HH" + trace.stats.channel[-1]
+    return write_sds(joined, out_dir, keep=True)
+
+
 def joined_recording(paths, seconds_each=90):
     """One 3-component stream (E, N, Z) of the files `paths` of one instrument at 100 Hz, back to back from the
     first file's start: a continuous recording of real samples."""

@@ -8,6 +8,7 @@
     python bench.py --markdown results/                                  # also results/<date>-bench.md
     python bench.py --seisbench 20000 /tmp/sb20k                # a SeisBench dataset: start-up, samples/s vs files
     python bench.py --search 100000 1000000 --json search.json          # only vector search (docs/search.md)
+    python bench.py --embed_windows 100000 1000000 --checkpoint CKPT    # only embed.py on N archive windows
 
 Stages, all over the same files with a warm page cache (every file is read once first). Each figure
 is the best of 3 passes, taken in rounds that run every stage once, after a warm-up round that starts
@@ -48,6 +49,7 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import bench_embed
 import bench_search
 from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds, shipped_sources
 from device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
@@ -88,10 +90,15 @@ SETTINGS = (
     Setting("seisbench_seconds", None, "length of the traces --seisbench writes (default: whole, 90 s)", float),
     Setting("search", None, "only measure vector search: real embeddings tiled to each N (bench_search.py)", int,
             nargs="+", metavar="N", check=(lambda sizes: min(sizes) >= 1, ">= 1")),
-    Setting("checkpoint", None, "model whose embeddings --search tiles (default: random weights, seed 0)"),
+    Setting("checkpoint", None, "model of --embed_windows, and whose embeddings --search tiles (default: random "
+            "weights, seed 0)"),
     Setting("search_queries", bench_search.QUERIES, "--search: queries timed and scored", int, check=at_least(1)),
-    Setting("search_exact_max_rows", bench_search.vector_index.EXACT_MAX_ROWS,
-            "--search: flat (exact) index up to this many rows, IVF-PQ beyond", int, check=at_least(1)),
+    Setting("search_exact_max_rows", None, "--search: flat (exact) index up to this many rows, IVF-PQ beyond "
+            "(default: as embed.py, 11,520,000 values / D)", int, check=at_least(1)),
+    Setting("embed_windows", None, "only measure embed.py on N windows of a real 100 Hz archive (bench_embed.py)",
+            int, nargs="+", metavar="N", check=(lambda sizes: min(sizes) >= 1, ">= 1")),
+    Setting("embed_archive", os.path.join(tempfile.gettempdir(), "bench_embed"),
+            "--embed_windows: where its archive and outputs are written"),
     Setting("startup_only", False, "measure only the start-up to the first batch, cold and warm", action="store_true"),
 )
 # fmt: on
@@ -443,12 +450,19 @@ def print_table(f):
     print("\n".join(summary_lines(f)))
 
 
-def write_markdown(f, directory):
-    """The table and the figures beside it as a dated results file; returns its path."""
-    rows = [(name, f"{value:.1f}", ratio) for name, value, ratio in table_rows(f)]
-    body = describe_run(f) + "\n\n" + markdown_table(["stage", "samples/s", "ratio"], rows) + "\n"
-    body += "".join(f"- {line}\n" for line in summary_lines(f))
-    return write_results(dated_path(directory, "bench"), "bench.py: pipeline throughput, start-up and memory", body)
+def write_markdown(f, directory, args):
+    """The table and the figures beside it as a dated results file (-search.md, -embed.md for those stages alone);
+    returns its path."""
+    if args.search:
+        name, title, body = "search", "bench.py --search: the vector index at N rows", bench_search.markdown(f)
+    elif args.embed_windows:
+        name, title, body = "embed", "bench.py --embed_windows: embed.py on N archive windows", bench_embed.markdown(f)
+    else:
+        rows = [(stage, f"{value:.1f}", ratio) for stage, value, ratio in table_rows(f)]
+        body = describe_run(f) + "\n\n" + markdown_table(["stage", "samples/s", "ratio"], rows) + "\n"
+        body += "".join(f"- {line}\n" for line in summary_lines(f))
+        name, title = "bench", "bench.py: pipeline throughput, start-up and memory"
+    return write_results(dated_path(directory, name), title, body)
 
 
 def startup_line(f):
@@ -479,6 +493,8 @@ def main(argv=None):
         figures = bench_search.search_stage(
             args.search, args.data_dir, args.checkpoint, args.search_exact_max_rows, args.search_queries
         )
+    elif args.embed_windows:
+        figures = bench_embed.embed_stage(args.embed_windows, args.checkpoint, args.embed_archive)
     elif args.seisbench:
         figures = seisbench_figures(args)
     elif args.startup_only:
@@ -489,8 +505,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
-    if args.markdown and not (args.startup_only or args.search or args.seisbench):  # the full table only
-        print(f"wrote {write_markdown(figures, args.markdown)}")
+    if args.markdown and not (args.startup_only or args.seisbench):
+        print(f"wrote {write_markdown(figures, args.markdown, args)}")
     return figures
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import archives
 import bench
+import bench_embed
 from stft_dataset import SeismicSTFTDataset
 
 
@@ -77,3 +78,24 @@ def test_link_files_and_startup_only(tmp_path, capsys):
     assert len(SeismicSTFTDataset(str(tmp_path / "links"))) == 300
     assert archives.link_files(300, str(tmp_path / "links")) == 0  # kept
     assert "s warm" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # writes 2 days of real 100 Hz samples (75 MB) and runs embed.py twice in new processes
+def test_embed_windows_runs_embed_py_per_n_on_a_real_archive(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_embed, "STRIDE", 3600.0)  # 24 windows a day, not 43,200
+    argv = ["--embed_windows", "20", "30", "--checkpoint", trained[0], "--embed_archive", str(tmp_path)]
+    figures = bench.main(argv + ["--markdown", str(tmp_path / "results")])
+    assert figures["embed_days"] == [1, 2] and figures["embed_windows"] == [24, 48]  # windows cross midnight
+    assert all(peak > 100e6 for peak in figures["embed_peak_rss_bytes"])  # torch alone is more
+    assert all(rate > 0 for rate in figures["embed_windows_per_s"] + figures["embed_output_bytes_per_window"])
+    one_day = SeismicSTFTDataset(str(tmp_path / "days1"), window_seconds=10, window_stride=3600)
+    assert len(one_day) == 24 and one_day.recordings.instrument.tolist() == ["XX.S000..HH?"]
+    x, meta = one_day[23]
+    assert x.shape == (3, 129, 17) and meta["starttime"] == "2020-01-01T23:00:00.000000Z"
+    (written,) = (tmp_path / "results").iterdir()
+    assert written.name.endswith("-embed.md") and "| 48 | 2 |" in written.read_text()
+
+
+def test_embed_windows_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="needs --checkpoint"):
+        bench.main(["--embed_windows", "10", "--embed_archive", str(tmp_path)])
