@@ -62,5 +62,8 @@ def write_results(path, title, body, device=None):
 
 
 def dated_path(directory, name):
-    """directory/<YYYY-MM-DD>-<name>.md (UTC date)."""
-    return os.path.join(directory, f"{datetime.now(timezone.utc):%Y-%m-%d}-{name}.md")
+    """directory/<YYYY-MM-DD>-<name>.md (UTC date), or <YYYY-MM-DD>-<HHMM>-<name>.md where a measurement of that day
+    is already there (never overwritten)."""
+    now = datetime.now(timezone.utc)
+    path = os.path.join(directory, f"{now:%Y-%m-%d}-{name}.md")
+    return path if not os.path.exists(path) else os.path.join(directory, f"{now:%Y-%m-%d-%H%M}-{name}.md")

@@ -8,6 +8,7 @@ import pytest
 import archives
 import bench
 import bench_embed
+import results
 from stft_dataset import SeismicSTFTDataset
 
 
@@ -99,3 +100,15 @@ def test_embed_windows_runs_embed_py_per_n_on_a_real_archive(trained, tmp_path, 
 def test_embed_windows_needs_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="needs --checkpoint"):
         bench.main(["--embed_windows", "10", "--embed_archive", str(tmp_path)])
+
+
+def test_dated_results_files_are_never_overwritten(tmp_path):
+    first = results.dated_path(tmp_path, "bench")
+    assert first.endswith("-bench.md") and results.dated_path(tmp_path, "bench") == first  # nothing there yet
+    open(first, "w").close()
+    second = results.dated_path(tmp_path, "bench")
+    assert (
+        second != first
+        and second.endswith("-bench.md")
+        and os.path.basename(second)[:10] == os.path.basename(first)[:10]
+    )
