@@ -95,6 +95,8 @@ SETTINGS = (
     Setting("search_queries", bench_search.QUERIES, "--search: queries timed and scored", int, check=at_least(1)),
     Setting("search_exact_max_rows", None, "--search: flat (exact) index up to this many rows, IVF-PQ beyond "
             "(default: as embed.py, 11,520,000 values / D)", int, check=at_least(1)),
+    Setting("search_codes", None, "--search: codes of embeddings of <= 128 values to compare, e.g. SQ8 PQ32 (default: "
+            "vector_index's)", nargs="+", metavar="CODES"),
     Setting("embed_windows", None, "only measure embed.py on N windows of a real 100 Hz archive (bench_embed.py)",
             int, nargs="+", metavar="N", check=(lambda sizes: min(sizes) >= 1, ">= 1")),
     Setting("embed_archive", os.path.join(tempfile.gettempdir(), "bench_embed"),
@@ -491,7 +493,12 @@ def main(argv=None):
         sys.exit(f"error: data directory not found: {args.data_dir}")
     if args.search:
         figures = bench_search.search_stage(
-            args.search, args.data_dir, args.checkpoint, args.search_exact_max_rows, args.search_queries
+            args.search,
+            args.data_dir,
+            args.checkpoint,
+            args.search_exact_max_rows,
+            args.search_queries,
+            args.search_codes,
         )
     elif args.embed_windows:
         figures = bench_embed.embed_stage(args.embed_windows, args.checkpoint, args.embed_archive)

@@ -14,6 +14,7 @@ memory-mapped embeddings.npy; recall@10 against exact search (brute force over a
 QUERIES rows drawn at random.
 """
 
+import itertools
 import time
 
 import faiss
@@ -112,11 +113,11 @@ def timed(call):
     return time.perf_counter() - started
 
 
-def measure(real, n_rows, exact_max_rows=None, queries=QUERIES, seed=0):
+def measure(real, n_rows, exact_max_rows=None, queries=QUERIES, seed=0, codes=vector_index.UNREDUCED_CODES):
     """Figures of the index at n_rows tiled rows (module docstring)."""
     embeddings = TiledEmbeddings(real, n_rows)
     started = time.perf_counter()
-    index = vector_index.build(embeddings, exact_max_rows, seed)
+    index = vector_index.build(embeddings, exact_max_rows, seed, codes)
     build_s = time.perf_counter() - started
     query_rows = np.sort(np.random.default_rng(seed).choice(n_rows, min(queries, n_rows), replace=False))
     query_vectors = embeddings[query_rows]
@@ -139,8 +140,10 @@ def measure(real, n_rows, exact_max_rows=None, queries=QUERIES, seed=0):
     }
 
 
-def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=None, queries=QUERIES):
-    """bench.py's search figures at each N of sizes: JSON keys search_* (lists, one entry per N); prints a table."""
+def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=None, queries=QUERIES, codes=None):
+    """bench.py's search figures at each N of sizes (and each of `codes`, the codes of embeddings of at most
+    vector_index.PCA_COMPONENTS values; default: vector_index's): JSON keys search_* (lists, one entry per N and codes);
+    prints a table."""
     real, source = real_embeddings(data_dir, checkpoint)
     print(f"search: {source}; tiled to N with perturbations of {PERTURBATION:g} x (one real row - another)")
     print(
@@ -148,14 +151,15 @@ def search_stage(sizes, data_dir, checkpoint=None, exact_max_rows=None, queries=
         f"{f'{queries} queries ms p50/p99':>24} {'recall@10':>9}"
     )
     results = []
-    for n_rows in sizes:
-        r = measure(real, n_rows, exact_max_rows, queries)
+    for n_rows, chosen in itertools.product(sizes, codes or [vector_index.UNREDUCED_CODES]):
+        r = measure(real, n_rows, exact_max_rows, queries, codes=chosen)
         results.append(r)
         print(
             f"{n_rows:>10,} {r['factory']:24} {r['build_s']:8.1f} "
             f"{r['bytes_per_vector']:7.0f} ({r['index_bytes_per_vector']:5.0f} idx) "
             f"{r['query_ms'][0]:9.2f} / {r['query_ms'][1]:7.2f} {r['batch_ms'][0]:12.0f} / {r['batch_ms'][1]:9.0f} "
-            f"{r['recall_at_10']:9.3f}"
+            f"{r['recall_at_10']:9.3f}",
+            flush=True,
         )
     return {
         "search_source": source,

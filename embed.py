@@ -10,8 +10,8 @@ Model, STFT and normalisation settings and channel families come from the checkp
 SeismicSTFTDataset (same index, cache and skip rules as training). Under torchrun each process embeds a contiguous
 share of the samples and rank 0 joins them: the outputs are those of one process (shards.py; docs/embeddings.md has
 the multi-machine command). Outputs (docs/embeddings.md): embeddings.npy (float16, read memory-mapped),
-catalog.csv and catalog.parquet (same row order), clusters.json, embedding.json, figures, projector/
-(tensorboard --logdir OUTPUT_DIR), labels.json with --labels.
+catalog.parquet and (up to a million rows) catalog.csv, same row order, clusters.json, embedding.json, figures,
+projector/ (tensorboard --logdir OUTPUT_DIR), labels.json with --labels.
 """
 
 import argparse

@@ -43,6 +43,7 @@ FALLBACK_POOLING = "time-mean"  # the default of checkpoints without a read-out 
 # data are the same as with float32 (tests/test_embed_scale.py; docs/embeddings.md). Arithmetic reads them as float32.
 STORED_DTYPE = np.dtype(np.float16)
 CATALOG_ROW_GROUP = 65_536  # rows of catalog.parquet decoded together: a few ms to read one row (CatalogueReader)
+CSV_MAX_ROWS = 1_000_000  # catalog.csv is written up to this many rows (about 200 MB); beyond, catalog.parquet alone
 CATALOG_COLUMNS = (
     "path",  # relative to the data directory
     "trace_id",  # NET.STA.LOC.FAMILY?
@@ -266,8 +267,9 @@ def concatenate_columns(tables):
 
 
 def write_catalog(directory, catalog, chunk=100_000):
-    """catalog.csv and catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy), each atomically; the
-    CSV is written `chunk` rows at a time, the Parquet file in row groups of CATALOG_ROW_GROUP rows."""
+    """catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy, in row groups of CATALOG_ROW_GROUP rows)
+    and, up to CSV_MAX_ROWS rows, catalog.csv (written `chunk` rows at a time); each atomically. Beyond CSV_MAX_ROWS
+    a catalog.csv left by an earlier run into the same directory is removed: it would describe other rows."""
 
     def write_csv(f):
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -278,20 +280,23 @@ def write_catalog(directory, catalog, chunk=100_000):
         text.flush()
         text.detach()
 
-    atomic_write(os.path.join(directory, "catalog.csv"), write_csv)
     table = pa.table({name: catalog[name] for name in CATALOG_COLUMNS})
-    parquet = os.path.join(directory, "catalog.parquet")
+    parquet, csv_path = os.path.join(directory, "catalog.parquet"), os.path.join(directory, "catalog.csv")
     atomic_write(parquet, lambda f: pq.write_table(table, f, row_group_size=CATALOG_ROW_GROUP))
+    if len(catalog["path"]) <= CSV_MAX_ROWS:
+        atomic_write(csv_path, write_csv)
+    elif os.path.exists(csv_path):
+        os.remove(csv_path)
 
 
 class CatalogueReader:
     """embed.py's catalogue read on demand, whatever its length: catalog.parquet's rows by number (only the row groups
     that hold them are decoded) and the first row of a path (the path column alone). Outputs without a Parquet file
-    (an older embed.py) are read from catalog.csv whole, every value as text."""
+    (an older embed.py) are read from catalog.csv whole, every value as text. FileNotFoundError where neither is."""
 
     def __init__(self, directory):
         parquet = os.path.join(directory, "catalog.parquet")
-        if os.path.exists(parquet):
+        if os.path.exists(parquet) or not os.path.exists(os.path.join(directory, "catalog.csv")):
             self.file, self.table = pq.ParquetFile(parquet, read_dictionary=["path"]), None
             sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         else:

@@ -43,7 +43,7 @@ TABLE_COLUMNS = ("query", "query_row", "rank", "row", "distance")  # then the ca
 
 
 SETTINGS = (
-    Setting("embeddings_dir", None, "output directory of embed.py (embeddings.npy, catalog.csv, index.faiss)",
+    Setting("embeddings_dir", None, "output directory of embed.py (embeddings.npy, catalog.parquet, index.faiss)",
             positional=True),
     Setting("query", None, "catalogue row numbers, catalogue paths or miniSEED files (any mix)", nargs="*",
             positional=True),
@@ -93,7 +93,9 @@ def main(argv=None):
 def load_outputs(directory):
     """(embeddings memmap, catalogue (embedding.CatalogueReader: rows read on demand), settings of embed.py) or
     RunError."""
-    paths = [os.path.join(directory, name) for name in ("embeddings.npy", "catalog.csv", "embedding.json")]
+    paths = [os.path.join(directory, name) for name in ("embeddings.npy", "catalog.parquet", "embedding.json")]
+    if not os.path.exists(paths[1]):  # an older embed.py wrote catalog.csv alone
+        paths[1] = os.path.join(directory, "catalog.csv")
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise RunError(f"{directory} holds no outputs of embed.py (missing {', '.join(missing)})")

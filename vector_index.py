@@ -5,11 +5,12 @@ to zero mean and unit variance over the catalogue (mean and scale stored beside 
 
     rows <= exact_max_rows  IndexFlatL2: exact; one query scans every row. exact_max_rows = EXACT_MAX_VALUES / D: the
                             rows x values a flat query scans within the 20 ms target on 2 cores (docs/search.md)
-    more rows               [PCA{p},]IVF{nlist},PQ{m}: standardised embeddings (rotated to their p principal components
-                            where D > p), cut into nlist k-means cells, each row stored as m bytes (product
-                            quantisation); a query scans the nprobe nearest cells and the k x rerank best candidates
-                            are re-ranked by their exact distance, computed from the stored embeddings (embeddings.npy,
-                            memory-mapped)
+    more rows, D <= p       IVF{nlist},SQ8: standardised embeddings cut into nlist k-means cells, each value stored in
+                            8 bits (D bytes a row: 32 for the read-out)
+    more rows, D > p        PCA{p},IVF{nlist},PQ{m}: standardised embeddings rotated to their p principal components,
+                            cut into nlist cells, each row stored as m bytes (product quantisation)
+    A query scans the nprobe nearest cells, and the k x rerank best candidates are re-ranked by their exact distance,
+    computed from the stored embeddings (embeddings.npy, memory-mapped).
 
 Everything is built in chunks of rows: no full float32 copy of the embeddings is held in memory (the flat index is
 that copy, another reason it stops at exact_max_rows). On disk, in the embeddings folder: index.faiss (faiss.write_index
@@ -36,7 +37,8 @@ log = logging.getLogger("vector_index")
 INDEX_FILE, SCALE_FILE, SETTINGS_FILE = "index.faiss", "index_scale.npy", "index.json"
 EXACT_MAX_VALUES = 5_000 * 2_304  # rows x D of the largest flat (exact) index; beyond, IVF-PQ (docs/search.md)
 PCA_COMPONENTS = 128  # principal components the IVF-PQ index works in, where D is larger
-PQ_BYTES = 32  # bytes per row of the product-quantised codes (sub-quantisers of 8 bits)
+PQ_BYTES = 32  # bytes per row of the product-quantised codes of the PCA components (sub-quantisers of 8 bits)
+UNREDUCED_CODES = "SQ8"  # codes of D <= PCA_COMPONENTS values: 8 bits each (D bytes a row; docs/search.md)
 NPROBE = 32  # cells scanned per query
 RERANK = 10  # candidates per neighbour re-ranked by exact distance (k x RERANK read from the embeddings)
 ROWS_PER_CELL = 1000  # nlist ~ rows / ROWS_PER_CELL, a power of 2 in [MIN_CELLS, MAX_CELLS]
@@ -53,27 +55,21 @@ def exact_rows(dim):
     return max(1, EXACT_MAX_VALUES // dim)
 
 
-def choose_settings(n_rows, dim, exact_max_rows=None):
+def choose_settings(n_rows, dim, exact_max_rows=None, unreduced_codes=UNREDUCED_CODES):
     """The index for n_rows embeddings of dim values: {"kind", "factory" (the faiss.index_factory string of the index
     built: its PCA is fitted by randomized SVD, see principal_axes), "nlist", "nprobe", "rerank", ...}.
-    exact_max_rows: flat up to this many rows (default: exact_rows(dim))."""
+    exact_max_rows: flat up to this many rows (default: exact_rows(dim)); unreduced_codes: the faiss codes of rows of
+    D <= PCA_COMPONENTS values (bench.py --search_codes compares them)."""
     if n_rows < 1 or dim < 1:
         raise ValueError(f"an index needs at least one row and one value per row, got {n_rows} x {dim}")
     if n_rows <= (exact_max_rows or exact_rows(dim)):
         return {"kind": "exact", "factory": "Flat", "rerank": 1}
-    components = min(PCA_COMPONENTS, dim)
-    pq_bytes = math.gcd(PQ_BYTES, components)  # the sub-quantisers split the components evenly
     cells = 2 ** round(math.log2(max(MIN_CELLS, min(MAX_CELLS, n_rows / ROWS_PER_CELL))))
-    rotation = f"PCA{components}," if components < dim else ""  # D <= PCA_COMPONENTS: no reduction, no rotation
-    return {
-        "kind": "ivfpq",
-        "factory": f"{rotation}IVF{cells},PQ{pq_bytes}",
-        "components": components,
-        "nlist": cells,
-        "pq_bytes": pq_bytes,
-        "nprobe": min(NPROBE, cells),
-        "rerank": RERANK,
-    }
+    ivf = {"kind": "ivf", "nlist": cells, "nprobe": min(NPROBE, cells), "rerank": RERANK}
+    if dim <= PCA_COMPONENTS:  # nothing to reduce: every value coded as it is
+        return {**ivf, "factory": f"IVF{cells},{unreduced_codes}", "components": dim, "codes": unreduced_codes}
+    codes = f"PQ{math.gcd(PQ_BYTES, PCA_COMPONENTS)}"  # the sub-quantisers split the components evenly
+    return {**ivf, "factory": f"PCA{PCA_COMPONENTS},IVF{cells},{codes}", "components": PCA_COMPONENTS, "codes": codes}
 
 
 class VectorIndex:
@@ -188,22 +184,23 @@ def trained_index(embeddings, standardise, settings, seed):
     rows = fit_sample(len(embeddings), seed + 1, TRAIN_PER_CELL * settings["nlist"])
     chunks = (standardise(read_rows(embeddings, rows[i : i + CHUNK])) for i in range(0, len(rows), CHUNK))
     training = np.concatenate([rotate.apply(chunk) if rotate else chunk for chunk in chunks])
-    ivf = faiss.index_factory(components, f"IVF{settings['nlist']},PQ{settings['pq_bytes']}")
-    ivf.cp.seed = ivf.pq.cp.seed = seed
-    ivf.cp.niter = ivf.pq.cp.niter = KMEANS_ITERATIONS
-    ivf.do_polysemous_training = False  # index_factory's default: minutes of annealing for a code search not used
+    ivf = faiss.index_factory(components, f"IVF{settings['nlist']},{settings['codes']}")
+    ivf.cp.seed, ivf.cp.niter = seed, KMEANS_ITERATIONS
+    if settings["codes"].startswith("PQ"):
+        ivf.pq.cp.seed, ivf.pq.cp.niter = seed, KMEANS_ITERATIONS  # the re-ranking makes up for fewer iterations
+        ivf.do_polysemous_training = False  # index_factory's default: minutes of annealing for a code search not used
     ivf.train(training)
     return faiss.IndexPreTransform(rotate, ivf) if rotate else ivf  # the wrapper keeps both parts alive with it
 
 
-def build(embeddings, exact_max_rows=None, seed=0):
+def build(embeddings, exact_max_rows=None, seed=0, unreduced_codes=UNREDUCED_CODES):
     """The index of an (N, D) matrix (array or memmap of any float type), read CHUNK rows at a time."""
     n_rows, dim = embeddings.shape
-    settings = {**choose_settings(n_rows, dim, exact_max_rows), "dim": int(dim), "seed": seed}
+    settings = {**choose_settings(n_rows, dim, exact_max_rows, unreduced_codes), "dim": int(dim), "seed": seed}
     started = time.perf_counter()
     mean, scale = fit_scale(embeddings)
     vector_index = VectorIndex(faiss.IndexFlatL2(dim), mean, scale, settings)
-    if settings["kind"] == "ivfpq":
+    if settings["kind"] != "exact":
         index = trained_index(embeddings, vector_index.standardise, settings, seed)
         vector_index = VectorIndex(index, mean, scale, settings)
     for _, rows in read_in_chunks(embeddings, CHUNK):
@@ -245,7 +242,7 @@ def to_gpu(vector_index):
     try:
         vector_index.gpu_resources = faiss.StandardGpuResources()
         vector_index.index = faiss.index_cpu_to_gpu(vector_index.gpu_resources, 0, vector_index.index)
-        if vector_index.settings["kind"] == "ivfpq":
+        if vector_index.settings["kind"] != "exact":
             faiss.GpuParameterSpace().set_index_parameter(vector_index.index, "nprobe", vector_index.settings["nprobe"])
     except RuntimeError as err:  # an index type without a GPU version: stays on the CPU
         log.warning("index stays on the CPU: %s", err)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import faiss
@@ -91,17 +92,18 @@ def test_exact_up_to_the_values_a_query_may_scan_then_ivf_with_pca_only_where_it
     assert vector_index.choose_settings(5_000, 2304)["factory"] == "Flat"
     assert vector_index.choose_settings(5_001, 2304)["factory"] == "PCA128,IVF16,PQ32"
     assert vector_index.choose_settings(360_000, 32)["factory"] == "Flat"
-    assert vector_index.choose_settings(360_001, 32)["factory"] == "IVF256,PQ32"  # 32 <= 128 values: no PCA
+    assert vector_index.choose_settings(360_001, 32)["factory"] == "IVF256,SQ8"  # 32 <= 128 values: no PCA, 8 bits each
+    assert vector_index.choose_settings(360_001, 32, unreduced_codes="PQ16")["factory"] == "IVF256,PQ16"
     at_scale = vector_index.choose_settings(10_000_000, 32)
-    assert at_scale["factory"] == "IVF4096,PQ32" and at_scale["nprobe"] == 32 and at_scale["rerank"] == 10
-    assert vector_index.choose_settings(600, 32, exact_max_rows=500)["factory"] == "IVF16,PQ32"
+    assert at_scale["factory"] == "IVF4096,SQ8" and at_scale["nprobe"] == 32 and at_scale["rerank"] == 10
+    assert vector_index.choose_settings(600, 32, exact_max_rows=500)["factory"] == "IVF16,SQ8"
 
 
 def test_ivf_pq_of_read_out_sized_embeddings_finds_the_rows(real_embeddings, tmp_path):
     projection = np.random.default_rng(0).normal(size=(real_embeddings.shape[1], 32))  # 32 values, as the read-out
     tiled = bench_search.TiledEmbeddings(real_embeddings @ projection, 2000)
     built = vector_index.build(tiled, exact_max_rows=500)
-    assert built.settings["factory"] == "IVF16,PQ32" and not isinstance(built.index, faiss.IndexPreTransform)
+    assert built.settings["factory"] == "IVF16,SQ8" and not isinstance(built.index, faiss.IndexPreTransform)
     built.write(tmp_path)
     loaded = vector_index.load(tmp_path, len(tiled))
     queries = np.arange(0, 2000, 20)
@@ -136,6 +138,23 @@ def test_catalogue_reader_decodes_only_the_row_groups_it_needs_and_finds_first_r
         and old.rows([4])[4]["cluster"] == str(stored.cluster[4])
     )
     assert old.first_rows(["c.mseed", "elsewhere.mseed"]) == {"c.mseed": 4}
+
+
+def test_beyond_csv_max_rows_the_catalogue_is_parquet_alone_and_similar_reads_it(embedded, tmp_path, monkeypatch):
+    out, _ = embedded
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stored = pd.read_parquet(copy / "catalog.parquet")
+    monkeypatch.setattr(embedding, "CSV_MAX_ROWS", 5)
+    embedding.write_catalog(copy, {name: stored[name].to_numpy() for name in stored.columns})
+    assert not (copy / "catalog.csv").exists()  # 8 rows > 5: Parquet alone, and the earlier run's CSV is gone
+    queries = ["2", stored.path[5], "-k", "3", "--no-figures"]
+    found = similar.main([str(copy), *queries, "--table", str(tmp_path / "parquet.csv")])
+    expected = similar.main([str(out), *queries, "--table", str(tmp_path / "both.csv")])
+    assert [(r["query_row"], r["row"], r["path"]) for r in found] == [
+        (r["query_row"], r["row"], r["path"]) for r in expected
+    ]
+    assert found[0]["query_row"] == 2 and found[3]["query_row"] == 5 and len(found) == 6
 
 
 def test_fewer_rows_than_k_and_bad_arguments(real_embeddings):
