@@ -287,11 +287,17 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
     its catalogue columns, and the projector thumbnails and label spectrograms (by position) of the samples in
     `keep` = (projector positions, label positions, label time bins)."""
     projector_keep, label_keep, label_bins = keep
+    # Kept arrays live in one buffer each: thousands of small arrays among the batches' large transient ones keep
+    # the heap from shrinking (measured: 14 KB more resident memory per window embedded, 14 GB at 10^6 windows).
+    thumbnail_slot = {p: i for i, p in enumerate(sorted(projector_keep.intersection(share)))}
+    label_slot = {p: i for i, p in enumerate(sorted(label_keep.intersection(share)))}
+    thumbnails = np.zeros((len(thumbnail_slot), THUMBNAIL, THUMBNAIL), dtype=np.float32)
+    spectrograms = np.zeros((len(label_slot), 3, dataset.stft.n_freq, label_bins), dtype=np.float32)
     sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, share)
     workers = dict(num_workers=args.num_workers, persistent_workers=False) if args.num_workers else {}
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate, **workers)
     writer = EmbeddingWriter(os.path.join(output_dir, "embeddings.npy"), rank_and_world_size()[0])
-    catalog, thumbnails, spectrograms = CatalogColumns(), {}, {}
+    catalog = CatalogColumns()
     for batch in loader:
         dataset.skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
@@ -305,25 +311,24 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
             duration = float(dataset.sample_seconds(position))
             catalog.append({**catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), "position": position})
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
-            if position in projector_keep:
-                thumbnails[position] = thumbnail(valid)
-            if position in label_keep:
-                spectrograms[position] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0].numpy()
+            if position in thumbnail_slot:
+                thumbnails[thumbnail_slot[position]] = thumbnail(valid)
+            if position in label_slot:
+                spectrograms[label_slot[position]] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0]
     writer.close(merge=False)
     columns = catalog.columns()
     return {
         "catalog": columns,
-        "thumbnails": thumbnails,
-        "spectrograms": spectrograms,
+        "thumbnails": dict(zip(thumbnail_slot, thumbnails)),  # by position; numpy views pickle as their own rows
+        "spectrograms": dict(zip(label_slot, spectrograms)),
         "dim": writer.dim,
         "part": writer.part,
     }
 
 
 def thumbnail(spectrogram):
-    """(3, F, T) -> (3, THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom."""
-    z = F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0]
-    return z.flip(-2).expand(3, -1, -1).clone()
+    """(3, F, T) -> (THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom."""
+    return F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0, 0].flip(-2).numpy()
 
 
 def describe_clusters(embeddings, catalog, args, output_dir, dataset):
@@ -418,7 +423,9 @@ def write_projector(embeddings, catalog, thumbnails, output_dir):
                 torch.from_numpy(read_rows(embeddings, chosen)),
                 metadata=metadata,
                 metadata_header=list(CATALOG_COLUMNS),
-                label_img=torch.stack([thumbnails[catalog["position"][i]] for i in chosen]),
+                label_img=torch.from_numpy(np.stack([thumbnails[catalog["position"][i]] for i in chosen]))[:, None]
+                .expand(-1, 3, -1, -1)  # grey: the Z thumbnail in each of the three colour channels
+                .contiguous(),
                 tag="embeddings",
             )
     shutil.rmtree(final, ignore_errors=True)
