@@ -8,7 +8,7 @@
 
 Distances are Euclidean between standardised embeddings (each value scaled to zero mean and unit variance over the
 catalogue), the space of embed.py's label scores. The search uses the index embed.py wrote beside the embeddings
-(vector_index.py: exact up to 5,000 rows, IVF-PQ beyond, its candidates re-ranked by exact distance); outputs of an
+(vector_index.py: exact up to 11.5 million rows x values, IVF beyond, candidates re-ranked exactly); outputs of an
 older embed.py, without one, get an index built in memory. Prints the neighbours, writes them for all queries into
 one CSV table (query, query_row, rank, row, distance, the catalogue's columns) and, for a single query (or with
 --figures), a figure of each query and its neighbours (Z spectrograms).
