@@ -93,7 +93,7 @@ SETTINGS = (
     Setting("checkpoint", None, "model of --embed_windows, and whose embeddings --search tiles (default: random "
             "weights, seed 0)"),
     Setting("search_queries", bench_search.QUERIES, "--search: queries timed and scored", int, check=at_least(1)),
-    Setting("search_exact_max_rows", None, "--search: flat (exact) index up to this many rows, IVF-PQ beyond "
+    Setting("search_exact_max_rows", None, "--search: flat (exact) index up to this many rows, IVF beyond "
             "(default: as embed.py, 11,520,000 values / D)", int, check=at_least(1)),
     Setting("search_codes", None, "--search: codes of embeddings of <= 128 values to compare, e.g. SQ8 PQ32 (default: "
             "vector_index's)", nargs="+", metavar="CODES"),

@@ -321,13 +321,17 @@ class CatalogueReader:
 
     def first_rows(self, paths):
         """{path: its first row} of those of `paths` that the catalogue holds."""
-        column = self.table.column("path") if self.file is None else self.file.read(columns=["path"]).column("path")
+        if not paths:  # row numbers alone: the path column is not read
+            return {}
+        if self.file is None:
+            column = pc.dictionary_encode(self.table.column("path"))
+        else:
+            column = self.file.read(columns=["path"]).column("path")  # dictionary-encoded (read_dictionary)
         found, offset = {}, 0
-        for chunk in column.chunks:
-            codes = chunk if self.file is None else chunk.indices  # Parquet: positions in chunk.dictionary
+        for chunk in column.chunks:  # each: positions (indices) into its own dictionary of distinct paths
             for path in set(paths) - set(found):
-                code = path if self.file is None else pc.index(chunk.dictionary, path).as_py()
-                at = pc.index(codes, code).as_py() if code != -1 else -1
+                code = pc.index(chunk.dictionary, path).as_py()
+                at = pc.index(chunk.indices, code).as_py() if code != -1 else -1
                 if at >= 0:
                     found[path] = offset + at
             offset += len(chunk)

@@ -35,8 +35,8 @@ from storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("vector_index")
 INDEX_FILE, SCALE_FILE, SETTINGS_FILE = "index.faiss", "index_scale.npy", "index.json"
-EXACT_MAX_VALUES = 5_000 * 2_304  # rows x D of the largest flat (exact) index; beyond, IVF-PQ (docs/search.md)
-PCA_COMPONENTS = 128  # principal components the IVF-PQ index works in, where D is larger
+EXACT_MAX_VALUES = 5_000 * 2_304  # rows x D of the largest flat (exact) index; beyond, IVF (docs/search.md)
+PCA_COMPONENTS = 128  # principal components the IVF index works in, where D is larger
 PQ_BYTES = 32  # bytes per row of the product-quantised codes of the PCA components (sub-quantisers of 8 bits)
 UNREDUCED_CODES = "SQ8"  # codes of D <= PCA_COMPONENTS values: 8 bits each (D bytes a row; docs/search.md)
 NPROBE = 32  # cells scanned per query
