@@ -44,14 +44,23 @@ from embedding import (
     merge_parts,
     read_embeddings,
     read_rows,
+    start_times,
     write_catalog,
 )
-from figures import plot_clusters_over_time, plot_map, plot_reconstruction, plot_spectrogram_row, save_figure
+from figures import (
+    plot_clusters_over_time,
+    plot_map,
+    plot_reconstruction,
+    plot_spectrogram_row,
+    sample_name,
+    save_figure,
+)
 from representation import (
     assign,
     chance_scores,
     cluster,
     compared_features,
+    fit_sample,
     label_scores,
     reduce,
     regression_chance,
@@ -80,6 +89,7 @@ THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z sp
 CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "prec@5", 7, ".3f"),
                  ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
 VALUE_COLUMNS = (("r2", "R^2", 7, ".3f"), ("mae", "MAE", 10, ".4g"))
+MAP_POINTS = 20_000  # map.png draws at most this many recordings, drawn with --seed: more would only overlap
 LABEL_SAMPLE = 5_000  # labelled recordings scored by --labels (leave-one-out over all rows costs N^2)
 
 
@@ -384,24 +394,25 @@ def cluster_summary(catalog, c):
 @torch.no_grad()
 def plot_outputs(catalog, model, dataset, args, output_dir, device):
     """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings; clusters_over_time.png if > 1 day."""
-    xy = np.column_stack([catalog["map_x"], catalog["map_y"]])
+    shown = fit_sample(len(catalog["path"]), args.seed, MAP_POINTS)
+    xy = np.column_stack([catalog["map_x"][shown], catalog["map_y"][shown]])
     colourings = {
-        "coloured by cluster": catalog["cluster"],
-        "coloured by channel family": catalog["family"].astype(str),
+        "coloured by cluster": catalog["cluster"][shown],
+        "coloured by channel family": catalog["family"][shown].astype(str),
     }
-    save_figure(plot_map(xy, colourings), os.path.join(output_dir, "map.png"))
+    save_figure(plot_map(xy, colourings, len(catalog["path"])), os.path.join(output_dir, "map.png"))
     for i in np.argsort(catalog["anomaly_rank"], kind="stable")[: args.num_anomalies]:
         x = dataset[catalog["position"][i]][0].float()[None].to(device)
         reconstruction = model(x)[0].cpu().numpy()
-        file_id = os.path.splitext(os.path.basename(catalog["path"][i]))[0]
+        file_id = sample_name(catalog["path"][i], catalog["starttime"][i] if dataset.window_seconds else None)
         rank, ratio = catalog["anomaly_rank"][i], catalog["mse"][i] / catalog["mse_time_mean"][i]
         title = f"anomaly {rank}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
         figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title)
         save_figure(figure, os.path.join(output_dir, f"anomaly_{rank}_{file_id}.png"))
-    times = np.array([np.datetime64(t.rstrip("Z")) for t in catalog["starttime"]]).astype("datetime64[s]")
+    times = start_times(catalog["starttime"])
     over_time = os.path.join(output_dir, "clusters_over_time.png")
     if times.max() - times.min() > np.timedelta64(1, "D"):
-        save_figure(plot_clusters_over_time(times, colourings["coloured by cluster"]), over_time)
+        save_figure(plot_clusters_over_time(times, catalog["cluster"]), over_time)
     elif os.path.exists(over_time):
         os.remove(over_time)
 

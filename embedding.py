@@ -131,6 +131,14 @@ def default_pooling(model):
     return READOUT if getattr(model, "readout", None) is not None else FALLBACK_POOLING
 
 
+def start_times(starttimes, chunk=CATALOG_ROW_GROUP):
+    """(N,) datetime64[s] of catalogue start times (ISO 8601 text), parsed a chunk at a time (no list of N)."""
+    times = np.empty(len(starttimes), dtype="datetime64[s]")
+    for start in range(0, len(starttimes), chunk):
+        times[start : start + chunk] = [text[:19] for text in starttimes[start : start + chunk]]
+    return times
+
+
 def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):
     """The columns of a recording known when it is embedded (cluster, map and rank are filled in later)."""
     network, station, location, _ = meta["trace_id"].split(".")
@@ -266,7 +274,7 @@ def concatenate_columns(tables):
     return {name: np.concatenate([table[name] for table in tables]) for name in tables[0]} if tables else {}
 
 
-def write_catalog(directory, catalog, chunk=100_000):
+def write_catalog(directory, catalog, chunk=CATALOG_ROW_GROUP):
     """catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy, in row groups of CATALOG_ROW_GROUP rows)
     and, up to CSV_MAX_ROWS rows, catalog.csv (written `chunk` rows at a time); each atomically. Beyond CSV_MAX_ROWS
     a catalog.csv left by an earlier run into the same directory is removed: it would describe other rows."""
@@ -280,9 +288,16 @@ def write_catalog(directory, catalog, chunk=100_000):
         text.flush()
         text.detach()
 
-    table = pa.table({name: catalog[name] for name in CATALOG_COLUMNS})
+    def write_parquet(f):  # a row group at a time: one table of every row would hold all its text again
+        writer = None
+        for start in range(0, len(catalog["path"]), CATALOG_ROW_GROUP):
+            table = pa.table({name: catalog[name][start : start + CATALOG_ROW_GROUP] for name in CATALOG_COLUMNS})
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        writer.close()
+
     parquet, csv_path = os.path.join(directory, "catalog.parquet"), os.path.join(directory, "catalog.csv")
-    atomic_write(parquet, lambda f: pq.write_table(table, f, row_group_size=CATALOG_ROW_GROUP))
+    atomic_write(parquet, write_parquet)
     if len(catalog["path"]) <= CSV_MAX_ROWS:
         atomic_write(csv_path, write_csv)
     elif os.path.exists(csv_path):

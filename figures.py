@@ -3,12 +3,22 @@
 Spectrograms are (3, n_freq, n_time) arrays of valid bins, E, N, Z; axes in s and Hz, low frequencies at the bottom.
 """
 
+import os
+
 import matplotlib.dates as mdates
 import numpy as np
 from matplotlib.figure import Figure
 
 from storage import atomic_write
-from waveforms import COMPONENTS
+from waveforms import COMPONENTS, MINISEED_EXTENSIONS
+
+
+def sample_name(path, starttime=None):
+    """A figure's name for a sample: its file's name less a miniSEED extension (an SDS day file keeps its day:
+    XX.S000..HHE.D.2020.001), and for a window of a longer recording its start (_20200101T065514)."""
+    stem, extension = os.path.splitext(os.path.basename(path))
+    name = stem if extension.lower() in MINISEED_EXTENSIONS else stem + extension
+    return f"{name}_{starttime[:19].replace('-', '').replace(':', '')}" if starttime else name
 
 
 def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1):
@@ -67,9 +77,12 @@ def plot_spectrogram_row(spectrograms, titles, stft, suptitle):
     return figure
 
 
-def plot_map(xy, colourings):
-    """The 2-D map once per colouring: {title: labels (N,)}; a legend of every label value."""
+def plot_map(xy, colourings, of=None):
+    """The 2-D map once per colouring: {title: labels (N,)}; a legend of every label value. of: the recordings that
+    the N points were drawn from, where they are a sample (said in the title; the legend counts the points)."""
     figure = Figure(figsize=(6.5 * len(colourings), 5.5))
+    if of and of > len(xy):
+        figure.suptitle(f"{len(xy):,} of {of:,} recordings, drawn at random", fontsize=9)
     for ax, (title, labels) in zip(np.atleast_1d(figure.subplots(1, len(colourings))), colourings.items()):
         for value in sorted(set(labels)):
             chosen = labels == value
@@ -90,7 +103,7 @@ def plot_clusters_over_time(times, labels, n_bins=40):
     ax = figure.subplots()
     bottom = np.zeros(n_bins)
     width = (edges[1] - edges[0]) / 86_400  # days
-    for value in sorted(set(labels)):
+    for value in np.unique(labels):
         counts, _ = np.histogram(times[labels == value].astype("int64"), edges)
         ax.bar(centres, counts, width=width, bottom=bottom, label=f"cluster {value}")
         bottom += counts

@@ -25,7 +25,7 @@ from batching import LengthBatchSampler, reconstruct
 from checkpoints import chosen_windows, data_settings, model_from_checkpoint
 from device import device_and_checkpoint, model_input
 from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
-from figures import plot_reconstruction
+from figures import plot_reconstruction, sample_name
 from model import masked_errors
 from settings import (
     CHECKPOINT,
@@ -128,7 +128,7 @@ def plot_samples(model, dataset, evaluated, device, output_dir):
     """reconstruction_<i>_<file>.png of each (position, sample) given, the model run on the sample alone."""
     for i, (position, sample) in enumerate(evaluated):
         x = model_input(dataset[position][0][None], device)
-        file_id = os.path.splitext(os.path.basename(sample["path"]))[0]
+        file_id = sample_name(sample["path"], sample["starttime"] if dataset.window_seconds else None)
         figure = plot_reconstruction(x[0].cpu().numpy(), model(x)[0].cpu().numpy(), dataset.stft, file_id)
         figure.savefig(os.path.join(output_dir, f"reconstruction_{i}_{file_id}.png"), dpi=80)
 

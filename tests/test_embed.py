@@ -20,6 +20,7 @@ import event_noise_windows
 import similar
 from checkpoints import model_from_checkpoint
 from embedding import CATALOG_COLUMNS, POOLINGS, EmbeddingWriter
+from figures import sample_name
 from readout import READOUT_DIM, READOUT_POOLING
 from stft_dataset import SeismicSTFTDataset
 
@@ -230,3 +231,10 @@ def test_errors_are_one_line(embedded, trained, tmp_path, capsys):
     expect_error(capsys, similar.main, [str(out), str(tmp_path / "nothing.mseed")], "neither a catalogue row")
     expect_error(capsys, similar.main, [str(tmp_path), "0"], "holds no outputs of embed.py")
     expect_error(capsys, similar.main, [str(out), "99"], "the catalogue has 13 rows")
+
+
+def test_figure_names_keep_an_sds_day_and_a_window_start():
+    assert sample_name("data/BK.BDM.HH.20120808T165050.mseed") == "BK.BDM.HH.20120808T165050"
+    day = "2020/XX/S000/HHE.D/XX.S000..HHE.D.2020.001"  # an SDS day file: its extension is its day
+    assert sample_name(day) == "XX.S000..HHE.D.2020.001"
+    assert sample_name(day, "2020-01-01T06:55:14.000000Z") == "XX.S000..HHE.D.2020.001_20200101T065514"

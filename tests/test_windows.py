@@ -233,6 +233,9 @@ def test_windowed_sds_trains_resumes_exactly_and_evaluates_from_the_checkpoint(t
     summary = embed.main(argv + ["--projector_points", "0", "--num_anomalies", "1"])
     with open(out / "catalog.csv") as f:
         rows = list(csv.DictReader(f))
+    worst = next(row for row in rows if row["anomaly_rank"] == "1")  # named by its day file and its start
+    day, start = os.path.basename(worst["path"]), worst["starttime"][:19].replace("-", "").replace(":", "")
+    assert [n for n in os.listdir(out) if n.startswith("anomaly_")] == [f"anomaly_1_{day}_{start}.png"]
     assert summary["rows"] == len(rows) == metrics["num_samples"] == len(np.load(out / "embeddings.npy"))
     assert len({row["starttime"] for row in rows}) == len(rows) and {row["duration_s"] for row in rows} == {"60.0"}
     found = similar.main([str(out), "3", "-k", "2", "--output", str(tmp_path / "s.png")])
