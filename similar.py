@@ -28,7 +28,7 @@ import vector_index
 from checkpoints import data_settings, model_from_checkpoint
 from device import device_and_checkpoint
 from embedding import CatalogueReader, encode_batch
-from figures import plot_spectrogram_row, save_figure
+from figures import plot_spectrogram_row, sample_name, save_figure
 from seisbench_data import is_seisbench_dataset
 from settings import RunError, Setting, at_least, device_setting, parse
 from stft_dataset import SeismicSTFTDataset
@@ -201,7 +201,7 @@ def search(args):
         for rank, (r, d) in enumerate(neighbours, 1)
     ]
     print_neighbours(results, catalog)
-    write_table(table_path(args, rows, catalog), table)
+    write_table(table_path(args, rows, catalog, settings), table)
     if args.figures:
         draw_figures(args, results, checkpoint, settings, catalog)
     return table
@@ -209,6 +209,15 @@ def search(args):
 
 def query_name(query, row, catalog):
     return catalog[row]["path"] if row is not None else os.path.basename(query)
+
+
+def figure_name(query, row, catalog, settings):
+    """What names a query's figure and table: its catalogue row's sample (figures.sample_name: a window of a longer
+    recording with its start), or a new file's name."""
+    if row is None:
+        return sample_name(query)
+    windowed = settings.get("window_seconds")
+    return sample_name(catalog[row]["path"], catalog[row]["starttime"] if windowed else None)
 
 
 def print_neighbours(results, catalog):
@@ -222,13 +231,12 @@ def print_neighbours(results, catalog):
         print(f"... and {len(results) - PRINTED_QUERIES} more queries (the table holds all)")
 
 
-def table_path(args, rows, catalog):
+def table_path(args, rows, catalog, settings):
     if args.table:
         return args.table
     if len(args.query) > 1:
         return os.path.join(args.embeddings_dir, "similar.csv")
-    name = os.path.splitext(os.path.basename(query_name(args.query[0], rows[0], catalog)))[0]
-    return os.path.join(args.embeddings_dir, f"similar_{name}.csv")
+    return os.path.join(args.embeddings_dir, f"similar_{figure_name(args.query[0], rows[0], catalog, settings)}.csv")
 
 
 def write_table(path, table):
@@ -246,15 +254,14 @@ def draw_figures(args, results, checkpoint, settings, catalog):
     data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
     read_catalogued = catalogue_reader(settings, data, data_dir)
     for query, row, neighbours in results:
-        name = query_name(query, row, catalog)
+        name = figure_name(query, row, catalog, settings)
         query_spectrogram = read_catalogued(catalog[row]) if row is not None else read_spectrogram(query, data)
         spectrograms = [query_spectrogram] + [read_catalogued(catalog[r]) for r, _ in neighbours]
-        titles = [f"query\n{name[-40:]}"] + [f"{d:.2f}\n{catalog[r]['path'][-40:]}" for r, d in neighbours]
+        titles = [f"query\n{name[-40:]}"]
+        titles += [f"{d:.2f}\n{figure_name(None, r, catalog, settings)[-40:]}" for r, d in neighbours]
         title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
         figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)
-        output = args.output or os.path.join(
-            args.embeddings_dir, f"similar_{os.path.splitext(os.path.basename(name))[0]}.png"
-        )
+        output = args.output or os.path.join(args.embeddings_dir, f"similar_{name}.png")
         save_figure(figure, output)
         print(f"figure: {output}")
 

@@ -240,6 +240,8 @@ def test_windowed_sds_trains_resumes_exactly_and_evaluates_from_the_checkpoint(t
     assert len({row["starttime"] for row in rows}) == len(rows) and {row["duration_s"] for row in rows} == {"60.0"}
     found = similar.main([str(out), "3", "-k", "2", "--output", str(tmp_path / "s.png")])
     assert len(found) == 2 and os.path.getsize(tmp_path / "s.png") > 0  # the neighbours' windows were read back
+    query = os.path.basename(rows[3]["path"]) + "_" + rows[3]["starttime"][:19].replace("-", "").replace(":", "")
+    assert (out / f"similar_{query}.csv").exists()  # the table is named by the window, not its day file alone
 
 
 def test_default_split_keeps_every_station_on_one_side_of_shipped_events(real_dir):
