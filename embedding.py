@@ -86,34 +86,36 @@ def encode_batch(model, x, mask, pooling=None):
 
 
 @torch.no_grad()
-def pooled_features(model, dataset, positions, batch_size, device, pooling, crop_bins=None):
+def pooled_features(model, dataset, positions, batch_size, device, pooling, crop_bins=None, rows=None):
     """(N, D) float32 pooled latents of the dataset's samples at `positions` (those that read; unusable ones are
     dropped, as everywhere), each encoded at its own length; with crop_bins = (L, stride), also of every window of L
     time bins every `stride` bins of each sample, min-max normalised again as a recording of that length would be
-    (augment.rescale). The model must be in eval mode."""
+    (augment.rescale); rows: pooled over the latent's first `rows` frequency rows only. The model must be in eval
+    mode."""
     sampler = LengthBatchSampler(dataset.time_bins(), batch_size, positions)
-    rows = []
+    found = []
     for batch in DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate):
         if batch["spectrogram"] is None:
             continue
         x, mask = model_input(batch["spectrogram"], device), batch["mask"].to(device)
-        rows.append(pooled_batch(model, x, mask, pooling))
+        found.append(pooled_batch(model, x, mask, pooling, rows))
         n_time = int(mask.sum(dim=1).min())  # one length: the batch sampler groups by it
         length, stride = crop_bins or (n_time + 1, 1)
         for start in range(0, n_time - length + 1, stride):
             window = rescale(x[..., start : start + length])
             full = torch.ones(len(window), length, dtype=torch.bool, device=window.device)
-            rows.append(pooled_batch(model, window, full, pooling))
-    return np.concatenate(rows)
+            found.append(pooled_batch(model, window, full, pooling, rows))
+    return np.concatenate(found)
 
 
 @torch.no_grad()
-def pooled_batch(model, x, mask, pooling):
-    """(B, D) float32 embeddings of a padded batch as encode_batch gives them, without the reconstructions."""
+def pooled_batch(model, x, mask, pooling, rows=None):
+    """(B, D) float32 embeddings of a padded batch as encode_batch gives them, without the reconstructions; rows: of the
+    latent's first `rows` frequency rows only."""
     vectors = [None] * len(x)
-    for n_time, rows in length_groups(mask):
-        latent = model.encode(x[rows, :, :, :n_time])
-        for row, vector in zip(rows.tolist(), pooled(model, latent.float(), pooling).cpu()):
+    for n_time, members in length_groups(mask):
+        latent = model.encode(x[members, :, :, :n_time])[:, :, :rows]
+        for row, vector in zip(members.tolist(), pooled(model, latent.float(), pooling).cpu()):
             vectors[row] = vector
     return torch.stack(vectors).numpy().astype(np.float32)
 
@@ -123,7 +125,7 @@ def pooled(model, latent, pooling):
     from its checkpoint)."""
     if pooling != READOUT:
         return POOLINGS[pooling](latent)
-    return model.readout(POOLINGS[model.readout.pooling](latent))
+    return model.readout(POOLINGS[model.readout.pooling](latent[:, :, : model.readout.rows]))
 
 
 def default_pooling(model):
@@ -238,8 +240,11 @@ def read_rows(embeddings, rows):
 
 
 class CatalogColumns:
-    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 200 bytes a row (measured; a list
-    of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held once."""
+    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 160 bytes a row (measured; a list
+    of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held once; the start time,
+    one per row, is not looked up (a table of every start would cost ~100 bytes a row more)."""
+
+    UNIQUE = ("starttime",)  # text columns of a value per row: not interned
 
     def __init__(self, flush_every=4096):
         self.pending, self.parts, self.flush_every, self.texts = [], [], flush_every, {}
@@ -252,25 +257,32 @@ class CatalogColumns:
     def flush(self):
         if self.pending:
             names = self.pending[0].keys()
-            self.parts.append({name: self.column([row[name] for row in self.pending]) for name in names})
+            self.parts.append({name: self.column(name, [row[name] for row in self.pending]) for name in names})
             self.pending = []
 
-    def column(self, values):
+    def column(self, name, values):
         if isinstance(values[0], str):
-            return np.array([self.texts.setdefault(v, v) for v in values], dtype=object)
+            return np.array(values if name in self.UNIQUE else [self.texts.setdefault(v, v) for v in values], object)
         return np.array(values)
 
     def columns(self):
-        """{column: (N,) array}; empty when no row was appended."""
+        """{column: (N,) array}; empty when no row was appended. The parts are let go column by column, so that the
+        catalogue is not held twice."""
         self.flush()
-        if not self.parts:
-            return {}
-        return {name: np.concatenate([part[name] for part in self.parts]) for name in self.parts[0]}
+        names = list(self.parts[0]) if self.parts else []
+        joined = {}
+        for name in names:
+            joined[name] = np.concatenate([part.pop(name) for part in self.parts])
+        self.parts = []
+        return joined
 
 
 def concatenate_columns(tables):
-    """Column tables (as CatalogColumns.columns gives) one after another; empty tables are left out."""
+    """Column tables (as CatalogColumns.columns gives) one after another; empty tables are left out (one table is
+    returned as it is, not copied)."""
     tables = [table for table in tables if table]
+    if len(tables) == 1:
+        return tables[0]
     return {name: np.concatenate([table[name] for table in tables]) for name in tables[0]} if tables else {}
 
 
