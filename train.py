@@ -55,7 +55,7 @@ from embedding import pooled_features
 from file_index import DEFAULT_DATA_DIR
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from preemption import Preempted, StepCheck, StopSignals
-from readout import READOUT_POOLING, READOUT_SAMPLE, fit_readout, window_bins
+from readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
 from recordings import SPLITS, window_problems
 from representation import fit_sample
 from run_data import build_loaders, load_dataset, plan_run
@@ -471,11 +471,14 @@ def store_readout(run):
     train_indices = np.sort(run.train_loader.dataset.indices)
     positions = train_indices[fit_sample(len(train_indices), run.args.seed, READOUT_SAMPLE)]
     windows = window_bins(run.stft)
-    pooled = pooled_features(model, run.dataset, positions, run.args.batch_size, run.device, READOUT_POOLING, windows)
-    readout = fit_readout(pooled, run.args.seed)
+    rows = band_rows(run.stft, model.config)
+    batch_size = run.args.batch_size
+    pooled = pooled_features(model, run.dataset, positions, batch_size, run.device, READOUT_POOLING, windows, rows)
+    readout = fit_readout(pooled, run.args.seed, rows)
     save_checkpoint({**checkpoint, "readout": readout.to_dict()}, path)
     fitted = f"{len(pooled)} spectrograms of {len(positions)} training samples, whole and in windows"
-    log.info("read-out: %d values per embedding, fitted on %s (%s)", readout.dim, fitted, path)
+    band = f"the latent's {rows} lowest frequency rows (below {READOUT_MAX_HZ:g} Hz)"
+    log.info("read-out: %d values per embedding from %s, fitted on %s (%s)", readout.dim, band, fitted, path)
 
 
 def main(argv=None):

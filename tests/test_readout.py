@@ -15,7 +15,8 @@ import train
 from augment import random_noise_floor
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from embedding import encode_batch, pooled_features
-from readout import READOUT_DIM, READOUT_POOLING, READOUT_SAMPLE, fit_readout, window_bins
+from model import ARCHS, ModelConfig
+from readout import READOUT_DIM, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
 from representation import fit_sample
 from stft_dataset import SeismicSTFTDataset
 from transform import STFTConfig, spectrogram
@@ -31,16 +32,18 @@ def test_run_stores_the_readout_of_its_training_samples(trained):
     path, data_dir = trained
     checkpoint = load_checkpoint(path)
     stored = checkpoint["readout"]
-    assert stored["pooling"] == READOUT_POOLING and stored["projection"].shape == (READOUT_DIM, 256 * 9 * 2)
+    assert stored["rows"] == 3  # of 9: the latent rows of the bins below 18.75 Hz
+    assert stored["pooling"] == READOUT_POOLING and stored["projection"].shape == (READOUT_DIM, 256 * 3 * 2)
     model = model_from_checkpoint(checkpoint).eval()
     dataset = SeismicSTFTDataset(data_dir)
     training = np.sort(training_positions(checkpoint, dataset))
     positions = training[fit_sample(len(training), 42, READOUT_SAMPLE)]  # as train.py draws them
-    pooled = pooled_features(model, dataset, positions, 4, "cpu", READOUT_POOLING, window_bins(dataset.stft))
+    windows = window_bins(dataset.stft)
+    pooled = pooled_features(model, dataset, positions, 4, "cpu", READOUT_POOLING, windows, rows=3)
     assert (
         stored["fitted_on"] == len(pooled) == len(positions) * (1 + 16)
     )  # each 90 s file whole and in 16 windows of 10 s
-    again = fit_readout(pooled, seed=42).to_dict()  # the same fit from the same samples: deterministic
+    again = fit_readout(pooled, seed=42, rows=3).to_dict()  # the same fit from the same samples: deterministic
     for key in ("mean", "scale", "projection"):
         torch.testing.assert_close(again[key], stored[key])
     embedded = model.readout(torch.from_numpy(pooled)).numpy()
@@ -60,6 +63,25 @@ def test_a_finished_run_resumed_fits_the_same_readout(trained, tmp_path):
     after = load_checkpoint(run_dir / "best_model.pt")["readout"]
     for key in ("mean", "scale", "projection"):
         torch.testing.assert_close(after[key], before[key])
+
+
+def test_the_readout_reads_the_band_below_20_hz_alone(trained):
+    """What a recording holds above 18.75 Hz (where a 40 Hz BH trace holds no data) leaves its read-out embedding as
+    it is; the whole-band time-mean pooling moves."""
+    assert (
+        band_rows(STFTConfig(), ModelConfig()) == 3
+        and band_rows(STFTConfig(), ModelConfig(features=ARCHS["stride8"])) == 6
+    )
+    path, data_dir = trained
+    model = model_from_checkpoint(load_checkpoint(path)).eval()
+    x = SeismicSTFTDataset(data_dir)[0][0][None]
+    edge = x.clone()
+    edge[:, :, 48:] = x[:, :, 47:48]  # bin 47: 18.36 Hz, the last that rows 0-2 see
+    mask = torch.ones(1, x.shape[-1], dtype=torch.bool)
+    readout, edge_readout = (encode_batch(model, v, mask)[0] for v in (x, edge))
+    np.testing.assert_allclose(edge_readout, readout, atol=1e-5)
+    pooled, edge_pooled = (encode_batch(model, v, mask, "time-mean")[0] for v in (x, edge))
+    assert np.abs(edge_pooled - pooled).max() > 0.01
 
 
 def test_checkpoint_without_readout_embeds_with_time_mean(trained, tmp_path, capsys):
