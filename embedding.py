@@ -240,9 +240,9 @@ def read_rows(embeddings, rows):
 
 
 class CatalogColumns:
-    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 160 bytes a row (measured; a list
-    of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held once; the start time,
-    one per row, is not looked up (a table of every start would cost ~100 bytes a row more)."""
+    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 200 bytes a row (196 measured over
+    300,000 rows; a list of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held
+    once; the start time, one per row, is not looked up (a table of every start cost 26 bytes a row more)."""
 
     UNIQUE = ("starttime",)  # text columns of a value per row: not interned
 
