@@ -37,8 +37,8 @@ class LengthBatchSampler:
         order = rng.permutation(self.positions) if self.shuffle else self.positions
         order = order[np.argsort(self.lengths[order], kind="stable")]
         breaks = np.flatnonzero(np.diff(self.lengths[order])) + 1  # where the length changes
-        batches = [
-            run[start : start + self.batch_size].tolist()
+        batches = [  # numpy arrays (views), not lists: an archive's millions of positions as Python ints take 36 B each
+            run[start : start + self.batch_size]
             for run in np.split(order, breaks)
             for start in range(0, len(run), self.batch_size)
         ]
@@ -47,7 +47,7 @@ class LengthBatchSampler:
         return batches
 
     def __iter__(self):
-        return iter(self.batches())
+        return (batch.tolist() for batch in self.batches())
 
     def __len__(self):
         counts = np.unique(self.lengths[self.positions], return_counts=True)[1]

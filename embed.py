@@ -20,8 +20,10 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -35,10 +37,11 @@ from embedding import (
     CATALOG_COLUMNS,
     POOLINGS,
     READOUT,
-    CatalogColumns,
+    CatalogPart,
+    Catalogue,
+    CatalogueReader,
     EmbeddingWriter,
     catalog_row,
-    concatenate_columns,
     default_pooling,
     encode_batch,
     merge_parts,
@@ -196,8 +199,8 @@ def embed(args, device):
     args.pooling = args.pooling or default_pooling(model)
     skips = SkipLog()
     dataset, window_seconds, window_stride = open_dataset(args, settings, skips)
-    positions = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"]).tolist()
-    if not positions:
+    positions = dataset.split_positions(args.split, settings["split_by"], settings["val_groups"])
+    if not len(positions):
         raise RunError(
             f"no usable files of families {' '.join(settings['families'])} for --split {args.split} in "
             f"{dataset.data_dir}"
@@ -215,28 +218,29 @@ def embed(args, device):
     if joined is None:  # not rank 0: its share is with rank 0
         return None
     catalog, thumbnails, spectrograms = joined
-    if not catalog:
+    if not len(catalog):
         raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
     seconds, processes = time.perf_counter() - started, rank_and_world_size()[1]
     log.info(
         "embedded %d samples in %.1f s: %.0f samples/s, %d processes",
-        len(catalog["path"]),
+        len(catalog),
         seconds,
-        len(catalog["path"]) / seconds,
+        len(catalog) / seconds,
         processes,
     )
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
     build_vector_index(output_dir)  # index.faiss beside embeddings.npy, which similar.py searches (vector_index.py)
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
     remove_stale_outputs(output_dir)
-    describe_clusters(embeddings, catalog, args, output_dir, dataset)
-    write_catalog(output_dir, catalog)
-    plot_outputs(catalog, model, dataset, args, output_dir, device)
-    write_projector(embeddings, catalog, thumbnails, output_dir)
+    times, clusters = describe_clusters(embeddings, catalog, args, output_dir, dataset)
+    reader = CatalogueReader(output_dir)  # catalog.parquet, written by describe_clusters: rows read on demand
+    plot_outputs(reader, catalog, model, dataset, args, output_dir, device)
+    plot_over_time(times, clusters, output_dir)
+    write_projector(embeddings, reader, catalog.position, thumbnails, output_dir)
     description = {"window_seconds": window_seconds, "window_stride": window_stride, "processes": processes}
     summary = describe_run(embeddings, args, dataset, output_dir, description, skips)
     if labels:
-        summary["labels"] = score_labels(embeddings, catalog, labels, spectrograms, args, output_dir)
+        summary["labels"] = score_labels(embeddings, reader, catalog.position, labels, spectrograms, args, output_dir)
     print(
         f"{summary['rows']} recordings embedded ({summary['dim']} values each, pooling {args.pooling}) in {output_dir}"
     )
@@ -280,7 +284,7 @@ def join_shares(passed, path):
     for share in shares:
         thumbnails |= share["thumbnails"]
         spectrograms |= share["spectrograms"]
-    return concatenate_columns([share["catalog"] for share in shares]), thumbnails, spectrograms
+    return Catalogue([share["catalog"] for share in shares]), thumbnails, spectrograms
 
 
 def remove_stale_outputs(output_dir):
@@ -299,15 +303,14 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
     projector_keep, label_keep, label_bins = keep
     # Kept arrays live in one buffer each: thousands of small arrays among the batches' large transient ones keep
     # the heap from shrinking (measured: 14 KB more resident memory per window embedded, 14 GB at 10^6 windows).
-    thumbnail_slot = {p: i for i, p in enumerate(sorted(projector_keep.intersection(share)))}
-    label_slot = {p: i for i, p in enumerate(sorted(label_keep.intersection(share)))}
+    thumbnail_slot, label_slot = slots(projector_keep, share), slots(label_keep, share)
     thumbnails = np.zeros((len(thumbnail_slot), THUMBNAIL, THUMBNAIL), dtype=np.float32)
     spectrograms = np.zeros((len(label_slot), 3, dataset.stft.n_freq, label_bins), dtype=np.float32)
     sampler = LengthBatchSampler(dataset.time_bins(), args.batch_size, share)
     workers = dict(num_workers=args.num_workers, persistent_workers=False) if args.num_workers else {}
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_collate, **workers)
     writer = EmbeddingWriter(os.path.join(output_dir, "embeddings.npy"), rank_and_world_size()[0])
-    catalog = CatalogColumns()
+    catalog = CatalogPart(output_dir, rank_and_world_size()[0])
     for batch in loader:
         dataset.skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
@@ -319,21 +322,26 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
             relpath = os.path.relpath(meta["path"], dataset.data_dir)
             position = meta["index"]
             duration = float(dataset.sample_seconds(position))
-            catalog.append({**catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), "position": position})
+            catalog.append(catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), position)
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
             if position in thumbnail_slot:
                 thumbnails[thumbnail_slot[position]] = thumbnail(valid)
             if position in label_slot:
                 spectrograms[label_slot[position]] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0]
     writer.close(merge=False)
-    columns = catalog.columns()
     return {
-        "catalog": columns,
+        "catalog": catalog.close(),  # the part's path, and the position and anomaly ratio of each row
         "thumbnails": dict(zip(thumbnail_slot, thumbnails)),  # by position; numpy views pickle as their own rows
         "spectrograms": dict(zip(label_slot, spectrograms)),
         "dim": writer.dim,
         "part": writer.part,
     }
+
+
+def slots(kept, share):
+    """{position: slot} of the positions of `kept` (a set) in `share` (an array), in ascending order."""
+    found = np.intersect1d(np.fromiter(kept, dtype=np.int64, count=len(kept)), share)
+    return {p: i for i, p in enumerate(found.tolist())}
 
 
 def thumbnail(spectrogram):
@@ -342,8 +350,10 @@ def thumbnail(spectrogram):
 
 
 def describe_clusters(embeddings, catalog, args, output_dir, dataset):
-    """Cluster, map and anomaly columns into `catalog`; clusters.json; one figure of each cluster's nearest members.
-    Fitted on a sample (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map."""
+    """Cluster, map and anomaly columns of every row, written with the rest of the catalogue (catalog.parquet and
+    catalog.csv); clusters.json; one figure of each cluster's nearest members. Fitted on a sample
+    (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map. Returns the start time
+    (datetime64[s]) and cluster of every row."""
     n_rows = len(embeddings)
     if args.clusters != "auto" and args.clusters > n_rows:
         raise RunError(f"--clusters {args.clusters}: more clusters than the {n_rows} recordings embedded")
@@ -351,32 +361,71 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         raise RunError(f"{n_rows} recordings embedded: clustering needs at least 3")
     pipeline, reduced = reduce(embeddings, args.seed)
     kmeans, description = cluster(reduced, args.clusters, args.seed)
-    labels, distances, map_xy = assign(pipeline, kmeans, embeddings)
-    ratio = catalog["mse"] / np.maximum(catalog["mse_time_mean"], 1e-12)
-    anomaly_rank = np.empty(n_rows, dtype=np.int64)
-    anomaly_rank[np.argsort(-ratio, kind="stable")] = np.arange(1, n_rows + 1)
-    catalog.update(cluster=labels, cluster_distance=distances, anomaly_rank=anomaly_rank)
-    catalog.update(map_x=map_xy[:, 0], map_y=map_xy[:, 1])
-    description["clusters"] = [cluster_summary(catalog, c) for c in range(description["k"])]
+    labels, distances = write_cluster_columns(assign(pipeline, kmeans, embeddings), catalog, output_dir)
+    reader = CatalogueReader(output_dir)
+    scanned, times = scan_clusters(reader, labels, description["k"])
+    description["clusters"] = [
+        cluster_summary(reader, labels, distances, c, scanned[c]) for c in range(description["k"])
+    ]
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
     for c, summary in enumerate(description["clusters"]):
         members = summary["nearest_rows"]
-        spectrograms = [dataset[catalog["position"][i]][0].float().numpy() for i in members]
-        titles = [f"{catalog['trace_id'][i]}\n{catalog['starttime'][i][:19]}" for i in members]
+        found = reader.rows(members, ["trace_id", "starttime"])
+        spectrograms = [dataset[catalog.position[i]][0].float().numpy() for i in members]
+        titles = [f"{found[i]['trace_id']}\n{found[i]['starttime'][:19]}" for i in members]
         title = f"cluster {c}: {summary['size']} recordings; the {len(members)} nearest its centre"
         figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title)
         save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
+    return times, labels
 
 
-def cluster_summary(catalog, c):
-    members = np.flatnonzero(catalog["cluster"] == c)
-    nearest = members[np.argsort(catalog["cluster_distance"][members], kind="stable")[:NEAREST_SHOWN]]
-    times = catalog["starttime"][members].tolist()
+def write_cluster_columns(assigned, catalog, output_dir):
+    """The catalogue's parts and the columns computed for every row (cluster, its distance, anomaly rank, map
+    position) written as catalog.parquet and catalog.csv; the parts are removed. Returns (clusters, distances)."""
+    labels, distances, map_xy = assigned
+    anomaly_rank = np.empty(len(catalog), dtype=np.int64)
+    anomaly_rank[np.argsort(-catalog.ratio, kind="stable")] = np.arange(1, len(catalog) + 1)
+    added = {"cluster": labels, "cluster_distance": distances, "anomaly_rank": anomaly_rank}
+    write_catalog(output_dir, catalog.tables(), added | {"map_x": map_xy[:, 0], "map_y": map_xy[:, 1]})
+    catalog.remove()
+    return labels, distances
 
-    def counts(column):
-        values, n = np.unique(catalog[column][members].astype(str), return_counts=True)
-        return {str(v): int(k) for v, k in sorted(zip(values, n), key=lambda item: -item[1])}
+
+COUNTED = ("family", "station", "network")  # clusters.json counts each cluster's members by these columns
+
+
+def scan_clusters(reader, labels, k):
+    """One pass over the catalogue's COUNTED and starttime columns, a row group at a time: for each cluster the count
+    of each value and its first and last start time (ISO text); and the start time of every row (datetime64[s])."""
+    scanned = [{"counts": {column: Counter() for column in COUNTED}, "first": None, "last": None} for _ in range(k)]
+    times = np.empty(len(labels), dtype="datetime64[s]")
+    for start, batch in reader.batches([*COUNTED, "starttime"]):
+        own = labels[start : start + batch.num_rows]
+        starts = np.array(batch.column("starttime").to_pylist(), dtype=object)
+        times[start : start + batch.num_rows] = start_times(starts)
+        for column in COUNTED:
+            encoded = pc.dictionary_encode(batch.column(column))
+            values, n_values = encoded.dictionary.to_pylist(), len(encoded.dictionary)
+            pairs, counts = np.unique(own * n_values + encoded.indices.to_numpy(), return_counts=True)
+            for pair, count in zip(pairs.tolist(), counts.tolist()):
+                scanned[pair // n_values]["counts"][column][values[pair % n_values]] += count
+        for c in np.unique(own).tolist():
+            member_starts = starts[own == c]
+            found = scanned[c]
+            found["first"] = min(member_starts.min(), found["first"] or member_starts.min())
+            found["last"] = max(member_starts.max(), found["last"] or member_starts.max())
+    return scanned, times
+
+
+def cluster_summary(reader, labels, distances, c, scanned):
+    members = np.flatnonzero(labels == c)
+    nearest = members[np.argsort(distances[members], kind="stable")[:NEAREST_SHOWN]]
+    paths = reader.rows(nearest, ["path"])
+
+    def counts(column):  # most members first; ties in the order of the values
+        ordered = sorted(scanned["counts"][column].items(), key=lambda item: (-item[1], item[0]))
+        return {str(value): int(n) for value, n in ordered}
 
     return {
         "cluster": c,
@@ -384,57 +433,66 @@ def cluster_summary(catalog, c):
         "families": counts("family"),
         "stations": counts("station"),
         "networks": counts("network"),
-        "first": min(times) if times else None,
-        "last": max(times) if times else None,
+        "first": scanned["first"],
+        "last": scanned["last"],
         "nearest_rows": nearest.tolist(),
-        "nearest": catalog["path"][nearest].tolist(),
+        "nearest": [paths[i]["path"] for i in nearest.tolist()],
     }
 
 
 @torch.no_grad()
-def plot_outputs(catalog, model, dataset, args, output_dir, device):
-    """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings; clusters_over_time.png if > 1 day."""
-    shown = fit_sample(len(catalog["path"]), args.seed, MAP_POINTS)
-    xy = np.column_stack([catalog["map_x"][shown], catalog["map_y"][shown]])
+def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
+    """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings."""
+    shown = fit_sample(len(catalog), args.seed, MAP_POINTS)
+    found = reader.rows(shown, ["map_x", "map_y", "cluster", "family"])
+    rows = [found[i] for i in shown.tolist()]
+    xy = np.array([[row["map_x"], row["map_y"]] for row in rows]).reshape(-1, 2)
     colourings = {
-        "coloured by cluster": catalog["cluster"][shown],
-        "coloured by channel family": catalog["family"][shown].astype(str),
+        "coloured by cluster": np.array([row["cluster"] for row in rows]),
+        "coloured by channel family": np.array([row["family"] for row in rows], dtype=str),
     }
-    save_figure(plot_map(xy, colourings, len(catalog["path"])), os.path.join(output_dir, "map.png"))
-    for i in np.argsort(catalog["anomaly_rank"], kind="stable")[: args.num_anomalies]:
-        x = dataset[catalog["position"][i]][0].float()[None].to(device)
+    save_figure(plot_map(xy, colourings, len(catalog)), os.path.join(output_dir, "map.png"))
+    top = np.argsort(-catalog.ratio, kind="stable")[: args.num_anomalies]  # anomaly_rank 1, 2, ...
+    found = reader.rows(top, ["path", "starttime", "anomaly_rank", "mse", "mse_time_mean"])
+    for i in top.tolist():
+        row = found[i]
+        x = dataset[catalog.position[i]][0].float()[None].to(device)
         reconstruction = model(x)[0].cpu().numpy()
-        file_id = sample_name(catalog["path"][i], catalog["starttime"][i] if dataset.window_seconds else None)
-        rank, ratio = catalog["anomaly_rank"][i], catalog["mse"][i] / catalog["mse_time_mean"][i]
+        file_id = sample_name(row["path"], row["starttime"] if dataset.window_seconds else None)
+        rank, ratio = row["anomaly_rank"], row["mse"] / row["mse_time_mean"]
         title = f"anomaly {rank}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
         figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title)
         save_figure(figure, os.path.join(output_dir, f"anomaly_{rank}_{file_id}.png"))
-    times = start_times(catalog["starttime"])
+
+
+def plot_over_time(times, clusters, output_dir):
+    """clusters_over_time.png where the rows span more than a day (an earlier run's is removed where not)."""
     over_time = os.path.join(output_dir, "clusters_over_time.png")
     if times.max() - times.min() > np.timedelta64(1, "D"):
-        save_figure(plot_clusters_over_time(times, catalog["cluster"]), over_time)
+        save_figure(plot_clusters_over_time(times, clusters), over_time)
     elif os.path.exists(over_time):
         os.remove(over_time)
 
 
-def rows_of(catalog, positions):
-    """Catalogue rows (ascending) of the dataset positions `positions`."""
-    return np.flatnonzero(np.isin(catalog["position"], list(positions))).tolist()
+def rows_of(positions, wanted):
+    """Catalogue rows (ascending) whose dataset positions (`positions`, one per row) are in `wanted`."""
+    return np.flatnonzero(np.isin(positions, list(wanted))).tolist()
 
 
-def write_projector(embeddings, catalog, thumbnails, output_dir):
+def write_projector(embeddings, reader, positions, thumbnails, output_dir):
     """projector/: TensorBoard's embedding projector of the rows with thumbnails (built aside, then swapped in)."""
     final, building = os.path.join(output_dir, "projector"), os.path.join(output_dir, ".projector.tmp")
     shutil.rmtree(building, ignore_errors=True)
     if thumbnails:
-        chosen = rows_of(catalog, thumbnails)
-        metadata = [[str(catalog[c][i]) for c in CATALOG_COLUMNS] for i in chosen]
+        chosen = rows_of(positions, thumbnails)
+        found = reader.rows(chosen)
+        metadata = [[str(found[i][c]) for c in CATALOG_COLUMNS] for i in chosen]
         with SummaryWriter(building) as writer:
             writer.add_embedding(
                 torch.from_numpy(read_rows(embeddings, chosen)),
                 metadata=metadata,
                 metadata_header=list(CATALOG_COLUMNS),
-                label_img=torch.from_numpy(np.stack([thumbnails[catalog["position"][i]] for i in chosen]))[:, None]
+                label_img=torch.from_numpy(np.stack([thumbnails[positions[i]] for i in chosen]))[:, None]
                 .expand(-1, 3, -1, -1)  # grey: the Z thumbnail in each of the three colour channels
                 .contiguous(),
                 tag="embeddings",
@@ -444,13 +502,17 @@ def write_projector(embeddings, catalog, thumbnails, output_dir):
         os.replace(building, final)
 
 
-def score_labels(embeddings, catalog, labels, spectrograms, args, output_dir):
+def score_labels(embeddings, reader, all_positions, labels, spectrograms, args, output_dir):
     """Leave-one-out k-NN accuracy, precision@k and silhouette of the labels for the embedding and two baselines of
     the same dimension; printed, and written to labels.json."""
     name, label_of = labels
-    chosen = rows_of(catalog, spectrograms)
-    positions = catalog["position"][chosen]
-    values = catalog[name][chosen].astype(str).tolist() if label_of is None else [label_of[p] for p in positions]
+    chosen = rows_of(all_positions, spectrograms)
+    positions = all_positions[chosen]
+    if label_of is None:
+        found = reader.rows(chosen, [name])
+        values = [str(found[i][name]) for i in chosen]
+    else:
+        values = [label_of[p] for p in positions]
     if len(set(values)) < 2:
         raise RunError(f"--labels {args.labels}: the embedded recordings hold fewer than 2 different labels")
     spectra = np.stack([spectrograms[p] for p in positions])

@@ -239,81 +239,130 @@ def read_rows(embeddings, rows):
     return found
 
 
-class CatalogColumns:
-    """Catalogue rows appended one by one and kept as columns of numpy arrays: about 200 bytes a row (196 measured over
-    300,000 rows; a list of dicts takes over 700), as repeated text (path, trace_id, network, family, ...) is held
-    once; the start time, one per row, is not looked up (a table of every start cost 26 bytes a row more)."""
+def part_catalog_path(directory, rank):
+    return os.path.join(directory, f"catalog.parquet.rank{rank}.part")
 
-    UNIQUE = ("starttime",)  # text columns of a value per row: not interned
 
-    def __init__(self, flush_every=4096):
-        self.pending, self.parts, self.flush_every, self.texts = [], [], flush_every, {}
+class CatalogPart:
+    """One process's catalogue rows (catalog_row), streamed to a Parquet part beside the outputs every `flush_every`
+    rows, so that the text of the catalogue is never held whole. Kept in memory: the dataset position and the anomaly
+    ratio (mse / mse_time_mean) of each row, 16 bytes; `close` gives them with the part's path and row count."""
 
-    def append(self, row):
+    def __init__(self, directory, rank=0, flush_every=8192):
+        self.path, self.flush_every = part_catalog_path(directory, rank), flush_every
+        self.pending, self.positions, self.kept, self.writer, self.rows = [], [], [], None, 0
+        if os.path.exists(self.path):  # an earlier run's, stopped before rank 0 joined it
+            os.remove(self.path)
+
+    def append(self, row, position):
         self.pending.append(row)
+        self.positions.append(position)
         if len(self.pending) >= self.flush_every:
             self.flush()
 
     def flush(self):
-        if self.pending:
-            names = self.pending[0].keys()
-            self.parts.append({name: self.column(name, [row[name] for row in self.pending]) for name in names})
-            self.pending = []
+        if not self.pending:
+            return
+        schema = self.writer.schema_arrow if self.writer else None
+        table = pa.Table.from_pylist(self.pending, schema=schema)
+        self.writer = self.writer or pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+        mse, baseline = table.column("mse").to_numpy(), table.column("mse_time_mean").to_numpy()
+        self.kept.append((np.array(self.positions, dtype=np.int64), mse / np.maximum(baseline, 1e-12)))
+        self.rows += len(self.pending)
+        self.pending, self.positions = [], []
 
-    def column(self, name, values):
-        if isinstance(values[0], str):
-            return np.array(values if name in self.UNIQUE else [self.texts.setdefault(v, v) for v in values], object)
-        return np.array(values)
-
-    def columns(self):
-        """{column: (N,) array}; empty when no row was appended. The parts are let go column by column, so that the
-        catalogue is not held twice."""
+    def close(self):
+        """{"path": the part (None when no row was appended), "rows", "position": (rows,), "ratio": (rows,)}."""
         self.flush()
-        names = list(self.parts[0]) if self.parts else []
-        joined = {}
-        for name in names:
-            joined[name] = np.concatenate([part.pop(name) for part in self.parts])
-        self.parts = []
-        return joined
+        if self.writer:
+            self.writer.close()
+        positions, ratios = zip(*self.kept) if self.kept else ([np.zeros(0, np.int64)], [np.zeros(0)])
+        path = self.path if self.rows else None
+        return {"path": path, "rows": self.rows, "position": np.concatenate(positions), "ratio": np.concatenate(ratios)}
 
 
-def concatenate_columns(tables):
-    """Column tables (as CatalogColumns.columns gives) one after another; empty tables are left out (one table is
-    returned as it is, not copied)."""
-    tables = [table for table in tables if table]
-    if len(tables) == 1:
-        return tables[0]
-    return {name: np.concatenate([table[name] for table in tables]) for name in tables[0]} if tables else {}
+class Catalogue:
+    """The catalogue parts of every process joined in rank order (rank 0, after the loop): the rows stay in the
+    parts on disk, read a row group at a time (`tables`); `position` and `ratio` of every row are in memory."""
+
+    def __init__(self, parts):
+        self.paths = [part["path"] for part in parts if part["rows"]]
+        self.position = np.concatenate([part["position"] for part in parts])
+        self.ratio = np.concatenate([part["ratio"] for part in parts])
+
+    def __len__(self):
+        return len(self.position)
+
+    def tables(self):
+        """pyarrow tables of the rows, in order, as they were written (a few thousand rows each)."""
+        for path in self.paths:
+            part = pq.ParquetFile(path)
+            for group in range(part.num_row_groups):
+                yield part.read_row_group(group)
+
+    def remove(self):
+        for path in self.paths:
+            if os.path.exists(path):
+                os.remove(path)
 
 
-def write_catalog(directory, catalog, chunk=CATALOG_ROW_GROUP):
-    """catalog.parquet (the CATALOG_COLUMNS, same row order as embeddings.npy, in row groups of CATALOG_ROW_GROUP rows)
-    and, up to CSV_MAX_ROWS rows, catalog.csv (written `chunk` rows at a time); each atomically. Beyond CSV_MAX_ROWS
-    a catalog.csv left by an earlier run into the same directory is removed: it would describe other rows."""
+def row_groups(tables, size):
+    """The rows of `tables` (pyarrow tables one after another) again, as tables of `size` rows (the last fewer)."""
+    held, count = [], 0
+    for table in tables:
+        held.append(table)
+        count += len(table)
+        while count >= size:
+            joined = pa.concat_tables(held)
+            yield joined.slice(0, size)
+            held, count = [joined.slice(size)], count - size
+    if count:
+        yield pa.concat_tables(held)
 
-    def write_csv(f):
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(CATALOG_COLUMNS)
-        for start in range(0, len(catalog["path"]), chunk):
-            writer.writerows(zip(*(catalog[name][start : start + chunk].tolist() for name in CATALOG_COLUMNS)))
-        text.flush()
-        text.detach()
 
-    def write_parquet(f):  # a row group at a time: one table of every row would hold all its text again
+def write_catalog(directory, tables, added=None):
+    """catalog.parquet from `tables` (pyarrow tables of catalogue rows, in order) and the `added` columns ({name: (N,)
+    array}: cluster, map, rank), in CATALOG_COLUMNS order and row groups of CATALOG_ROW_GROUP rows; then, up to
+    CSV_MAX_ROWS rows, catalog.csv from it. Each atomically, a row group at a time. Beyond CSV_MAX_ROWS a catalog.csv
+    left by an earlier run into the same directory is removed: it would describe other rows."""
+    added, parquet = added or {}, os.path.join(directory, "catalog.parquet")
+    rows = [0]
+
+    def write_parquet(f):
         writer = None
-        for start in range(0, len(catalog["path"]), CATALOG_ROW_GROUP):
-            table = pa.table({name: catalog[name][start : start + CATALOG_ROW_GROUP] for name in CATALOG_COLUMNS})
+        for table in row_groups(tables, CATALOG_ROW_GROUP):
+            start, rows[0] = rows[0], rows[0] + len(table)
+            for name, values in added.items():
+                table = table.drop_columns([name]) if name in table.column_names else table
+                table = table.append_column(name, pa.array(values[start : rows[0]]))
+            table = table.select(CATALOG_COLUMNS)
             writer = writer or pq.ParquetWriter(f, table.schema)
             writer.write_table(table)
         writer.close()
 
-    parquet, csv_path = os.path.join(directory, "catalog.parquet"), os.path.join(directory, "catalog.csv")
     atomic_write(parquet, write_parquet)
-    if len(catalog["path"]) <= CSV_MAX_ROWS:
-        atomic_write(csv_path, write_csv)
-    elif os.path.exists(csv_path):
-        os.remove(csv_path)
+    write_csv_copy(directory, rows[0])
+
+
+def write_csv_copy(directory, n_rows):
+    """catalog.csv: catalog.parquet as text, read a row group at a time, where it has at most CSV_MAX_ROWS rows."""
+    csv_path = os.path.join(directory, "catalog.csv")
+    if n_rows > CSV_MAX_ROWS:
+        if os.path.exists(csv_path):
+            os.remove(csv_path)
+        return
+
+    def write(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(CATALOG_COLUMNS)
+        for batch in pq.ParquetFile(os.path.join(directory, "catalog.parquet")).iter_batches(CATALOG_ROW_GROUP):
+            writer.writerows(zip(*(batch.column(name).to_pylist() for name in CATALOG_COLUMNS)))
+        text.flush()
+        text.detach()
+
+    atomic_write(csv_path, write)
 
 
 class CatalogueReader:
@@ -335,16 +384,29 @@ class CatalogueReader:
     def __len__(self):
         return int(self.group_start[-1])
 
-    def rows(self, numbers):
-        """{row number: {column: value}} of the rows `numbers` (any order, repeats allowed)."""
+    def rows(self, numbers, columns=None):
+        """{row number: {column: value}} of the rows `numbers` (any order, repeats allowed); of `columns` alone where
+        given (the others are not decoded)."""
         numbers = np.unique(np.asarray(numbers, dtype=np.int64))
         groups = np.searchsorted(self.group_start, numbers, side="right") - 1
         found = {}
         for group in np.unique(groups):
-            table = self.table if self.file is None else self.file.read_row_group(int(group))
+            table = self.table if self.file is None else self.file.read_row_group(int(group), columns=columns)
+            table = table.select(columns) if columns else table
             wanted = numbers[groups == group]
             found |= dict(zip(wanted.tolist(), table.take(wanted - self.group_start[group]).to_pylist()))
         return found
+
+    def batches(self, columns):
+        """(first row, pyarrow RecordBatch of `columns`) of every row group, in order."""
+        if self.file is None:
+            batches = self.table.select(columns).to_batches()
+        else:
+            batches = self.file.iter_batches(CATALOG_ROW_GROUP, columns=columns)
+        start = 0
+        for batch in batches:
+            yield start, batch
+            start += batch.num_rows
 
     def first_rows(self, paths):
         """{path: its first row} of those of `paths` that the catalogue holds."""

@@ -6,6 +6,7 @@ shares in rank order: the outputs are those of one process, whatever W is. Witho
 no-op (one share: all of it).
 """
 
+import numpy as np
 import torch.distributed as dist
 
 from batching import LengthBatchSampler
@@ -13,8 +14,10 @@ from distributed import is_rank_zero, rank_and_world_size
 
 
 def planned_order(lengths, batch_size, positions):
-    """Dataset positions in the order one process reads them: batches of one length, by length, then position."""
-    return [position for batch in LengthBatchSampler(lengths, batch_size, positions) for position in batch]
+    """(N,) int64 dataset positions in the order one process reads them: batches of one length, by length, then
+    position."""
+    batches = LengthBatchSampler(lengths, batch_size, positions).batches()
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
 
 def own_share(order):

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from conftest import SearchIndex, copy_files, shipped_files
@@ -119,12 +120,12 @@ def test_catalogue_reader_decodes_only_the_row_groups_it_needs_and_finds_first_r
     columns = {name: stored[name].to_numpy() for name in stored.columns}
     columns["path"] = np.array(["a.mseed", "b.mseed", "a.mseed", "b.mseed", "c.mseed", "a.mseed", "b.mseed", "c.mseed"])
     monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 3)
-    embedding.write_catalog(tmp_path, columns)
+    embedding.write_catalog(tmp_path, [pa.table(columns)])
     reader = embedding.CatalogueReader(tmp_path)
     assert len(reader) == 8 and reader.file.num_row_groups == 3
     read_groups = []
     monkeypatch.setattr(
-        reader.file, "read_row_group", lambda g, f=reader.file.read_row_group: read_groups.append(g) or f(g)
+        reader.file, "read_row_group", lambda g, f=reader.file.read_row_group, **kw: read_groups.append(g) or f(g, **kw)
     )
     rows = reader.rows([7, 0, 7, 1])
     assert sorted(rows) == [0, 1, 7] and sorted(read_groups) == [0, 2]  # group 1 (rows 3-5) is never decoded
@@ -146,7 +147,7 @@ def test_beyond_csv_max_rows_the_catalogue_is_parquet_alone_and_similar_reads_it
     shutil.copytree(out, copy)
     stored = pd.read_parquet(copy / "catalog.parquet")
     monkeypatch.setattr(embedding, "CSV_MAX_ROWS", 5)
-    embedding.write_catalog(copy, {name: stored[name].to_numpy() for name in stored.columns})
+    embedding.write_catalog(copy, [pa.Table.from_pandas(stored, preserve_index=False)])
     assert not (copy / "catalog.csv").exists()  # 8 rows > 5: Parquet alone, and the earlier run's CSV is gone
     queries = ["2", stored.path[5], "-k", "3", "--no-figures"]
     found = similar.main([str(copy), *queries, "--table", str(tmp_path / "parquet.csv")])
