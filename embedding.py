@@ -263,7 +263,7 @@ class CatalogPart:
     def flush(self):
         if not self.pending:
             return
-        schema = self.writer.schema_arrow if self.writer else None
+        schema = self.writer.schema if self.writer else None
         table = pa.Table.from_pylist(self.pending, schema=schema)
         self.writer = self.writer or pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table)

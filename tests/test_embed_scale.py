@@ -6,15 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import ROOT, SHIPPED, SearchIndex, copy_files, shipped_files
 from torch.utils.data import DataLoader
 
 import embed
+import embedding
 import inference
 import representation
 import shards
@@ -200,3 +203,43 @@ def test_catalogue_parquet_equals_csv_and_embeddings_are_memory_mapped(trained, 
     pd.testing.assert_frame_equal(csv_table, parquet_table, check_dtype=False)
     embeddings = embed.read_embeddings(out / "embeddings.npy")
     assert isinstance(embeddings, np.memmap) and embeddings.dtype == np.float16 and len(embeddings) == len(csv_table)
+    assert not [name for name in os.listdir(out) if name.endswith(".part")]  # the catalogue's parts are joined
+
+
+def test_catalogue_parts_hold_16_bytes_a_row_and_join_in_rank_order(trained, tmp_path, monkeypatch):
+    """The catalogue while embedding: rows streamed to Parquet parts (one per process), 16 bytes a row kept in memory
+    (position, anomaly ratio); joined in rank order into catalog.parquet and catalog.csv in row groups."""
+    checkpoint, data_dir = trained
+    out = tmp_path / "out"
+    embed.main([checkpoint, "--data_dir", data_dir, "--output_dir", str(out), "--device", "cpu", "--clusters", "2"])
+    real = pd.read_parquet(out / "catalog.parquet")
+    rows = [row for _, row in real.drop(columns=list(embed.CATALOG_COLUMNS[10:15])).iterrows()]
+    rows = [row.to_dict() for row in rows] * (20_000 // len(rows) + 1)
+    tracemalloc.start()
+    parts = []
+    for rank, share in enumerate((rows[:7_000], rows[7_000:20_000])):
+        part = embedding.CatalogPart(tmp_path, rank, flush_every=1_000)
+        before = tracemalloc.get_traced_memory()[0]
+        for position, row in enumerate(share):
+            part.append(row, position + 7_000 * rank)
+        held = tracemalloc.get_traced_memory()[0] - before
+        parts.append(part.close())
+        assert held < 1_000 * 2_000 + 40 * len(share)  # the pending rows, and little per row streamed (200 B before)
+    tracemalloc.stop()
+    catalogue = embedding.Catalogue(parts)
+    assert catalogue.position.tolist() == list(range(20_000)) and len(catalogue) == 20_000
+    expected = real.mse.to_numpy() / real.mse_time_mean.to_numpy()
+    np.testing.assert_array_equal(catalogue.ratio[: len(real)], expected)
+    monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 4_096)
+    added = {name: np.arange(20_000) for name in embed.CATALOG_COLUMNS[10:15]}
+    embedding.write_catalog(tmp_path, catalogue.tables(), added)
+    catalogue.remove()
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
+    written = pq.ParquetFile(tmp_path / "catalog.parquet")
+    assert [written.metadata.row_group(g).num_rows for g in range(written.num_row_groups)] == [4_096] * 4 + [3_616]
+    joined = pd.read_parquet(tmp_path / "catalog.parquet")
+    assert list(joined.columns) == list(embed.CATALOG_COLUMNS) and (joined.cluster == np.arange(20_000)).all()
+    assert joined.path.tolist() == [row["path"] for row in rows[:20_000]]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "catalog.csv", keep_default_na=False), joined, check_dtype=False
+    )
