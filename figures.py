@@ -84,9 +84,11 @@ def plot_map(xy, colourings, of=None):
     if of and of > len(xy):
         figure.suptitle(f"{len(xy):,} of {of:,} recordings, drawn at random", fontsize=9)
     for ax, (title, labels) in zip(np.atleast_1d(figure.subplots(1, len(colourings))), colourings.items()):
-        for value in sorted(set(labels)):
+        values, counts = np.unique(labels, return_counts=True)
+        on_top = np.argsort(np.argsort(-counts, kind="stable"))  # the smallest groups drawn last: none hidden
+        for value, count, layer in zip(values, counts, on_top):
             chosen = labels == value
-            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, label=f"{value} ({chosen.sum()})")
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, label=f"{value} ({count})", zorder=2 + layer)
         ax.set_xlabel("principal component 1 (standardised units)")
         ax.set_ylabel("principal component 2 (standardised units)")
         ax.set_title(title)

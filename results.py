@@ -47,12 +47,21 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]) + "\n"
 
 
+STARTED = datetime.now(timezone.utc), commit()  # when the measuring script started, and the code it ran
+
+
+def measured():
+    """'<start> to <end> UTC, commit <hash>': the commit at the start, and the one when written where they differ."""
+    (started, at_start), now, at_end = STARTED, datetime.now(timezone.utc), commit()
+    written = f" ({at_end} when written)" if at_end != at_start else ""
+    return f"{started:%Y-%m-%d %H:%M} UTC, commit {at_start}{written}; written {now:%Y-%m-%d %H:%M} UTC"
+
+
 def write_results(path, title, body, device=None):
     """Write results/<file>.md: the title, then when, where and how it was measured, then body (Markdown)."""
-    now = datetime.now(timezone.utc)
     header = (
         f"# {title}\n\n"
-        f"- measured: {now:%Y-%m-%d %H:%M} UTC, commit {commit()}\n"
+        f"- measured: {measured()}\n"
         f"- machine: {machine(device)}\n"
         f"- command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}`\n\n"
     )

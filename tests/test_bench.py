@@ -112,3 +112,14 @@ def test_dated_results_files_are_never_overwritten(tmp_path):
         and second.endswith("-bench.md")
         and os.path.basename(second)[:10] == os.path.basename(first)[:10]
     )
+
+
+def test_results_name_the_commit_the_measurement_started_at(tmp_path, monkeypatch):
+    """A results file written after the code changed names the commit the script ran, and the later one."""
+    started = results.STARTED
+    monkeypatch.setattr(results, "commit", lambda: "abc1234+changes")
+    path = results.write_results(tmp_path / "r.md", "t", "body\n")
+    text = path.read_text()
+    assert f"- measured: {started[0]:%Y-%m-%d %H:%M} UTC, commit {started[1]} (abc1234+changes when written)" in text
+    monkeypatch.setattr(results, "commit", lambda: started[1])
+    assert f"commit {started[1]}; written " in results.write_results(tmp_path / "s.md", "t", "body\n").read_text()

@@ -20,7 +20,7 @@ import event_noise_windows
 import similar
 from checkpoints import model_from_checkpoint
 from embedding import CATALOG_COLUMNS, POOLINGS, EmbeddingWriter
-from figures import sample_name
+from figures import plot_map, sample_name
 from readout import READOUT_DIM, READOUT_POOLING
 from stft_dataset import SeismicSTFTDataset
 
@@ -239,3 +239,18 @@ def test_figure_names_keep_an_sds_day_and_a_window_start():
     day = "2020/XX/S000/HHE.D/XX.S000..HHE.D.2020.001"  # an SDS day file: its extension is its day
     assert sample_name(day) == "XX.S000..HHE.D.2020.001"
     assert sample_name(day, "2020-01-01T06:55:14.000000Z") == "XX.S000..HHE.D.2020.001_20200101T065514"
+
+
+def test_map_draws_the_smallest_groups_on_top(embedded):
+    """A rare family (the shipped data's 14 BH recordings among 163 were hidden) is drawn above the others; the legend
+    keeps its order."""
+    catalog = pd.read_csv(embedded[1] / "catalog.csv", keep_default_na=False)
+    families = catalog.family.to_numpy(dtype=str)
+    figure = plot_map(catalog[["map_x", "map_y"]].to_numpy(), {"family": families})
+    (ax,) = figure.axes
+    values, counts = np.unique(families, return_counts=True)
+    layers = {c.get_label().split()[0]: c.get_zorder() for c in ax.collections}
+    assert list(layers) == values.tolist() and len(values) > 1
+    count = dict(zip(values.tolist(), counts.tolist()))
+    assert all(layers[a] > layers[b] for a in count for b in count if count[a] < count[b])
+    assert len(set(layers.values())) == len(values)  # one layer each, ties drawn in the legend's order
