@@ -411,10 +411,10 @@ def scan_clusters(reader, labels, k):
             for pair, count in zip(pairs.tolist(), counts.tolist()):
                 scanned[pair // n_values]["counts"][column][values[pair % n_values]] += count
         for c in np.unique(own).tolist():
-            member_starts = starts[own == c]
-            found = scanned[c]
-            found["first"] = min(member_starts.min(), found["first"] or member_starts.min())
-            found["last"] = max(member_starts.max(), found["last"] or member_starts.max())
+            member_starts, found = starts[own == c], scanned[c]
+            first, last = member_starts.min(), member_starts.max()
+            found["first"] = first if found["first"] is None else min(first, found["first"])
+            found["last"] = last if found["last"] is None else max(last, found["last"])
     return scanned, times
 
 

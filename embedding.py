@@ -334,7 +334,6 @@ def write_catalog(directory, tables, added=None):
         for table in row_groups(tables, CATALOG_ROW_GROUP):
             start, rows[0] = rows[0], rows[0] + len(table)
             for name, values in added.items():
-                table = table.drop_columns([name]) if name in table.column_names else table
                 table = table.append_column(name, pa.array(values[start : rows[0]]))
             table = table.select(CATALOG_COLUMNS)
             writer = writer or pq.ParquetWriter(f, table.schema)

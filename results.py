@@ -51,7 +51,7 @@ STARTED = datetime.now(timezone.utc), commit()  # when the measuring script star
 
 
 def measured():
-    """'<start> to <end> UTC, commit <hash>': the commit at the start, and the one when written where they differ."""
+    """'<start> UTC, commit <hash at the start> (<hash> when written, where they differ); written <end> UTC'."""
     (started, at_start), now, at_end = STARTED, datetime.now(timezone.utc), commit()
     written = f" ({at_end} when written)" if at_end != at_start else ""
     return f"{started:%Y-%m-%d %H:%M} UTC, commit {at_start}{written}; written {now:%Y-%m-%d %H:%M} UTC"
