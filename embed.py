@@ -46,6 +46,7 @@ from embedding import (
     encode_batch,
     merge_parts,
     read_embeddings,
+    read_in_chunks,
     read_rows,
     start_times,
     write_catalog,
@@ -59,7 +60,8 @@ from figures import (
     save_figure,
 )
 from representation import (
-    assign,
+    ASSIGN_CHUNK,
+    assign_rows,
     chance_scores,
     cluster,
     compared_features,
@@ -93,6 +95,7 @@ CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "pre
                  ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
 VALUE_COLUMNS = (("r2", "R^2", 7, ".3f"), ("mae", "MAE", 10, ".4g"))
 MAP_POINTS = 20_000  # map.png draws at most this many recordings, drawn with --seed: more would only overlap
+OVER_TIME_BINS = 40  # bins of start time in clusters_over_time.png
 LABEL_SAMPLE = 5_000  # labelled recordings scored by --labels (leave-one-out over all rows costs N^2)
 
 
@@ -193,6 +196,17 @@ def read_labels(spec, dataset, positions):
 
 
 def embed(args, device):
+    summary = embed_and_describe(args, device)
+    if summary is None:  # not rank 0: its share is with rank 0
+        return None
+    # Built last, once the dataset's window index and the catalogue's columns are released: the FAISS index is held
+    # in memory while it is built (its codes and ids, 40 bytes a row), the one part of embed.py that grows with N.
+    build_vector_index(summary["output_dir"])  # index.faiss beside embeddings.npy, which similar.py searches
+    return summary
+
+
+def embed_and_describe(args, device):
+    """Embeddings, catalogue, clusters, figures, projector and label scores; the summary dict of embed() on rank 0."""
     model, checkpoint, settings = load(args, device)
     if args.pooling == READOUT and model.readout is None:
         raise RunError(f"--pooling {READOUT}: {args.checkpoint} has no read-out (train.py fits one when a run ends)")
@@ -208,34 +222,26 @@ def embed(args, device):
     labels = read_labels(args.labels, dataset, positions) if args.labels else None
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
-    share = own_share(planned_order(dataset.time_bins(), args.batch_size, positions))
-    started = time.perf_counter()
-    passed = embed_files(
-        model, dataset, share, args, device, output_dir, kept_positions(args, dataset, positions, labels)
-    )
+    started, keep, chosen = time.perf_counter(), kept_positions(args, dataset, positions, labels), len(positions)
+    share, positions = own_share(planned_order(dataset.time_bins(), args.batch_size, positions)), None
+    passed, share = embed_files(model, dataset, share, args, device, output_dir, keep), None  # 8 bytes a row each
     gather_skips(skips)
     joined = join_shares(passed, os.path.join(output_dir, "embeddings.npy"))
-    if joined is None:  # not rank 0: its share is with rank 0
+    if joined is None:
         return None
     catalog, thumbnails, spectrograms = joined
     if not len(catalog):
-        raise RunError(f"none of the {len(positions)} chosen files could be read (see the warnings above)")
+        raise RunError(f"none of the {chosen} chosen files could be read (see the warnings above)")
     seconds, processes = time.perf_counter() - started, rank_and_world_size()[1]
-    log.info(
-        "embedded %d samples in %.1f s: %.0f samples/s, %d processes",
-        len(catalog),
-        seconds,
-        len(catalog) / seconds,
-        processes,
-    )
+    log.info("embedded %d samples in %.1f s: %.0f samples/s, %d processes", len(catalog), seconds,
+             len(catalog) / seconds, processes)  # fmt: skip
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
-    build_vector_index(output_dir)  # index.faiss beside embeddings.npy, which similar.py searches (vector_index.py)
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
     remove_stale_outputs(output_dir)
-    times, clusters = describe_clusters(embeddings, catalog, args, output_dir, dataset)
+    k, span = describe_clusters(embeddings, catalog, args, output_dir, dataset)
     reader = CatalogueReader(output_dir)  # catalog.parquet, written by describe_clusters: rows read on demand
     plot_outputs(reader, catalog, model, dataset, args, output_dir, device)
-    plot_over_time(times, clusters, output_dir)
+    plot_over_time(reader, k, span, output_dir)
     write_projector(embeddings, reader, catalog.position, thumbnails, output_dir)
     description = {"window_seconds": window_seconds, "window_stride": window_stride, "processes": processes}
     summary = describe_run(embeddings, args, dataset, output_dir, description, skips)
@@ -352,8 +358,8 @@ def thumbnail(spectrogram):
 def describe_clusters(embeddings, catalog, args, output_dir, dataset):
     """Cluster, map and anomaly columns of every row, written with the rest of the catalogue (catalog.parquet and
     catalog.csv); clusters.json; one figure of each cluster's nearest members. Fitted on a sample
-    (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map. Returns the start time
-    (datetime64[s]) and cluster of every row."""
+    (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map and written as they are
+    computed. Returns (K, the first and last start time of all rows as datetime64[s])."""
     n_rows = len(embeddings)
     if args.clusters != "auto" and args.clusters > n_rows:
         raise RunError(f"--clusters {args.clusters}: more clusters than the {n_rows} recordings embedded")
@@ -361,12 +367,11 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         raise RunError(f"{n_rows} recordings embedded: clustering needs at least 3")
     pipeline, reduced = reduce(embeddings, args.seed)
     kmeans, description = cluster(reduced, args.clusters, args.seed)
-    labels, distances = write_cluster_columns(assign(pipeline, kmeans, embeddings), catalog, output_dir)
+    write_catalog(output_dir, catalog.tables(), cluster_columns(pipeline, kmeans, embeddings, catalog.ratio))
+    catalog.remove()
     reader = CatalogueReader(output_dir)
-    scanned, times = scan_clusters(reader, labels, description["k"])
-    description["clusters"] = [
-        cluster_summary(reader, labels, distances, c, scanned[c]) for c in range(description["k"])
-    ]
+    scanned, span = scan_clusters(reader, description["k"])
+    description["clusters"] = [cluster_summary(reader, c, scanned[c]) for c in range(description["k"])]
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
     for c, summary in enumerate(description["clusters"]):
         members = summary["nearest_rows"]
@@ -377,50 +382,75 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title)
         save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
-    return times, labels
+    return description["k"], span
 
 
-def write_cluster_columns(assigned, catalog, output_dir):
-    """The catalogue's parts and the columns computed for every row (cluster, its distance, anomaly rank, map
-    position) written as catalog.parquet and catalog.csv; the parts are removed. Returns (clusters, distances)."""
-    labels, distances, map_xy = assigned
-    anomaly_rank = np.empty(len(catalog), dtype=np.int64)
-    anomaly_rank[np.argsort(-catalog.ratio, kind="stable")] = np.arange(1, len(catalog) + 1)
-    added = {"cluster": labels, "cluster_distance": distances, "anomaly_rank": anomaly_rank}
-    write_catalog(output_dir, catalog.tables(), added | {"map_x": map_xy[:, 0], "map_y": map_xy[:, 1]})
-    catalog.remove()
-    return labels, distances
+def cluster_columns(pipeline, kmeans, embeddings, ratios):
+    """The columns computed for every row (cluster, its distance, anomaly rank, map position), ASSIGN_CHUNK rows at a
+    time in row order (write_catalog's `added`): read from the memory map, never a column of N in memory."""
+    ranks = anomaly_ranks(ratios, ASSIGN_CHUNK)
+    for (_, rows), rank in zip(read_in_chunks(embeddings, ASSIGN_CHUNK), ranks):
+        labels, distances, map_xy = assign_rows(pipeline, kmeans, rows)
+        yield {"cluster": labels, "cluster_distance": distances, "anomaly_rank": rank, "map_x": map_xy[:, 0],
+               "map_y": map_xy[:, 1]}  # fmt: skip
+
+
+def anomaly_ranks(ratios, chunk):
+    """The anomaly rank of every row, `chunk` rows at a time: 1 = the highest ratio, ties in row order (a stable sort
+    of -ratios). Counted in a sorted copy of the ratios (4 bytes a row), not an argsort of N (8)."""
+    ascending, tied_before = np.sort(ratios), Counter()
+    for start in range(0, len(ratios), chunk):
+        own = ratios[start : start + chunk]
+        above = np.searchsorted(ascending, own, side="right")
+        ranks = (len(ratios) - above + 1).astype(np.int64)
+        for i in np.flatnonzero(above - np.searchsorted(ascending, own, side="left") > 1).tolist():
+            ranks[i] += tied_before[own[i]]  # equal ratios of earlier rows rank first
+            tied_before[own[i]] += 1
+        yield ranks
 
 
 COUNTED = ("family", "station", "network")  # clusters.json counts each cluster's members by these columns
 
 
-def scan_clusters(reader, labels, k):
-    """One pass over the catalogue's COUNTED and starttime columns, a row group at a time: for each cluster the count
-    of each value and its first and last start time (ISO text); and the start time of every row (datetime64[s])."""
-    scanned = [{"counts": {column: Counter() for column in COUNTED}, "first": None, "last": None} for _ in range(k)]
-    times = np.empty(len(labels), dtype="datetime64[s]")
-    for start, batch in reader.batches([*COUNTED, "starttime"]):
-        own = labels[start : start + batch.num_rows]
+def scan_clusters(reader, k):
+    """One pass over the catalogue's cluster columns, COUNTED and starttime, a row group at a time: for each cluster
+    its size, the count of each value, its first and last start time (ISO text) and its NEAREST_SHOWN rows nearest
+    the centre (ties in row order); and (first, last) start time of all rows (datetime64[s])."""
+    scanned = [{"size": 0, "counts": {column: Counter() for column in COUNTED}, "first": None, "last": None,
+                "nearest": (np.zeros(0), np.zeros(0, dtype=np.int64))} for _ in range(k)]  # fmt: skip
+    span = None
+    for start, batch in reader.batches([*COUNTED, "starttime", "cluster", "cluster_distance"]):
+        own, distances = batch.column("cluster").to_numpy(), batch.column("cluster_distance").to_numpy()
         starts = np.array(batch.column("starttime").to_pylist(), dtype=object)
-        times[start : start + batch.num_rows] = start_times(starts)
-        for column in COUNTED:
-            encoded = pc.dictionary_encode(batch.column(column))
-            values, n_values = encoded.dictionary.to_pylist(), len(encoded.dictionary)
-            pairs, counts = np.unique(own * n_values + encoded.indices.to_numpy(), return_counts=True)
-            for pair, count in zip(pairs.tolist(), counts.tolist()):
-                scanned[pair // n_values]["counts"][column][values[pair % n_values]] += count
+        times = start_times(starts)
+        span = (times.min(), times.max()) if span is None else (min(span[0], times.min()), max(span[1], times.max()))
+        count_values(scanned, own, batch)
         for c in np.unique(own).tolist():
-            member_starts, found = starts[own == c], scanned[c]
-            first, last = member_starts.min(), member_starts.max()
+            members, found = np.flatnonzero(own == c), scanned[c]
+            found["size"] += len(members)
+            first, last = starts[members].min(), starts[members].max()
             found["first"] = first if found["first"] is None else min(first, found["first"])
             found["last"] = last if found["last"] is None else max(last, found["last"])
-    return scanned, times
+            held_distances, held_rows = found["nearest"]
+            kept_distances = np.concatenate([held_distances, distances[members]])
+            kept_rows = np.concatenate([held_rows, members + start])
+            order = np.lexsort((kept_rows, kept_distances))[:NEAREST_SHOWN]
+            found["nearest"] = (kept_distances[order], kept_rows[order])
+    return scanned, span
 
 
-def cluster_summary(reader, labels, distances, c, scanned):
-    members = np.flatnonzero(labels == c)
-    nearest = members[np.argsort(distances[members], kind="stable")[:NEAREST_SHOWN]]
+def count_values(scanned, own, batch):
+    """Adds a row group's members of each cluster (`own`: their clusters) to its counts of each value of COUNTED."""
+    for column in COUNTED:
+        encoded = pc.dictionary_encode(batch.column(column))
+        values, n_values = encoded.dictionary.to_pylist(), len(encoded.dictionary)
+        pairs, counts = np.unique(own * n_values + encoded.indices.to_numpy(), return_counts=True)
+        for pair, count in zip(pairs.tolist(), counts.tolist()):
+            scanned[pair // n_values]["counts"][column][values[pair % n_values]] += count
+
+
+def cluster_summary(reader, c, scanned):
+    nearest = scanned["nearest"][1]
     paths = reader.rows(nearest, ["path"])
 
     def counts(column):  # most members first; ties in the order of the values
@@ -429,7 +459,7 @@ def cluster_summary(reader, labels, distances, c, scanned):
 
     return {
         "cluster": c,
-        "size": len(members),
+        "size": scanned["size"],
         "families": counts("family"),
         "stations": counts("station"),
         "networks": counts("network"),
@@ -452,7 +482,7 @@ def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
         "coloured by channel family": np.array([row["family"] for row in rows], dtype=str),
     }
     save_figure(plot_map(xy, colourings, len(catalog)), os.path.join(output_dir, "map.png"))
-    top = np.argsort(-catalog.ratio, kind="stable")[: args.num_anomalies]  # anomaly_rank 1, 2, ...
+    top = ranked_first(reader, args.num_anomalies)
     found = reader.rows(top, ["path", "starttime", "anomaly_rank", "mse", "mse_time_mean"])
     for i in top.tolist():
         row = found[i]
@@ -465,13 +495,32 @@ def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
         save_figure(figure, os.path.join(output_dir, f"anomaly_{rank}_{file_id}.png"))
 
 
-def plot_over_time(times, clusters, output_dir):
-    """clusters_over_time.png where the rows span more than a day (an earlier run's is removed where not)."""
+def ranked_first(reader, n):
+    """Rows of anomaly_rank 1..n, in rank order (the anomaly_rank column read a row group at a time)."""
+    found = []
+    for start, batch in reader.batches(["anomaly_rank"]):
+        ranks = batch.column("anomaly_rank").to_numpy()
+        rows = np.flatnonzero(ranks <= n)
+        found += zip(ranks[rows].tolist(), (rows + start).tolist())
+    return np.array([row for _, row in sorted(found)], dtype=np.int64)
+
+
+def plot_over_time(reader, k, span, output_dir):
+    """clusters_over_time.png where the rows span more than a day (an earlier run's is removed where not): members of
+    each cluster in OVER_TIME_BINS equal bins of start time, counted a row group at a time."""
     over_time = os.path.join(output_dir, "clusters_over_time.png")
-    if times.max() - times.min() > np.timedelta64(1, "D"):
-        save_figure(plot_clusters_over_time(times, clusters), over_time)
-    elif os.path.exists(over_time):
-        os.remove(over_time)
+    if span[1] - span[0] <= np.timedelta64(1, "D"):
+        if os.path.exists(over_time):
+            os.remove(over_time)
+        return
+    edges = np.linspace(span[0].astype("int64"), span[1].astype("int64"), OVER_TIME_BINS + 1)
+    counts = np.zeros((k, OVER_TIME_BINS), dtype=np.int64)
+    for _, batch in reader.batches(["starttime", "cluster"]):
+        times = start_times(np.array(batch.column("starttime").to_pylist(), dtype=object)).astype("int64")
+        own = batch.column("cluster").to_numpy()
+        for c in np.unique(own).tolist():
+            counts[c] += np.histogram(times[own == c], edges)[0]
+    save_figure(plot_clusters_over_time(edges, counts), over_time)
 
 
 def rows_of(positions, wanted):

@@ -246,7 +246,7 @@ def part_catalog_path(directory, rank):
 class CatalogPart:
     """One process's catalogue rows (catalog_row), streamed to a Parquet part beside the outputs every `flush_every`
     rows, so that the text of the catalogue is never held whole. Kept in memory: the dataset position and the anomaly
-    ratio (mse / mse_time_mean) of each row, 16 bytes; `close` gives them with the part's path and row count."""
+    ratio (anomaly_ratios) of each row, 8 bytes; `close` gives them with the part's path and row count."""
 
     def __init__(self, directory, rank=0, flush_every=8192):
         self.path, self.flush_every = part_catalog_path(directory, rank), flush_every
@@ -268,7 +268,7 @@ class CatalogPart:
         self.writer = self.writer or pq.ParquetWriter(self.path, table.schema)
         self.writer.write_table(table)
         mse, baseline = table.column("mse").to_numpy(), table.column("mse_time_mean").to_numpy()
-        self.kept.append((np.array(self.positions, dtype=np.int64), mse / np.maximum(baseline, 1e-12)))
+        self.kept.append((np.array(self.positions, dtype=np.int32), anomaly_ratios(mse, baseline)))
         self.rows += len(self.pending)
         self.pending, self.positions = [], []
 
@@ -277,9 +277,16 @@ class CatalogPart:
         self.flush()
         if self.writer:
             self.writer.close()
-        positions, ratios = zip(*self.kept) if self.kept else ([np.zeros(0, np.int64)], [np.zeros(0)])
+        positions, ratios = zip(*self.kept) if self.kept else ([np.zeros(0, np.int32)], [np.zeros(0, np.float32)])
         path = self.path if self.rows else None
         return {"path": path, "rows": self.rows, "position": np.concatenate(positions), "ratio": np.concatenate(ratios)}
+
+
+def anomaly_ratios(mse, mse_time_mean):
+    """float32 mse / mse_time_mean, what anomaly_rank orders (highest first); NaN (a model output that is not finite)
+    becomes -inf, ranked last as a sort of NaN would."""
+    ratios = (mse / np.maximum(mse_time_mean, 1e-12)).astype(np.float32)
+    return np.where(np.isnan(ratios), -np.inf, ratios).astype(np.float32)
 
 
 class Catalogue:
@@ -321,20 +328,20 @@ def row_groups(tables, size):
         yield pa.concat_tables(held)
 
 
-def write_catalog(directory, tables, added=None):
-    """catalog.parquet from `tables` (pyarrow tables of catalogue rows, in order) and the `added` columns ({name: (N,)
-    array}: cluster, map, rank), in CATALOG_COLUMNS order and row groups of CATALOG_ROW_GROUP rows; then, up to
-    CSV_MAX_ROWS rows, catalog.csv from it. Each atomically, a row group at a time. Beyond CSV_MAX_ROWS a catalog.csv
-    left by an earlier run into the same directory is removed: it would describe other rows."""
-    added, parquet = added or {}, os.path.join(directory, "catalog.parquet")
-    rows = [0]
+def write_catalog(directory, tables, added=()):
+    """catalog.parquet from `tables` (pyarrow tables of catalogue rows, in order) and the `added` columns (cluster,
+    map, rank: an iterable of {name: array} blocks of rows in order, of any size), in CATALOG_COLUMNS order and row
+    groups of CATALOG_ROW_GROUP rows; then, up to CSV_MAX_ROWS rows, catalog.csv from it. Each atomically, a row group
+    at a time. Beyond CSV_MAX_ROWS a catalog.csv left by an earlier run into the same directory is removed: it would
+    describe other rows."""
+    parquet, rows, blocks = os.path.join(directory, "catalog.parquet"), [0], ColumnBlocks(added)
 
     def write_parquet(f):
         writer = None
         for table in row_groups(tables, CATALOG_ROW_GROUP):
-            start, rows[0] = rows[0], rows[0] + len(table)
-            for name, values in added.items():
-                table = table.append_column(name, pa.array(values[start : rows[0]]))
+            rows[0] += len(table)
+            for name, values in blocks.take(len(table)).items():
+                table = table.append_column(name, pa.array(values))
             table = table.select(CATALOG_COLUMNS)
             writer = writer or pq.ParquetWriter(f, table.schema)
             writer.write_table(table)
@@ -342,6 +349,23 @@ def write_catalog(directory, tables, added=None):
 
     atomic_write(parquet, write_parquet)
     write_csv_copy(directory, rows[0])
+
+
+class ColumnBlocks:
+    """Blocks of columns ({name: array}, rows in order) taken again `n` rows at a time, whatever the blocks' sizes."""
+
+    def __init__(self, blocks):
+        self.blocks, self.held = iter(blocks), {}
+
+    def take(self, n):
+        while len(next(iter(self.held.values()), ())) < n:
+            block = next(self.blocks, None)
+            if block is None:
+                break
+            self.held = {name: np.concatenate([self.held[name], v]) if self.held else v for name, v in block.items()}
+        taken = {name: values[:n] for name, values in self.held.items()}
+        self.held = {name: values[n:] for name, values in self.held.items()}
+        return taken
 
 
 def write_csv_copy(directory, n_rows):

@@ -97,18 +97,16 @@ def plot_map(xy, colourings, of=None):
     return figure
 
 
-def plot_clusters_over_time(times, labels, n_bins=40):
-    """Recordings per cluster in each of `n_bins` equal time bins; times: numpy datetime64 (N,)."""
-    edges = np.linspace(times.min().astype("int64"), times.max().astype("int64"), n_bins + 1)
+def plot_clusters_over_time(edges, counts):
+    """Recordings per cluster in each bin of start time: edges (n_bins + 1,) in s since 1970, counts (K, n_bins)."""
     centres = ((edges[:-1] + edges[1:]) / 2).astype("datetime64[s]")
     figure = Figure(figsize=(10, 4))
     ax = figure.subplots()
-    bottom = np.zeros(n_bins)
+    bottom = np.zeros(counts.shape[1])
     width = (edges[1] - edges[0]) / 86_400  # days
-    for value in np.unique(labels):
-        counts, _ = np.histogram(times[labels == value].astype("int64"), edges)
-        ax.bar(centres, counts, width=width, bottom=bottom, label=f"cluster {value}")
-        bottom += counts
+    for value, members in enumerate(counts):
+        ax.bar(centres, members, width=width, bottom=bottom, label=f"cluster {value}")
+        bottom += members
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
     ax.set_xlabel(f"start time (UTC; bins of {width:.1f} days)")
     ax.set_ylabel("recordings")

@@ -4,8 +4,9 @@ separate labels compared with baselines computed from the spectrograms themselve
 Every method works in one space: the embeddings standardised (zero mean, unit variance per dimension), so that no
 dimension dominates by its scale. Clustering reduces that space with PCA first; the map is its first two principal
 components (a linear map: fitted on a sample, it places 132k points in seconds, where t-SNE would take hours on a CPU).
-Scaler, PCA and KMeans are fitted on a sample of FIT_SAMPLE rows; every row is then assigned in chunks read from the
-memory-mapped embeddings, so no N x D matrix is ever held in memory.
+Scaler, PCA and KMeans are fitted on a sample of FIT_SAMPLE rows; embed.py then assigns every row (assign_rows) in
+chunks of ASSIGN_CHUNK rows read from the memory-mapped embeddings, written to the catalogue as they are computed: no
+N x D matrix, nor any column of N, is held in memory.
 """
 
 import numpy as np
@@ -16,7 +17,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from embedding import read_in_chunks, read_rows
+from embedding import read_rows
 
 CLUSTER_COMPONENTS = 32  # principal components the clustering works in
 AUTO_K = range(2, 13)  # K tried by --clusters auto
@@ -42,12 +43,6 @@ def reduce(embeddings, seed):
     components = min(CLUSTER_COMPONENTS, embeddings.shape[1], len(rows))
     pipeline = make_pipeline(StandardScaler(), PCA(components, random_state=seed)).fit(rows)
     return pipeline, pipeline.transform(rows)
-
-
-def transform_in_chunks(pipeline, embeddings, chunk=ASSIGN_CHUNK):
-    """(start row, the rows reduced (n, components)) for every chunk of `embeddings`, read as float32."""
-    for start, rows in read_in_chunks(embeddings, chunk):
-        yield start, pipeline.transform(rows)
 
 
 def silhouette(features, labels, seed):
@@ -78,16 +73,14 @@ def cluster(reduced, k, seed):
     return kmeans, description
 
 
-def assign(pipeline, kmeans, embeddings, chunk=ASSIGN_CHUNK):
-    """Every row's cluster, distance to its centre and map position (the first two principal components), read
-    from `embeddings` (a memory map) `chunk` rows at a time: (labels (N,), distances (N,), map (N, 2))."""
-    labels, distances = np.empty(len(embeddings), dtype=np.int64), np.empty(len(embeddings))
-    map_xy = np.zeros((len(embeddings), 2))
-    for start, reduced in transform_in_chunks(pipeline, embeddings, chunk):
-        stop = start + len(reduced)
-        labels[start:stop] = kmeans.predict(reduced)
-        distances[start:stop] = np.linalg.norm(reduced - kmeans.cluster_centers_[labels[start:stop]], axis=1)
-        map_xy[start:stop, : min(2, reduced.shape[1])] = reduced[:, :2]
+def assign_rows(pipeline, kmeans, rows):
+    """The cluster, distance to its centre and map position (the first two principal components) of a block of
+    float32 rows: (labels (n,), distances (n,), map (n, 2)). embed.py streams every row through it in chunks."""
+    reduced = pipeline.transform(rows)
+    labels = kmeans.predict(reduced).astype(np.int64)
+    distances = np.linalg.norm(reduced - kmeans.cluster_centers_[labels], axis=1).astype(np.float64)
+    map_xy = np.zeros((len(rows), 2))
+    map_xy[:, : min(2, reduced.shape[1])] = reduced[:, :2]
     return labels, distances, map_xy
 
 

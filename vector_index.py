@@ -124,7 +124,10 @@ class VectorIndex:
     def write(self, directory):
         """index.faiss, index_scale.npy and index.json into `directory`, each atomically (index.json last)."""
         index = faiss.index_gpu_to_cpu(self.index) if hasattr(self, "gpu_resources") else self.index
-        atomic_write(os.path.join(directory, INDEX_FILE), lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        # Streamed to the file: faiss.serialize_index would hold two more copies of the index in memory.
+        atomic_write(
+            os.path.join(directory, INDEX_FILE), lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        )
         atomic_write(os.path.join(directory, SCALE_FILE), lambda f: np.save(f, np.stack([self.mean, self.scale])))
         write_json_atomic(os.path.join(directory, SETTINGS_FILE), {**self.settings, "rows": self.rows})
 

@@ -26,7 +26,7 @@ from batching import LengthBatchSampler
 from checkpoints import data_settings, model_from_checkpoint
 from embedding import STORED_DTYPE, encode_batch
 from readout import READOUT_DIM
-from representation import assign, cluster, label_scores, leave_one_out_neighbours, reduce, standardised
+from representation import cluster, label_scores, leave_one_out_neighbours, reduce, standardised
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 PROCESSES = 2
@@ -147,11 +147,21 @@ def test_clusters_fitted_on_a_sample_and_assigned_in_chunks(monkeypatch, tmp_pat
     assert len(reduced) == 300
     kmeans, description = cluster(reduced, "auto", seed=0)
     assert description["k"] == 3 and description["fitted_on"] == 300
-    labels, distances, map_xy = assign(pipeline, kmeans, embeddings, chunk=64)
+    monkeypatch.setattr(embed, "ASSIGN_CHUNK", 64)
+    ratios = rng.choice(np.float32([0.5, 1.0, 2.0, -np.inf]), 900)  # ties everywhere, across chunks
+    blocks = list(embed.cluster_columns(pipeline, kmeans, embeddings, ratios))
+    assert [len(block["cluster"]) for block in blocks] == [64] * 14 + [4]  # never a column of N at once
+    columns = {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     whole = pipeline.transform(embeddings.astype(np.float32))
+    labels = columns["cluster"]
     np.testing.assert_array_equal(labels, kmeans.predict(whole))
-    np.testing.assert_allclose(distances, np.linalg.norm(whole - kmeans.cluster_centers_[labels], axis=1), rtol=1e-5)
-    np.testing.assert_allclose(map_xy, whole[:, :2], rtol=1e-5, atol=1e-5)
+    distances = np.linalg.norm(whole - kmeans.cluster_centers_[labels], axis=1)
+    np.testing.assert_allclose(columns["cluster_distance"], distances, rtol=1e-5)
+    np.testing.assert_allclose(columns["map_x"], whole[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(columns["map_y"], whole[:, 1], rtol=1e-5, atol=1e-5)
+    expected = np.empty(900, dtype=np.int64)  # what a stable argsort of all N gives
+    expected[np.argsort(-ratios, kind="stable")] = np.arange(1, 901)
+    np.testing.assert_array_equal(columns["anomaly_rank"], expected)
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +216,10 @@ def test_catalogue_parquet_equals_csv_and_embeddings_are_memory_mapped(trained, 
     assert not [name for name in os.listdir(out) if name.endswith(".part")]  # the catalogue's parts are joined
 
 
-def test_catalogue_parts_hold_16_bytes_a_row_and_join_in_rank_order(trained, tmp_path, monkeypatch):
-    """The catalogue while embedding: rows streamed to Parquet parts (one per process), 16 bytes a row kept in memory
-    (position, anomaly ratio); joined in rank order into catalog.parquet and catalog.csv in row groups."""
+def test_catalogue_parts_hold_8_bytes_a_row_and_join_in_rank_order(trained, tmp_path, monkeypatch):
+    """The catalogue while embedding: rows streamed to Parquet parts (one per process), 8 bytes a row kept in memory
+    (position, anomaly ratio); joined in rank order into catalog.parquet and catalog.csv in row groups, with added
+    columns that come in blocks of another size."""
     checkpoint, data_dir = trained
     out = tmp_path / "out"
     embed.main([checkpoint, "--data_dir", data_dir, "--output_dir", str(out), "--device", "cpu", "--clusters", "2"])
@@ -228,11 +239,13 @@ def test_catalogue_parts_hold_16_bytes_a_row_and_join_in_rank_order(trained, tmp
     tracemalloc.stop()
     catalogue = embedding.Catalogue(parts)
     assert catalogue.position.tolist() == list(range(20_000)) and len(catalogue) == 20_000
-    expected = real.mse.to_numpy() / real.mse_time_mean.to_numpy()
+    assert catalogue.position.dtype == np.int32 and catalogue.ratio.dtype == np.float32
+    expected = (real.mse.to_numpy() / real.mse_time_mean.to_numpy()).astype(np.float32)
     np.testing.assert_array_equal(catalogue.ratio[: len(real)], expected)
     monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 4_096)
-    added = {name: np.arange(20_000) for name in embed.CATALOG_COLUMNS[10:15]}
-    embedding.write_catalog(tmp_path, catalogue.tables(), added)
+    blocks = ({name: np.arange(start, min(start + 3_000, 20_000)) for name in embed.CATALOG_COLUMNS[10:15]}
+              for start in range(0, 20_000, 3_000))  # fmt: skip
+    embedding.write_catalog(tmp_path, catalogue.tables(), blocks)
     catalogue.remove()
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
     written = pq.ParquetFile(tmp_path / "catalog.parquet")
