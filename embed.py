@@ -223,8 +223,10 @@ def embed_and_describe(args, device):
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
     started, keep, chosen = time.perf_counter(), kept_positions(args, dataset, positions, labels), len(positions)
-    share, positions = own_share(planned_order(dataset.time_bins(), args.batch_size, positions)), None
-    passed, share = embed_files(model, dataset, share, args, device, output_dir, keep), None  # 8 bytes a row each
+    share = own_share(planned_order(dataset.time_bins(), args.batch_size, positions))
+    del positions  # 8 bytes a row, as `share`: neither is held past the loop
+    passed = embed_files(model, dataset, share, args, device, output_dir, keep)
+    del share
     gather_skips(skips)
     joined = join_shares(passed, os.path.join(output_dir, "embeddings.npy"))
     if joined is None:
@@ -233,8 +235,13 @@ def embed_and_describe(args, device):
     if not len(catalog):
         raise RunError(f"none of the {chosen} chosen files could be read (see the warnings above)")
     seconds, processes = time.perf_counter() - started, rank_and_world_size()[1]
-    log.info("embedded %d samples in %.1f s: %.0f samples/s, %d processes", len(catalog), seconds,
-             len(catalog) / seconds, processes)  # fmt: skip
+    log.info(
+        "embedded %d samples in %.1f s: %.0f samples/s, %d processes",
+        len(catalog),
+        seconds,
+        len(catalog) / seconds,
+        processes,
+    )
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
     remove_stale_outputs(output_dir)
@@ -359,7 +366,7 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
     """Cluster, map and anomaly columns of every row, written with the rest of the catalogue (catalog.parquet and
     catalog.csv); clusters.json; one figure of each cluster's nearest members. Fitted on a sample
     (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map and written as they are
-    computed. Returns (K, the first and last start time of all rows as datetime64[s])."""
+    computed. Returns (K, the first and last start time of all rows as datetime64[s], from the clusters' own)."""
     n_rows = len(embeddings)
     if args.clusters != "auto" and args.clusters > n_rows:
         raise RunError(f"--clusters {args.clusters}: more clusters than the {n_rows} recordings embedded")
@@ -370,7 +377,7 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
     write_catalog(output_dir, catalog.tables(), cluster_columns(pipeline, kmeans, embeddings, catalog.ratio))
     catalog.remove()
     reader = CatalogueReader(output_dir)
-    scanned, span = scan_clusters(reader, description["k"])
+    scanned = scan_clusters(reader, description["k"])
     description["clusters"] = [cluster_summary(reader, c, scanned[c]) for c in range(description["k"])]
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
     for c, summary in enumerate(description["clusters"]):
@@ -382,7 +389,9 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title)
         save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
-    return description["k"], span
+    firsts = [summary["first"] for summary in description["clusters"] if summary["first"] is not None]
+    lasts = [summary["last"] for summary in description["clusters"] if summary["last"] is not None]
+    return description["k"], start_times(np.array([min(firsts), max(lasts)], dtype=object))
 
 
 def cluster_columns(pipeline, kmeans, embeddings, ratios):
@@ -415,15 +424,12 @@ COUNTED = ("family", "station", "network")  # clusters.json counts each cluster'
 def scan_clusters(reader, k):
     """One pass over the catalogue's cluster columns, COUNTED and starttime, a row group at a time: for each cluster
     its size, the count of each value, its first and last start time (ISO text) and its NEAREST_SHOWN rows nearest
-    the centre (ties in row order); and (first, last) start time of all rows (datetime64[s])."""
+    the centre (ties in row order)."""
     scanned = [{"size": 0, "counts": {column: Counter() for column in COUNTED}, "first": None, "last": None,
                 "nearest": (np.zeros(0), np.zeros(0, dtype=np.int64))} for _ in range(k)]  # fmt: skip
-    span = None
     for start, batch in reader.batches([*COUNTED, "starttime", "cluster", "cluster_distance"]):
         own, distances = batch.column("cluster").to_numpy(), batch.column("cluster_distance").to_numpy()
         starts = np.array(batch.column("starttime").to_pylist(), dtype=object)
-        times = start_times(starts)
-        span = (times.min(), times.max()) if span is None else (min(span[0], times.min()), max(span[1], times.max()))
         count_values(scanned, own, batch)
         for c in np.unique(own).tolist():
             members, found = np.flatnonzero(own == c), scanned[c]
@@ -436,7 +442,7 @@ def scan_clusters(reader, k):
             kept_rows = np.concatenate([held_rows, members + start])
             order = np.lexsort((kept_rows, kept_distances))[:NEAREST_SHOWN]
             found["nearest"] = (kept_distances[order], kept_rows[order])
-    return scanned, span
+    return scanned
 
 
 def count_values(scanned, own, batch):

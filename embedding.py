@@ -286,7 +286,8 @@ def anomaly_ratios(mse, mse_time_mean):
     """float32 mse / mse_time_mean, what anomaly_rank orders (highest first); NaN (a model output that is not finite)
     becomes -inf, ranked last as a sort of NaN would."""
     ratios = (mse / np.maximum(mse_time_mean, 1e-12)).astype(np.float32)
-    return np.where(np.isnan(ratios), -np.inf, ratios).astype(np.float32)
+    ratios[np.isnan(ratios)] = -np.inf
+    return ratios
 
 
 class Catalogue:
