@@ -48,6 +48,7 @@ FOLDS = {  # held-out networks (NET) or stations (NET.STA)
 FOLDS.update({network: (network,) for network in FOLDS["not-NC"]})  # leave one network out: --folds networks
 DEFAULT_FOLDS = ("stations", "NC", "not-NC")
 LEAVE_ONE_NETWORK_OUT = ("NC", *FOLDS["not-NC"])
+WINDOWS_10S = ["--window_seconds", "10", "--window_stride", "5", "--num_epochs", "30"]
 LR_2E3 = ["--lr", "2e-3"]  # the default before 994a71c (lr 3e-3): the levers measured against it keep it
 LEVERS = {  # train.py flags on top of its defaults; "default" is python train.py as shipped
     "default": [],
@@ -75,6 +76,8 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "arch stride8": ["--arch", "stride8"],
     "arch stride8, seed 1": ["--arch", "stride8", "--seed", "1"],
     "arch wide": ["--arch", "wide"],
+    "windows: 10 s every 5 s, 30 epochs": WINDOWS_10S,  # train on the length embedded (issue 21)
+    "windows: 10 s every 5 s, 30 epochs, seed 1": [*WINDOWS_10S, "--seed", "1"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
 GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter

@@ -6,6 +6,9 @@
 The shipped windows (data/README.md) have their P arrival at about 30 s: the windows 5-15 s and 15-25 s after a
 file's start are taken as noise, 30-40 s and 40-50 s as event. Each window is written as its own miniSEED file
 (the traces as they are, not resampled) under <output_dir>/<label>/, and labels.csv lists path,label,source.
+A window holds exactly 10 s of samples (1,000 at 100 Hz), as embed.py cuts a window of 10 s from a longer recording
+(waveforms.cut_window), so that a window file read whole gives the same spectrogram as the same 10 s cut by a
+windowed run; obspy's slice keeps both ends (1,001), and that one sample changes the last three time bins of the STFT.
 Files that cannot give a clean 3-component waveform of a requested family are skipped with their reason.
 """
 
@@ -69,6 +72,14 @@ def source_files(args):
     return files
 
 
+def exact_window(stream, start, seconds):
+    """The traces of `stream` from the sample nearest `start` (UTCDateTime), round(seconds * rate) samples each."""
+    window = stream.slice(start, start + seconds)
+    for trace in window:
+        trace.data = trace.data[: int(round(seconds * trace.stats.sampling_rate))]
+    return window
+
+
 def write_windows(args):
     skips, rows, left_out = SkipLog(), [], 0
     for relpath in source_files(args):
@@ -93,7 +104,7 @@ def write_windows(args):
             os.makedirs(os.path.join(args.output_dir, label), exist_ok=True)
             for begin, end in windows:
                 name = os.path.join(label, f"{stem}.{begin:02d}-{end:02d}s.mseed")
-                window = stream.slice(start + begin, start + end)
+                window = exact_window(stream, start + begin, end - begin)
                 atomic_write(os.path.join(args.output_dir, name), lambda f, w=window: w.write(f, format="MSEED"))
                 rows.append({"path": name, "label": label, "source": relpath})
     if not rows:

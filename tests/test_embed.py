@@ -170,9 +170,18 @@ def test_event_noise_windows_from_real_files(tmp_path, capsys):
     assert "left out by --channels: 2 files; skipped files: 1 not readable as miniSEED" in capsys.readouterr().out
     assert rows[2]["path"].endswith(".30-40s.mseed") and rows[2]["source"] == shipped_files(("HH",), 1)[0]
     dataset = SeismicSTFTDataset(str(tmp_path / "windows"), index_path=tmp_path / "index.json")
-    assert len(dataset) == 8 and set(dataset.time_bins().tolist()) == {17}  # 10 s: 1,001 samples
-    event = waveform_of(os.path.join(tmp_path, "windows", rows[2]["path"]))  # (3, 1001): 30 s to 40 s
-    np.testing.assert_array_equal(event, waveform_of(os.path.join(data, rows[2]["source"]))[:, 3000:4001])
+    assert len(dataset) == 8 and set(dataset.time_bins().tolist()) == {17}  # 10 s: 1,000 samples
+    event = waveform_of(os.path.join(tmp_path, "windows", rows[2]["path"]))  # (3, 1000): 30 s to 40 s
+    np.testing.assert_array_equal(event, waveform_of(os.path.join(data, rows[2]["source"]))[:, 3000:4000])
+    # the window file read whole is the spectrogram a run with 10 s windows every 5 s cuts from the source file
+    cut = SeismicSTFTDataset(data, window_seconds=10.0, window_stride=5.0, index_path=tmp_path / "cut.json")
+    window_start = obspy.read(os.path.join(tmp_path, "windows", rows[2]["path"]))[0].stats.starttime
+    windowed = [
+        x for x, meta in map(cut.__getitem__, range(len(cut))) if obspy.UTCDateTime(meta["starttime"]) == window_start
+    ]
+    (whole,) = [x for x, meta in map(dataset.__getitem__, range(8)) if meta["path"].endswith(rows[2]["path"])]
+    assert len(windowed) == 1
+    np.testing.assert_array_equal(windowed[0].numpy(), whole.numpy())
     with open(tmp_path / "windows" / "labels.csv") as f:
         assert list(csv.DictReader(f)) == rows
 
