@@ -176,12 +176,11 @@ def test_event_noise_windows_from_real_files(tmp_path, capsys):
     # the window file read whole is the spectrogram a run with 10 s windows every 5 s cuts from the source file
     cut = SeismicSTFTDataset(data, window_seconds=10.0, window_stride=5.0, index_path=tmp_path / "cut.json")
     window_start = obspy.read(os.path.join(tmp_path, "windows", rows[2]["path"]))[0].stats.starttime
-    windowed = [
+    (windowed,) = [
         x for x, meta in map(cut.__getitem__, range(len(cut))) if obspy.UTCDateTime(meta["starttime"]) == window_start
     ]
     (whole,) = [x for x, meta in map(dataset.__getitem__, range(8)) if meta["path"].endswith(rows[2]["path"])]
-    assert len(windowed) == 1
-    np.testing.assert_array_equal(windowed[0].numpy(), whole.numpy())
+    np.testing.assert_array_equal(windowed.numpy(), whole.numpy())
     with open(tmp_path / "windows" / "labels.csv") as f:
         assert list(csv.DictReader(f)) == rows
 
