@@ -171,13 +171,15 @@ def run_lever(flags, train_dir, test_dirs, out_dir):
 
 def representation_scores(best, test_dir, out_dir):
     """What the embeddings of the held-out files are worth, from embed.py's own label scores: event versus noise
-    (event_noise_windows.py's 10 s windows of the held-out files) for the default read-out, the time-mean pooling and
-    the two baselines (leave-one-out 5-NN accuracy); the channel family (5-NN accuracy, lower: less instrument) and
-    the adjusted mutual information of embed.py's clusters with it, on the held-out files whole."""
+    (event_noise_windows.py's 10 s windows of the held-out files, all of them and the clear ones of
+    labels_clear.csv) for the default read-out, the time-mean pooling and the two baselines (leave-one-out 5-NN
+    accuracy); the channel family (5-NN accuracy, lower: less instrument) and the adjusted mutual information of
+    embed.py's clusters with it, on the held-out files whole."""
     windows = os.path.join(out_dir, "event_noise")
     script("event_noise_windows.py", "--data_dir", test_dir, "--output_dir", windows)
     for pooling in (None, "time-mean"):
         embed_scores(best, windows, os.path.join(windows, "labels.csv"), out_dir, pooling)
+    embed_scores(best, windows, os.path.join(windows, "labels_clear.csv"), out_dir, name="event_noise_clear")
     embed_scores(best, test_dir, "family", out_dir)
     return read_representation(out_dir)
 
@@ -185,8 +187,8 @@ def representation_scores(best, test_dir, out_dir):
 def read_representation(out_dir):
     """representation_scores' figures from the embed.py outputs under out_dir. The baselines are those of the
     default embedding's run: PCA to its number of values."""
-    runs = ("event_noise_default", "event_noise_time-mean", "held_out_default")  # embed_scores' output folders
-    events, pooled, files = (os.path.join(out_dir, f"embed_{name}") for name in runs)
+    runs = ("event_noise_default", "event_noise_time-mean", "held_out_default", "event_noise_clear")
+    events, pooled, files, clear = (os.path.join(out_dir, f"embed_{name}") for name in runs)  # embed_scores' folders
     scores = {f"event/noise: {who}": values for who, values in labels_json(events)["scores"].items()}
     pooled_scores = labels_json(pooled)["scores"]
     scores["event/noise: time-mean pooling"] = next(v for k, v in pooled_scores.items() if k.startswith("model"))
@@ -194,6 +196,9 @@ def read_representation(out_dir):
     catalog = pd.read_parquet(os.path.join(files, "catalog.parquet"))
     scores["cluster AMI with family"] = float(adjusted_mutual_info_score(catalog["family"], catalog["cluster"]))
     scores["clusters"] = int(catalog["cluster"].nunique())
+    clear_labels = labels_json(clear)
+    scores |= {f"clear event/noise: {who}": values for who, values in clear_labels["scores"].items()}
+    scores["clear windows"] = clear_labels["recordings"]
     return scores
 
 
@@ -202,9 +207,11 @@ def labels_json(output_dir):
         return json.load(f)
 
 
-def embed_scores(best, data_dir, labels, out_dir, pooling=None):
-    """embed.py on data_dir with --labels, into out_dir/embed_<data_dir's name>_<pooling or default>."""
-    output_dir = os.path.join(out_dir, f"embed_{os.path.basename(data_dir)}_{pooling or 'default'}")
+def embed_scores(best, data_dir, labels, out_dir, pooling=None, name=None):
+    """embed.py on data_dir with --labels, into out_dir/embed_<name> (default: <data_dir's name>_<pooling or
+    default>)."""
+    name = name or f"{os.path.basename(data_dir)}_{pooling or 'default'}"
+    output_dir = os.path.join(out_dir, f"embed_{name}")
     flags = ["--projector_points", "0", "--num_anomalies", "0", *(["--pooling", pooling] if pooling else [])]
     script("embed.py", best, "--split", "all", "--data_dir", data_dir, "--labels", labels, "--output_dir", output_dir,
            *flags)  # fmt: skip
@@ -239,6 +246,9 @@ def tables(figures):
     if any("representation" in row for row in figures):
         text += "\nthe embedding on the held-out files (event/noise: 10 s windows; family: whole files):\n\n"
         text += representation_table(figures)
+    if any("clear windows" in row.get("representation", {}) for row in figures):
+        text += "\nevent/noise on the clear windows (labels_clear.csv: every event window shows its event):\n\n"
+        text += clear_table(figures)
     columns = ["lever", "fold", "group", "files", "model", "t-mean", "blur", "/t-mean", "/blur", "train s"]
     for title, keep in (
         ("all held-out files", lambda net: net in GROUPS),
@@ -271,6 +281,25 @@ def representation_table(figures):
         if len(values) > 1:
             rows.append([lever, f"mean of {len(values)}", *np.mean(values, axis=0)])
     return markdown_table(columns, [formatted(row) for row in rows])
+
+
+def clear_table(figures):
+    """One row per lever and fold (and the mean over the lever's folds): event versus noise 5-NN accuracy on the
+    clear windows for the embedding and both baselines, and the embedding's margin over the better one."""
+    rows, by_lever = [], defaultdict(list)
+    for row in figures:
+        scores = row.get("representation", {})
+        if "clear windows" in scores:
+            accuracy = [v["knn_accuracy"] for k, v in scores.items() if k.startswith("clear event/noise: model")]
+            accuracy += [scores[f"clear event/noise: {who}"]["knn_accuracy"] for who in REPRESENTATIONS[1:]]
+            values = [scores["clear windows"], *accuracy, accuracy[0] - max(accuracy[1:])]
+            by_lever[row["lever"]].append(values)
+            rows.append([row["lever"], row["fold"], *values])
+    for lever, values in by_lever.items():
+        if len(values) > 1:
+            rows.append([lever, f"mean of {len(values)}", *np.mean(values, axis=0)])
+    cells = [[lever, fold, f"{n:.0f}", *(f"{v:.3f}" for v in values)] for lever, fold, n, *values in rows]
+    return markdown_table(["lever", "fold", "windows", "event/noise", "flat PCA", "t-mean spec", "margin"], cells)
 
 
 def formatted(row):

@@ -10,12 +10,20 @@ A window holds exactly 10 s of samples (1,000 at 100 Hz), as embed.py cuts a win
 (waveforms.cut_window), so that a window file read whole gives the same spectrogram as the same 10 s cut by a
 windowed run; obspy's slice keeps both ends (1,001), and that one sample changes the last three time bins of the STFT.
 Files that cannot give a clean 3-component waveform of a requested family are skipped with their reason.
+
+Not every event window shows its event: a small event, or the coda at 40-50 s, can stay at the level of the noise.
+labels.csv gives each window's `snr`: the RMS of the vertical component, band-passed to SNR_BAND, over the RMS of
+the same in the file's noise windows (5-25 s). labels_clear.csv lists the noise windows and only the event windows
+with an snr of at least CLEAR_SNR: the set on which "event" means an event stands out of the noise.
 """
 
 import csv
 import io
 import logging
 import os
+
+import numpy as np
+import obspy
 
 from file_index import DEFAULT_DATA_DIR, find_files
 from settings import RunError, Setting, parse
@@ -35,6 +43,9 @@ from waveforms import (
 log = logging.getLogger("event_noise_windows")
 WINDOWS = {"noise": ((5, 15), (15, 25)), "event": ((30, 40), (40, 50))}  # seconds after each file's start
 LAST_WINDOW_END = max(end for windows in WINDOWS.values() for _, end in windows)
+SNR_BAND = (2.0, 10.0)  # Hz: where a local event stands out of the microseismic noise
+CLEAR_SNR = 2.0  # an event window with at least this snr is in labels_clear.csv
+COLUMNS = ("path", "label", "source", "snr")
 
 
 SETTINGS = (
@@ -80,6 +91,25 @@ def exact_window(stream, start, seconds):
     return window
 
 
+def band_rms(trace, start, seconds):
+    """RMS of a band-passed trace over `seconds` from `start` (UTCDateTime)."""
+    data = exact_window(obspy.Stream([trace]), start, seconds)[0].data
+    return float(np.sqrt(np.mean(np.square(data, dtype=np.float64))))
+
+
+def signal_to_noise(vertical, start):
+    """{(begin, end): snr} of each window in WINDOWS from `start`: the vertical component's RMS in SNR_BAND (below
+    0.45 times its sampling rate) over the same in the noise windows together; inf where that is zero."""
+    trace = vertical.copy().merge(fill_value=0)[0]
+    trace.data = trace.data.astype(np.float64)
+    trace.detrend("demean")
+    freqmax = min(SNR_BAND[1], 0.45 * trace.stats.sampling_rate)
+    trace.filter("bandpass", freqmin=SNR_BAND[0], freqmax=freqmax, corners=4, zerophase=True)
+    noise = np.sqrt(np.mean([band_rms(trace, start + b, e - b) ** 2 for b, e in WINDOWS["noise"]]))
+    windows = [window for windows in WINDOWS.values() for window in windows]
+    return {(b, e): band_rms(trace, start + b, e - b) / noise if noise > 0 else np.inf for b, e in windows}
+
+
 def write_windows(args):
     skips, rows, left_out = SkipLog(), [], 0
     for relpath in source_files(args):
@@ -94,11 +124,13 @@ def write_windows(args):
                 skips.add(path, err.reason, str(err))
             continue
         _, _, picks = choose_components([trace.id for trace in stream], args.channels)
+        vertical = obspy.Stream([stream[i] for i in picks["Z"]])
         stream.traces = [stream[i] for positions in picks.values() for i in positions]
         start, end = max(trace.stats.starttime for trace in stream), min(trace.stats.endtime for trace in stream)
         if end - start < LAST_WINDOW_END:
             skips.add(path, "too short for the windows", f"{end - start:.1f} s of 3 components < {LAST_WINDOW_END} s")
             continue
+        snr = signal_to_noise(vertical, start)
         stem = os.path.splitext(os.path.basename(relpath))[0]
         for label, windows in WINDOWS.items():
             os.makedirs(os.path.join(args.output_dir, label), exist_ok=True)
@@ -106,17 +138,26 @@ def write_windows(args):
                 name = os.path.join(label, f"{stem}.{begin:02d}-{end:02d}s.mseed")
                 window = exact_window(stream, start + begin, end - begin)
                 atomic_write(os.path.join(args.output_dir, name), lambda f, w=window: w.write(f, format="MSEED"))
-                rows.append({"path": name, "label": label, "source": relpath})
+                rows.append({"path": name, "label": label, "source": relpath, "snr": f"{snr[begin, end]:.3f}"})
     if not rows:
         raise RunError(f"no usable files in {args.data_dir} (skipped: {skips.describe()})")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, ("path", "label", "source"), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(os.path.join(args.output_dir, "labels.csv"), lambda f: f.write(text.getvalue().encode()))
+    write_labels(os.path.join(args.output_dir, "labels.csv"), rows)
+    clear = [row for row in rows if row["label"] == "noise" or float(row["snr"]) >= CLEAR_SNR]
+    write_labels(os.path.join(args.output_dir, "labels_clear.csv"), clear)
+    unclear = len(rows) - len(clear)
     print(f"{len(rows)} windows of {len(rows) // 4} files in {args.output_dir}")
+    print(f"event windows with snr < {CLEAR_SNR:g} ({SNR_BAND[0]:g}-{SNR_BAND[1]:g} Hz), not in labels_clear.csv: "
+          f"{unclear} of {len(rows) // 2}")  # fmt: skip
     print(f"left out by --channels: {left_out} files; skipped files: {skips.describe()}")
     return rows
+
+
+def write_labels(path, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 if __name__ == "__main__":

@@ -112,12 +112,16 @@ def test_tables_go_to_a_dated_results_file_with_their_provenance(tmp_path, capsy
     assert "| default | NC | all | 3 | 1.00000 | 2.00000 | 4.00000 | 0.50 | 0.25 | 1 |" in text
 
 
-def representation(event, family, ami, clusters):
+def representation(event, family, ami, clusters, clear=None):
     """A stored run's representation scores: event/noise and family 5-NN accuracies of (model, time-mean pooling,
-    flattened spectrogram, time-mean spectrum), the clusters' AMI with the family and their number."""
+    flattened spectrogram, time-mean spectrum), the clusters' AMI with the family and their number; with clear,
+    (windows, model, flattened spectrogram, time-mean spectrum) on the clear windows."""
     names = ("model (readout)", "time-mean pooling", "flattened spectrogram, PCA", "time-mean spectrum")
     scores = {f"event/noise: {who}": {"knn_accuracy": v} for who, v in zip(names, event)}
     scores |= {f"family: {who}": {"knn_accuracy": v} for who, v in zip(names[:1] + names[2:], family)}
+    if clear:
+        scores["clear windows"] = clear[0]
+        scores |= {f"clear event/noise: {who}": {"knn_accuracy": v} for who, v in zip(names[:1] + names[2:], clear[1:])}
     return scores | {"cluster AMI with family": ami, "clusters": clusters}
 
 
@@ -137,6 +141,22 @@ def test_representation_table_per_fold_and_its_mean(tmp_path, capsys):
     )
     assert "| default | not-NC | 0.700 | 0.600 | 0.800 | 0.750 | -0.100 |" in out  # the margin over the better one
     assert "| default | mean of 2 | 0.800 | 0.700 | 0.825 | 0.725 | -0.025 | 0.500 | 0.600 | 0.700 | 0.20 (3) |" in out
+    assert "event/noise on the clear windows" not in out  # figures stored before labels_clear.csv: no such table
+
+
+def test_clear_windows_table_beside_runs_stored_before_it(tmp_path, capsys):
+    means = {"model": 1.0, "baseline": 2.0, "blur": 4.0, "files": 3}
+    rows = [
+        {"lever": "default", "fold": fold, "train_s": 1.0, "flags": [], "networks": {"all": means},
+         "representation": representation((0.9, 0.8, 0.85, 0.7), (0.5, 0.6, 0.7), 0.1, 2, clear)}
+        for fold, clear in (("NC", (280, 0.95, 0.96, 0.9)), ("not-NC", (250, 0.93, 0.9, 0.85)), ("stations", None))
+    ]  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    ablation.main(["--tables", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out.split("event/noise on the clear windows")[1].split("all held-out files")[0]
+    assert "| default | NC | 280 | 0.950 | 0.960 | 0.900 | -0.010 |" in out
+    assert "| default | not-NC | 250 | 0.930 | 0.900 | 0.850 | 0.030 |" in out
+    assert "| default | mean of 2 | 265 | 0.940 | 0.930 | 0.875 | 0.010 |" in out and "stations" not in out
 
 
 @pytest.mark.slow
@@ -148,3 +168,6 @@ def test_representation_scores_from_embed_on_held_out_files(trained, tmp_path):
     assert scores["event/noise: time-mean pooling"]["dim"] == 256 * 9
     assert scores["event/noise: flattened spectrogram, PCA"]["dim"] == 32  # the read-out's size; 32 rows
     assert -1 <= scores["cluster AMI with family"] <= 1 and scores["clusters"] >= 2
+    assert 16 <= scores["clear windows"] <= 32  # the 16 noise windows of the 8 files, and the clear event windows
+    clear_baseline = scores["clear event/noise: flattened spectrogram, PCA"]
+    assert clear_baseline["dim"] == min(32, scores["clear windows"])  # PCA gives at most one component a window

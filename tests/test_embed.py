@@ -183,6 +183,31 @@ def test_event_noise_windows_from_real_files(tmp_path, capsys):
     np.testing.assert_array_equal(windowed.numpy(), whole.numpy())
     with open(tmp_path / "windows" / "labels.csv") as f:
         assert list(csv.DictReader(f)) == rows
+    with open(tmp_path / "windows" / "labels_clear.csv") as f:
+        assert list(csv.DictReader(f)) == [r for r in rows if r["label"] == "noise" or float(r["snr"]) >= 2]
+    noise = [float(r["snr"]) for r in rows if r["label"] == "noise"]
+    assert all(0.5 < snr < 2**0.5 for snr in noise)  # each noise window over both together
+
+
+def test_event_windows_that_show_no_event_are_not_clear(tmp_path, capsys):
+    """A real event file whose 25-90 s (its P arrives at 29 s) are overwritten by its own noise of 5-25 s: its event
+    windows' snr is below 2, and labels_clear.csv leaves them out; the untouched file's stand far above its noise."""
+    stream = real_stream()
+    for trace in stream:
+        for begin in range(2500, 9001, 2000):
+            trace.data[begin : begin + 2000] = trace.data[500 : 500 + min(2000, 9001 - begin)]
+    data = str(tmp_path / "events")
+    os.makedirs(data)
+    write(stream, data, "AZ.KNW.HH.20120808T165050.no_event.mseed")
+    write(real_stream(), data, KNW)
+    rows = event_noise_windows.main(["--data_dir", data, "--output_dir", str(tmp_path / "windows")])
+    snr = {(r["source"], r["path"][-12:-6]): float(r["snr"]) for r in rows if r["label"] == "event"}
+    assert all(snr["AZ.KNW.HH.20120808T165050.no_event.mseed", w] < 2 for w in ("30-40s", "40-50s"))
+    assert snr[KNW, "30-40s"] > 100 and snr[KNW, "40-50s"] > 100  # a M 3-4 event at 30 s
+    with open(tmp_path / "windows" / "labels_clear.csv") as f:
+        clear = [r["path"] for r in csv.DictReader(f)]
+    assert len(clear) == 6 and not any("no_event" in p and p.startswith("event") for p in clear)
+    assert "event windows with snr < 2 (2-10 Hz), not in labels_clear.csv: 2 of 4" in capsys.readouterr().out
 
 
 def test_event_noise_windows_skip_a_file_shorter_than_the_windows(tmp_path, capsys):
