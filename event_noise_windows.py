@@ -99,14 +99,17 @@ def band_rms(trace, start, seconds):
 
 def signal_to_noise(vertical, start):
     """{(begin, end): snr} of each window in WINDOWS from `start`: the vertical component's RMS in SNR_BAND (below
-    0.45 times its sampling rate) over the same in the noise windows together; inf where that is zero."""
+    0.45 times its sampling rate) over the same in the noise windows together; inf where that is zero, NaN where the
+    sampling rate leaves no band."""
     trace = vertical.copy().merge(fill_value=0)[0]
     trace.data = trace.data.astype(np.float64)
     trace.detrend("demean")
+    windows = [window for windows in WINDOWS.values() for window in windows]
     freqmax = min(SNR_BAND[1], 0.45 * trace.stats.sampling_rate)
+    if freqmax <= SNR_BAND[0]:
+        return dict.fromkeys(windows, np.nan)
     trace.filter("bandpass", freqmin=SNR_BAND[0], freqmax=freqmax, corners=4, zerophase=True)
     noise = np.sqrt(np.mean([band_rms(trace, start + b, e - b) ** 2 for b, e in WINDOWS["noise"]]))
-    windows = [window for windows in WINDOWS.values() for window in windows]
     return {(b, e): band_rms(trace, start + b, e - b) / noise if noise > 0 else np.inf for b, e in windows}
 
 

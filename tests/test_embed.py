@@ -210,6 +210,13 @@ def test_event_windows_that_show_no_event_are_not_clear(tmp_path, capsys):
     assert "event windows with snr < 2 (2-10 Hz), not in labels_clear.csv: 2 of 4" in capsys.readouterr().out
 
 
+def test_snr_is_nan_where_the_sampling_rate_leaves_no_band():
+    vertical = real_stream().select(component="Z")
+    vertical[0].decimate(25, no_filter=True)  # 4 Hz: nothing above 1.8 Hz, below the 2-10 Hz band
+    snr = event_noise_windows.signal_to_noise(vertical, vertical[0].stats.starttime)
+    assert len(snr) == 4 and all(np.isnan(v) for v in snr.values())
+
+
 def test_event_noise_windows_skip_a_file_shorter_than_the_windows(tmp_path, capsys):
     data = copy_files(shipped_files(("HH",), per_family=1), tmp_path / "events")
     obspy.read().write(os.path.join(data, "BW.RJOB.EH.mseed"), format="MSEED")  # obspy's real example: 30 s
