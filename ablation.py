@@ -271,35 +271,37 @@ def representation_table(figures):
     5-NN accuracies, the clusters' AMI with the family, and the reconstruction ratios."""
     columns = ["lever", "fold", "event/noise", "t-mean pool", "flat PCA", "t-mean spec", "margin", "family",
                "family flat", "family t-mean", "AMI (K)", "/t-mean", "/blur"]  # fmt: skip
-    rows, by_lever = [], defaultdict(list)
-    for row in figures:
-        if "representation" in row:
-            values = representation_values(row)
-            by_lever[row["lever"]].append(values)
-            rows.append([row["lever"], row["fold"], *values])
-    for lever, values in by_lever.items():
-        if len(values) > 1:
-            rows.append([lever, f"mean of {len(values)}", *np.mean(values, axis=0)])
-    return markdown_table(columns, [formatted(row) for row in rows])
+    rows = [[row["lever"], row["fold"], *representation_values(row)] for row in figures if "representation" in row]
+    return markdown_table(columns, [formatted(row) for row in with_lever_means(rows)])
+
+
+def with_lever_means(rows):
+    """Rows of [lever, fold, *numbers], then a "mean of N" row for each lever measured on more than one fold."""
+    by_lever = defaultdict(list)
+    for lever, _, *values in rows:
+        by_lever[lever].append(values)
+    return rows + [[lever, f"mean of {len(v)}", *np.mean(v, axis=0)] for lever, v in by_lever.items() if len(v) > 1]
 
 
 def clear_table(figures):
     """One row per lever and fold (and the mean over the lever's folds): event versus noise 5-NN accuracy on the
     clear windows for the embedding and both baselines, and the embedding's margin over the better one."""
-    rows, by_lever = [], defaultdict(list)
-    for row in figures:
-        scores = row.get("representation", {})
-        if "clear windows" in scores:
-            accuracy = [v["knn_accuracy"] for k, v in scores.items() if k.startswith("clear event/noise: model")]
-            accuracy += [scores[f"clear event/noise: {who}"]["knn_accuracy"] for who in REPRESENTATIONS[1:]]
-            values = [scores["clear windows"], *accuracy, accuracy[0] - max(accuracy[1:])]
-            by_lever[row["lever"]].append(values)
-            rows.append([row["lever"], row["fold"], *values])
-    for lever, values in by_lever.items():
-        if len(values) > 1:
-            rows.append([lever, f"mean of {len(values)}", *np.mean(values, axis=0)])
-    cells = [[lever, fold, f"{n:.0f}", *(f"{v:.3f}" for v in values)] for lever, fold, n, *values in rows]
+    rows = [
+        [row["lever"], row["fold"], *clear_values(row["representation"])]
+        for row in figures
+        if "clear windows" in row.get("representation", {})
+    ]
+    cells = [
+        [lever, fold, f"{n:.0f}", *(f"{v:.3f}" for v in values)] for lever, fold, n, *values in with_lever_means(rows)
+    ]
     return markdown_table(["lever", "fold", "windows", "event/noise", "flat PCA", "t-mean spec", "margin"], cells)
+
+
+def clear_values(scores):
+    """The numbers of one clear_table row: windows, the 5-NN accuracies of the embedding and both baselines, margin."""
+    accuracy = [next(v for k, v in scores.items() if k.startswith("clear event/noise: model"))["knn_accuracy"]]
+    accuracy += [scores[f"clear event/noise: {who}"]["knn_accuracy"] for who in REPRESENTATIONS[1:]]
+    return [scores["clear windows"], *accuracy, accuracy[0] - max(accuracy[1:])]
 
 
 def formatted(row):

@@ -109,8 +109,9 @@ def signal_to_noise(vertical, start):
     if freqmax <= SNR_BAND[0]:
         return dict.fromkeys(windows, np.nan)
     trace.filter("bandpass", freqmin=SNR_BAND[0], freqmax=freqmax, corners=4, zerophase=True)
-    noise = np.sqrt(np.mean([band_rms(trace, start + b, e - b) ** 2 for b, e in WINDOWS["noise"]]))
-    return {(b, e): band_rms(trace, start + b, e - b) / noise if noise > 0 else np.inf for b, e in windows}
+    rms = {(b, e): band_rms(trace, start + b, e - b) for b, e in windows}
+    noise = np.sqrt(np.mean([rms[window] ** 2 for window in WINDOWS["noise"]]))
+    return {window: value / noise if noise > 0 else np.inf for window, value in rms.items()}
 
 
 def write_windows(args):
