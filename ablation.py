@@ -33,10 +33,10 @@ import obspy
 import pandas as pd
 from sklearn.metrics import adjusted_mutual_info_score
 
-from file_index import DEFAULT_DATA_DIR
-from results import dated_path, markdown_table, write_results
-from settings import Setting, parse
-from storage import write_json_atomic
+from measuring.results import dated_path, markdown_table, write_results
+from reading.file_index import DEFAULT_DATA_DIR
+from running.settings import Setting, parse
+from running.storage import write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FOLDS = {  # held-out networks (NET) or stations (NET.STA)

@@ -49,26 +49,25 @@ import obspy
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import bench_embed
-import bench_search
-from archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds, shipped_sources
-from device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
-from embedding import encode_batch
-from file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
+from embedding.poolings import encode_batch
+from measuring import bench_embed, bench_search
+from measuring.archives import WINDOW_SECONDS, link_files, make_archive, make_files, shipped_as_sds, shipped_sources
+from measuring.results import dated_path, machine, markdown_table, write_results
 from model import ConvAutoencoder, masked_mse
-from results import dated_path, machine, markdown_table, write_results
-from seisbench_data import is_seisbench_dataset, open_dataset, write_tiled_dataset
-from settings import Setting, at_least, parse
+from reading.file_index import DEFAULT_DATA_DIR, INDEX_NAME, available_cores
+from reading.seisbench_data import is_seisbench_dataset, open_dataset, write_tiled_dataset
+from reading.transform import STFTConfig, spectrogram
+from reading.waveforms import read_miniseed
+from running.device import AMP_MODES, loader_options, mixed_precision, model_input, resolve_device
+from running.settings import Setting, at_least, parse
+from running.training import train_epoch
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from training import train_epoch
-from transform import STFTConfig, spectrogram
-from waveforms import read_miniseed
 
 WORKER_COUNTS = (0, 1, 2)
 REPEATS = 3  # measured passes per stage; the best one is reported
 STEP_BATCHES = 10  # batches in the training-step stages
 WARM_STARTUP_TARGET_S = 2.0  # a warm start of a 132k-file archive, launch to first batch
-PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "startup_probe.py")
+PROBE = "measuring.startup_probe"  # run as a module from the repository root (python -m), as a user runs a script
 # fmt: off
 SETTINGS = (
     Setting("data_dir", DEFAULT_DATA_DIR, "directory of miniSEED files to measure on"),
@@ -263,14 +262,14 @@ def startup_seconds(data_dir, cold):
 
 
 def run_probe(name, data_dir, cold):
-    """startup_probe.py NAME DATA_DIR in a new Python process, after removing the index when `cold`: (seconds from
-    the launch to the end the probe reports, the other figures it printed, as text)."""
+    """python -m measuring.startup_probe NAME DATA_DIR in a new Python process, after removing the index when `cold`:
+    (seconds from the launch to the end the probe reports, the other figures it printed, as text)."""
     index = os.path.join(data_dir, INDEX_NAME)
     if cold and os.path.exists(index):
         os.remove(index)
     launched = time.time()
     result = subprocess.run(
-        [sys.executable, PROBE, name, data_dir],
+        [sys.executable, "-m", PROBE, name, data_dir],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),

@@ -29,21 +29,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from batching import LengthBatchSampler
-from checkpoints import chosen_windows, data_settings, model_from_checkpoint
-from device import device_and_checkpoint, model_input
-from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
-from embedding import (
+from embedding.catalogue import (
     CATALOG_COLUMNS,
-    POOLINGS,
-    READOUT,
     CatalogPart,
     Catalogue,
     CatalogueReader,
     EmbeddingWriter,
     catalog_row,
-    default_pooling,
-    encode_batch,
     merge_parts,
     read_embeddings,
     read_in_chunks,
@@ -51,7 +43,7 @@ from embedding import (
     start_times,
     write_catalog,
 )
-from figures import (
+from embedding.figures import (
     plot_clusters_over_time,
     plot_map,
     plot_reconstruction,
@@ -59,7 +51,8 @@ from figures import (
     sample_name,
     save_figure,
 )
-from representation import (
+from embedding.poolings import POOLINGS, READOUT, default_pooling, encode_batch
+from embedding.representation import (
     ASSIGN_CHUNK,
     assign_rows,
     chance_scores,
@@ -71,7 +64,20 @@ from representation import (
     regression_chance,
     regression_scores,
 )
-from settings import (
+from embedding.vector_index import build_for as build_vector_index
+from reading.batching import LengthBatchSampler
+from running.checkpoints import chosen_windows, data_settings, model_from_checkpoint
+from running.device import device_and_checkpoint, model_input
+from running.distributed import (
+    gather_in_rank_order,
+    gather_skips,
+    own_share,
+    planned_order,
+    rank_and_world_size,
+    rank_zero_first,
+    run_script,
+)
+from running.settings import (
     CHECKPOINT,
     CHECKPOINT_DATA_DIR,
     RunError,
@@ -81,10 +87,8 @@ from settings import (
     parse,
     window_settings,
 )
-from shards import gather_in_rank_order, own_share, planned_order
+from running.storage import write_json_atomic
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import write_json_atomic
-from vector_index import build_for as build_vector_index
 
 log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts

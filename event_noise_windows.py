@@ -25,12 +25,9 @@ import os
 import numpy as np
 import obspy
 
-from file_index import DEFAULT_DATA_DIR, find_files
-from settings import RunError, Setting, parse
-from stft_dataset import SkipLog
-from storage import atomic_write
-from transform import STFTConfig
-from waveforms import (
+from reading.file_index import DEFAULT_DATA_DIR, find_files
+from reading.transform import STFTConfig
+from reading.waveforms import (
     DEFAULT_FAMILIES,
     MINISEED_EXTENSIONS,
     NOT_REQUESTED,
@@ -39,6 +36,9 @@ from waveforms import (
     read_stream,
     read_waveform,
 )
+from running.settings import RunError, Setting, parse
+from running.storage import atomic_write
+from stft_dataset import SkipLog
 
 log = logging.getLogger("event_noise_windows")
 WINDOWS = {"noise": ((5, 15), (15, 25)), "event": ((30, 40), (40, 50))}  # seconds after each file's start

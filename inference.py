@@ -20,14 +20,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from baselines import BASELINES
-from batching import LengthBatchSampler, reconstruct
-from checkpoints import chosen_windows, data_settings, model_from_checkpoint
-from device import device_and_checkpoint, model_input
-from distributed import gather_skips, rank_and_world_size, rank_zero_first, run_script
-from figures import plot_reconstruction, sample_name
+from embedding.baselines import BASELINES
+from embedding.figures import plot_reconstruction, sample_name
 from model import masked_errors
-from settings import (
+from reading.batching import LengthBatchSampler, reconstruct
+from reading.waveforms import COMPONENTS
+from running.checkpoints import chosen_windows, data_settings, model_from_checkpoint
+from running.device import device_and_checkpoint, model_input
+from running.distributed import (
+    gather_in_rank_order,
+    gather_skips,
+    own_share,
+    planned_order,
+    rank_and_world_size,
+    rank_zero_first,
+    run_script,
+)
+from running.settings import (
     CHECKPOINT,
     CHECKPOINT_DATA_DIR,
     RunError,
@@ -37,10 +46,8 @@ from settings import (
     parse,
     window_settings,
 )
-from shards import gather_in_rank_order, own_share, planned_order
+from running.storage import write_json_atomic
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import write_json_atomic
-from waveforms import COMPONENTS
 
 log = logging.getLogger("inference")
 WHO = ("model", *BASELINES)  # the reconstructions compared, as keys of metrics.json

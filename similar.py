@@ -24,17 +24,18 @@ import os
 import numpy as np
 import torch
 
-import vector_index
-from checkpoints import data_settings, model_from_checkpoint
-from device import device_and_checkpoint
-from embedding import CatalogueReader, encode_batch
-from figures import plot_spectrogram_row, sample_name, save_figure
-from seisbench_data import is_seisbench_dataset
-from settings import RunError, Setting, at_least, device_setting, parse
+from embedding import vector_index
+from embedding.catalogue import CatalogueReader
+from embedding.figures import plot_spectrogram_row, sample_name, save_figure
+from embedding.poolings import encode_batch
+from reading.seisbench_data import is_seisbench_dataset
+from reading.transform import spectrogram
+from reading.waveforms import UnusableFile, read_waveform
+from running.checkpoints import data_settings, model_from_checkpoint
+from running.device import device_and_checkpoint
+from running.settings import RunError, Setting, at_least, device_setting, parse
+from running.storage import atomic_write
 from stft_dataset import SeismicSTFTDataset
-from storage import atomic_write
-from transform import spectrogram
-from waveforms import UnusableFile, read_waveform
 
 log = logging.getLogger("similar")
 SHOWN_COLUMNS = {"path": 40, "trace_id": 14, "starttime": 27, "cluster": 7}  # printed columns and their widths

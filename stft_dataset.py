@@ -17,8 +17,8 @@ import torch
 from obspy import UTCDateTime
 from torch.utils.data import Dataset
 
-from file_index import available_cores, build_index
-from recordings import (
+from reading.file_index import available_cores, build_index
+from reading.recordings import (
     MAX_RECORDING_SECONDS,
     find_recordings,
     in_groups,
@@ -26,10 +26,10 @@ from recordings import (
     window_counts,
     window_samples,
 )
-from seisbench_data import SeisBenchTraces, is_seisbench_dataset
-from spectrogram_cache import SpectrogramCache
-from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
+from reading.seisbench_data import SeisBenchTraces, is_seisbench_dataset
+from reading.spectrogram_cache import SpectrogramCache
+from reading.transform import STFTConfig, spectrogram
+from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
 
 log = logging.getLogger("stft_dataset")
 

@@ -17,8 +17,8 @@ import embed
 import inference
 import similar
 import train
-from file_index import DEFAULT_DATA_DIR
 from model import ConvAutoencoder, masked_mse
+from reading.file_index import DEFAULT_DATA_DIR
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 DATA_DIR = DEFAULT_DATA_DIR

@@ -28,8 +28,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from augment import augmentation
-from checkpoints import (
+from embedding.poolings import pooled_features
+from embedding.readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
+from embedding.representation import fit_sample
+from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
+from reading.augment import augmentation
+from reading.file_index import DEFAULT_DATA_DIR
+from reading.recordings import SPLITS, window_problems
+from reading.transform import STFTConfig
+from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
+from running.checkpoints import (
     checkpoint_dict,
     load_checkpoint,
     model_from_checkpoint,
@@ -40,8 +48,8 @@ from checkpoints import (
     save_checkpoint,
     save_epoch_checkpoints,
 )
-from device import AMP_MODES, mixed_precision, package_versions
-from distributed import (
+from running.device import AMP_MODES, mixed_precision, package_versions
+from running.distributed import (
     epoch_seed,
     gather_skips,
     init_distributed,
@@ -51,19 +59,12 @@ from distributed import (
     sum_over_processes,
     wrap_for_training,
 )
-from embedding import pooled_features
-from file_index import DEFAULT_DATA_DIR
-from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
-from preemption import Preempted, StepCheck, StopSignals
-from readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
-from recordings import SPLITS, window_problems
-from representation import fit_sample
-from run_data import build_loaders, load_dataset, plan_run
-from run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
-from settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
-from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
-from storage import probe_writable
-from training import (
+from running.preemption import Preempted, StepCheck, StopSignals
+from running.run_data import build_loaders, load_dataset, plan_run
+from running.run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
+from running.settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
+from running.storage import probe_writable
+from running.training import (
     BATCH_SIZE,
     CROP_BINS,
     HORIZONTAL_SWAP,
@@ -80,8 +81,7 @@ from training import (
     mean_loss,
     train_epoch,
 )
-from transform import STFTConfig
-from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
+from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 
 log = logging.getLogger("train")
 NUM_IMAGES = 4  # fixed validation samples drawn to TensorBoard each epoch

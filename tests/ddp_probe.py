@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  (needs the repository root on sys.path)
-from checkpoints import clean_state_dict  # noqa: E402
+from running.checkpoints import clean_state_dict  # noqa: E402
 
 PROBE_DIR = os.environ["PROBE_DIR"]
 original_train_epoch, original_evaluate = train.train_epoch, train.evaluate

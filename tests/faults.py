@@ -51,8 +51,8 @@ RNG = random.Random(11)  # the "random" steps, the same every time the script ru
 def child(plan, argv):
     """train.main(argv) that reports each step to plan["progress"] and may signal itself inside a checkpoint write."""
     sys.path.insert(0, ROOT)
-    import checkpoints
     import train
+    from running import checkpoints
 
     original_epoch, original_write = train.train_epoch, checkpoints.atomic_write
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import SHIPPED
 
 import ablation
-import run_data
 import train
-from readout import READOUT_DIM
+from embedding.readout import READOUT_DIM
+from running import run_data
 from stft_dataset import SeismicSTFTDataset
 
 

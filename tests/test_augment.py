@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import flags
 
-import augment
 import train
-from augment import (
+from reading import augment
+from reading.augment import (
     NOMINAL_DECADES,
     batch_rng,
     random_horizontal_swap,
@@ -20,9 +20,9 @@ from augment import (
     random_time_crop,
     random_time_offset,
 )
+from reading.transform import STFTConfig
+from running.training import ONE_CYCLE_WARMUP, one_cycle
 from stft_dataset import SeismicSTFTDataset, pad_collate
-from training import ONE_CYCLE_WARMUP, one_cycle
-from transform import STFTConfig
 
 FREQS = STFTConfig().axes(0)[0]
 TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu", split_by="file")  # counts training files

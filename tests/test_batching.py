@@ -7,11 +7,11 @@ import torch
 from conftest import copy_files, shipped_files
 from waveform_files import KNW, PFO, first_seconds, real_stream, scipy_n_time, write
 
-from batching import LengthBatchSampler, length_groups, reconstruct
-from embedding import encode_batch
+from embedding.poolings import encode_batch
 from model import ConvAutoencoder
+from reading.batching import LengthBatchSampler, length_groups, reconstruct
+from reading.transform import STFTConfig
 from stft_dataset import SeismicSTFTDataset, pad_collate
-from transform import STFTConfig
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ import os
 
 import pytest
 
-import archives
 import bench
-import bench_embed
-import results
+from measuring import archives, bench_embed, results
 from stft_dataset import SeismicSTFTDataset
 
 

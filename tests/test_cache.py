@@ -17,14 +17,13 @@ from conftest import SHIPPED, copy_files, flags, shipped_files
 from torch.utils.data import DataLoader, Subset
 from waveform_files import empty_file, nan_samples, truncated_file
 
-import file_index
-import spectrogram_cache
 import stft_dataset
 import train
-from file_index import build_index
-from spectrogram_cache import SpectrogramCache
+from reading import file_index, spectrogram_cache
+from reading.file_index import build_index
+from reading.spectrogram_cache import SpectrogramCache
+from reading.transform import STFTConfig
 from stft_dataset import SeismicSTFTDataset, pad_collate
-from transform import STFTConfig
 
 FLOAT16_ROUNDING = 2**-12  # half the float16 step between 0.5 and 1: the largest rounding error in [0, 1]
 EXTRA_HH, EXTRA_BH = shipped_files(("HH",), per_family=3)[2], shipped_files(("BH",), per_family=3)[2]  # not in real_dir

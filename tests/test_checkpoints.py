@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import BEFORE_FLAG, filled_in, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import ConvAutoencoder, ModelConfig
-from transform import STFTConfig
+from reading.transform import STFTConfig
+from running.checkpoints import BEFORE_FLAG, filled_in, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def test_checkpoints_before_size_fit_load_as_interpolate(tmp_path):

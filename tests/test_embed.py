@@ -18,10 +18,11 @@ from waveform_files import KNW, first_seconds, real_stream, single_component, te
 import embed
 import event_noise_windows
 import similar
-from checkpoints import model_from_checkpoint
-from embedding import CATALOG_COLUMNS, POOLINGS, EmbeddingWriter
-from figures import plot_map, sample_name
-from readout import READOUT_DIM, READOUT_POOLING
+from embedding.catalogue import CATALOG_COLUMNS, EmbeddingWriter
+from embedding.figures import plot_map, sample_name
+from embedding.poolings import POOLINGS
+from embedding.readout import READOUT_DIM, READOUT_POOLING
+from running.checkpoints import model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset
 
 

@@ -17,16 +17,16 @@ from conftest import ROOT, SHIPPED, SearchIndex, copy_files, shipped_files
 from torch.utils.data import DataLoader
 
 import embed
-import embedding
 import inference
-import representation
-import shards
 import train
-from batching import LengthBatchSampler
-from checkpoints import data_settings, model_from_checkpoint
-from embedding import STORED_DTYPE, encode_batch
-from readout import READOUT_DIM
-from representation import cluster, label_scores, leave_one_out_neighbours, reduce, standardised
+from embedding import catalogue, representation
+from embedding.catalogue import STORED_DTYPE
+from embedding.poolings import encode_batch
+from embedding.readout import READOUT_DIM
+from embedding.representation import cluster, label_scores, leave_one_out_neighbours, reduce, standardised
+from reading.batching import LengthBatchSampler
+from running import distributed as shards
+from running.checkpoints import data_settings, model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 PROCESSES = 2
@@ -229,7 +229,7 @@ def test_catalogue_parts_hold_8_bytes_a_row_and_join_in_rank_order(trained, tmp_
     tracemalloc.start()
     parts = []
     for rank, share in enumerate((rows[:7_000], rows[7_000:20_000])):
-        part = embedding.CatalogPart(tmp_path, rank, flush_every=1_000)
+        part = catalogue.CatalogPart(tmp_path, rank, flush_every=1_000)
         before = tracemalloc.get_traced_memory()[0]
         for position, row in enumerate(share):
             part.append(row, position + 7_000 * rank)
@@ -237,16 +237,16 @@ def test_catalogue_parts_hold_8_bytes_a_row_and_join_in_rank_order(trained, tmp_
         parts.append(part.close())
         assert held < 1_000 * 2_000 + 40 * len(share)  # the pending rows, and little per row streamed (200 B before)
     tracemalloc.stop()
-    catalogue = embedding.Catalogue(parts)
-    assert catalogue.position.tolist() == list(range(20_000)) and len(catalogue) == 20_000
-    assert catalogue.position.dtype == np.int32 and catalogue.ratio.dtype == np.float32
+    joined_parts = catalogue.Catalogue(parts)
+    assert joined_parts.position.tolist() == list(range(20_000)) and len(joined_parts) == 20_000
+    assert joined_parts.position.dtype == np.int32 and joined_parts.ratio.dtype == np.float32
     expected = (real.mse.to_numpy() / real.mse_time_mean.to_numpy()).astype(np.float32)
-    np.testing.assert_array_equal(catalogue.ratio[: len(real)], expected)
-    monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 4_096)
+    np.testing.assert_array_equal(joined_parts.ratio[: len(real)], expected)
+    monkeypatch.setattr(catalogue, "CATALOG_ROW_GROUP", 4_096)
     blocks = ({name: np.arange(start, min(start + 3_000, 20_000)) for name in embed.CATALOG_COLUMNS[10:15]}
               for start in range(0, 20_000, 3_000))  # fmt: skip
-    embedding.write_catalog(tmp_path, catalogue.tables(), blocks)
-    catalogue.remove()
+    catalogue.write_catalog(tmp_path, joined_parts.tables(), blocks)
+    joined_parts.remove()
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
     written = pq.ParquetFile(tmp_path / "catalog.parquet")
     assert [written.metadata.row_group(g).num_rows for g in range(written.num_row_groups)] == [4_096] * 4 + [3_616]

@@ -17,11 +17,10 @@ from conftest import copy_files, flags, shipped_files
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import BatchSampler, RandomSampler
 
-import storage
 import train
-import training
-from checkpoints import load_checkpoint, resume_point
-from preemption import SkipFirst
+from running import storage, training
+from running.checkpoints import load_checkpoint, resume_point
+from running.preemption import SkipFirst
 from stft_dataset import SeismicSTFTDataset
 
 pytestmark = pytest.mark.slow  # fault runs: training runs stopped and resumed

@@ -9,8 +9,8 @@ import pytest
 from conftest import SHIPPED, copy_files, shipped_files
 from waveform_files import KNW, empty_file, real_stream
 
-import file_index
-from file_index import build_index, find_files
+from reading import file_index
+from reading.file_index import build_index, find_files
 from stft_dataset import SeismicSTFTDataset
 
 

@@ -9,8 +9,8 @@ from matplotlib.image import imread
 from waveform_files import KNW, PFO, first_seconds, real_stream, write
 
 import inference
-from baselines import blur, time_mean
-from checkpoints import model_from_checkpoint
+from embedding.baselines import blur, time_mean
+from running.checkpoints import model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset
 
 

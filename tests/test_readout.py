@@ -12,15 +12,15 @@ from waveform_files import KNW, real_stream, write
 
 import embed
 import train
-from augment import random_noise_floor
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from embedding import encode_batch, pooled_features
+from embedding.poolings import encode_batch, pooled_features
+from embedding.readout import READOUT_DIM, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
+from embedding.representation import fit_sample
 from model import ARCHS, ModelConfig
-from readout import READOUT_DIM, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
-from representation import fit_sample
+from reading.augment import random_noise_floor
+from reading.transform import STFTConfig, spectrogram
+from reading.waveforms import DEFAULT_FAMILIES, read_waveform
+from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from stft_dataset import SeismicSTFTDataset
-from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, read_waveform
 
 
 def training_positions(checkpoint, dataset):

@@ -17,11 +17,11 @@ from waveform_files import nan_samples
 
 import inference
 import train
-import training
-from checkpoints import clean_state_dict, model_from_checkpoint
-from device import mixed_precision
-from distributed import epoch_seed, sum_over_processes
 from model import ConvAutoencoder
+from running import training
+from running.checkpoints import clean_state_dict, model_from_checkpoint
+from running.device import mixed_precision
+from running.distributed import epoch_seed, sum_over_processes
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 
 PROCESSES = 2

@@ -13,14 +13,14 @@ from conftest import SHIPPED, copy_files, shipped_files
 
 import embed
 import train
-from embedding import encode_batch
+from embedding.poolings import encode_batch
+from embedding.representation import regression_chance, regression_scores
 from model import ConvAutoencoder
-from recordings import choose_val_groups
-from representation import regression_chance, regression_scores
-from seisbench_data import UNKNOWN_FAMILY, is_seisbench_dataset, recording_of_file, write_dataset
+from reading.recordings import choose_val_groups
+from reading.seisbench_data import UNKNOWN_FAMILY, is_seisbench_dataset, recording_of_file, write_dataset
+from reading.transform import STFTConfig
+from reading.waveforms import DEFAULT_FAMILIES, NO_SIGNAL, UnusableFile, read_waveform
 from stft_dataset import SeismicSTFTDataset
-from transform import STFTConfig
-from waveforms import DEFAULT_FAMILIES, NO_SIGNAL, UnusableFile, read_waveform
 
 NAMES = shipped_files(per_family=1)  # 4 real 90 s recordings: HH, HN, EH, BH
 RESAMPLED = "BK.BDM.HN.20160903T060122.mseed"  # also written at 40 Hz: read back at 100 Hz by both paths

@@ -9,8 +9,8 @@ import event_noise_windows
 import inference
 import similar
 import train
-from settings import HELP_WIDTH, RunError, Setting, at_least, build_parser, parse, run_keys
-from transform import STFTConfig
+from reading.transform import STFTConfig
+from running.settings import HELP_WIDTH, RunError, Setting, at_least, build_parser, parse, run_keys
 
 SCRIPTS = (train, inference, embed, similar, bench, ablation, event_noise_windows)
 

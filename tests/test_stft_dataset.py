@@ -35,7 +35,7 @@ from waveform_files import (
 
 import stft_dataset
 import test_pipeline
-from file_index import find_files
+from reading.file_index import find_files
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 
 

@@ -9,13 +9,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from waveform_files import nan_samples
 
-import checkpoints
 import inference
 import train
-import training
-from recordings import choose_val_groups
+from reading.recordings import choose_val_groups
+from reading.transform import STFTConfig
+from running import checkpoints, training
 from stft_dataset import SeismicSTFTDataset
-from transform import STFTConfig
 
 # --split_by file: these tests count validation files (the default, station, is tested in test_windows.py)
 TINY = ["--batch_size", "4", "--num_workers", "0", "--val_split", "0.25", "--split_by", "file"]

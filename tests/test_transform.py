@@ -8,7 +8,7 @@ import pytest
 import scipy.signal
 from waveform_files import real_stream, reference_spectrogram, scipy_n_time, spectrogram_of, write
 
-from transform import STFTConfig, spectrogram
+from reading.transform import STFTConfig, spectrogram
 
 
 def test_spectrogram_equals_direct_scipy_stft_on_real_waveform():

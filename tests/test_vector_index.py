@@ -14,14 +14,13 @@ import torch
 from conftest import SearchIndex, copy_files, shipped_files
 
 import bench
-import bench_search
 import embed
-import embedding
 import similar
-import vector_index
+from embedding import catalogue, vector_index
+from measuring import bench_search
 from model import ConvAutoencoder
-from transform import STFTConfig
-from waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
+from reading.transform import STFTConfig
+from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +118,9 @@ def test_catalogue_reader_decodes_only_the_row_groups_it_needs_and_finds_first_r
     stored = pd.read_parquet(out / "catalog.parquet")
     columns = {name: stored[name].to_numpy() for name in stored.columns}
     columns["path"] = np.array(["a.mseed", "b.mseed", "a.mseed", "b.mseed", "c.mseed", "a.mseed", "b.mseed", "c.mseed"])
-    monkeypatch.setattr(embedding, "CATALOG_ROW_GROUP", 3)
-    embedding.write_catalog(tmp_path, [pa.table(columns)])
-    reader = embedding.CatalogueReader(tmp_path)
+    monkeypatch.setattr(catalogue, "CATALOG_ROW_GROUP", 3)
+    catalogue.write_catalog(tmp_path, [pa.table(columns)])
+    reader = catalogue.CatalogueReader(tmp_path)
     assert len(reader) == 8 and reader.file.num_row_groups == 3
     read_groups = []
     monkeypatch.setattr(
@@ -132,7 +131,7 @@ def test_catalogue_reader_decodes_only_the_row_groups_it_needs_and_finds_first_r
     assert rows[7] == {**stored.iloc[7].to_dict(), "path": "c.mseed"}
     assert reader.first_rows(["c.mseed", "b.mseed", "elsewhere.mseed"]) == {"c.mseed": 4, "b.mseed": 1}
     os.remove(tmp_path / "catalog.parquet")  # outputs of an older embed.py: catalog.csv alone, read as text
-    old = embedding.CatalogueReader(tmp_path)
+    old = catalogue.CatalogueReader(tmp_path)
     assert (
         len(old) == 8
         and old.rows([4])[4]["path"] == "c.mseed"
@@ -146,8 +145,8 @@ def test_beyond_csv_max_rows_the_catalogue_is_parquet_alone_and_similar_reads_it
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     stored = pd.read_parquet(copy / "catalog.parquet")
-    monkeypatch.setattr(embedding, "CSV_MAX_ROWS", 5)
-    embedding.write_catalog(copy, [pa.Table.from_pandas(stored, preserve_index=False)])
+    monkeypatch.setattr(catalogue, "CSV_MAX_ROWS", 5)
+    catalogue.write_catalog(copy, [pa.Table.from_pandas(stored, preserve_index=False)])
     assert not (copy / "catalog.csv").exists()  # 8 rows > 5: Parquet alone, and the earlier run's CSV is gone
     queries = ["2", stored.path[5], "-k", "3", "--no-figures"]
     found = similar.main([str(copy), *queries, "--table", str(tmp_path / "parquet.csv")])

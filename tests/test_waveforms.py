@@ -24,9 +24,9 @@ from waveform_files import (
     write,
 )
 
+from reading.transform import STFTConfig
+from reading.waveforms import DEFAULT_FAMILIES, UnusableFile, read_waveform
 from stft_dataset import SeismicSTFTDataset
-from transform import STFTConfig
-from waveforms import DEFAULT_FAMILIES, UnusableFile, read_waveform
 
 
 @pytest.mark.parametrize("seconds, n_time", [(30, scipy_n_time(3001)), (70, 111), (90, 142)])

@@ -15,14 +15,14 @@ import torch
 from conftest import SHIPPED, flags
 from waveform_files import reference_spectrogram
 
-import archives
 import embed
 import inference
-import run_data
 import similar
 import train
-import waveforms
-from recordings import MAX_RECORDING_SECONDS, choose_val_groups
+from measuring import archives
+from reading import waveforms
+from reading.recordings import MAX_RECORDING_SECONDS, choose_val_groups
+from running import run_data
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 GDXB = sorted(name for name in os.listdir(SHIPPED) if name.startswith("NC.GDXB.HH."))  # 15 real 90 s files, 100 Hz

@@ -8,8 +8,8 @@ import obspy
 import scipy.signal
 from conftest import INCOMPLETE, SHIPPED
 
-from transform import STFTConfig, spectrogram
-from waveforms import DEFAULT_FAMILIES, read_waveform
+from reading.transform import STFTConfig, spectrogram
+from reading.waveforms import DEFAULT_FAMILIES, read_waveform
 
 KNW = "AZ.KNW.HH.20120808T165050.mseed"  # real HH file: 100 Hz, 90 s (9001 samples), HHE/HHN/HHZ
 PFO = "AZ.PFO.HH.20120831T084343.mseed"  # a second HH station

@@ -17,7 +17,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from embedding import read_rows
+from embedding.catalogue import read_rows
 
 CLUSTER_COMPONENTS = 32  # principal components the clustering works in
 AUTO_K = range(2, 13)  # K tried by --clusters auto

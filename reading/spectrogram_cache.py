@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from storage import atomic_write, write_json_atomic
-from transform import DEAD_RELATIVE_LEVEL, NORMALISATION
-from waveforms import MAX_GAP_SECONDS
+from reading.transform import DEAD_RELATIVE_LEVEL, NORMALISATION
+from reading.waveforms import MAX_GAP_SECONDS
+from running.storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("spectrogram_cache")
 

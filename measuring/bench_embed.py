@@ -18,11 +18,11 @@ import subprocess
 import sys
 import time
 
-from archives import SDS_DAY, make_real_archive
-from results import markdown_table
+from measuring.archives import SDS_DAY, make_real_archive
+from measuring.results import markdown_table
 
 WINDOW_SECONDS, STRIDE = 10.0, 2.0
-EMBED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embed.py")
+EMBED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embed.py")
 RATE = re.compile(r"embedded (\d+) samples in ([\d.]+) s: (\d+) samples/s")
 
 

@@ -22,12 +22,12 @@ from dataclasses import asdict
 
 import torch
 
+from embedding.readout import Readout
 from model import ConvAutoencoder, ModelConfig
-from readout import Readout
-from recordings import window_problems
-from settings import RunError
-from storage import atomic_write
-from transform import STFTConfig
+from reading.recordings import window_problems
+from reading.transform import STFTConfig
+from running.settings import RunError
+from running.storage import atomic_write
 
 CHECKPOINT_KEYS = ("model_state", "model_config", "stft_config")
 # What runs written before a train.py setting existed did: filled_in() gives their checkpoints these values.

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from storage import atomic_write
-from waveforms import MINISEED_EXTENSIONS, UnusableFile, read_stream
+from reading.waveforms import MINISEED_EXTENSIONS, UnusableFile, read_stream
+from running.storage import atomic_write
 
 log = logging.getLogger("file_index")
 

@@ -9,8 +9,8 @@ import matplotlib.dates as mdates
 import numpy as np
 from matplotlib.figure import Figure
 
-from storage import atomic_write
-from waveforms import COMPONENTS, MINISEED_EXTENSIONS
+from reading.waveforms import COMPONENTS, MINISEED_EXTENSIONS
+from running.storage import atomic_write
 
 
 def sample_name(path, starttime=None):

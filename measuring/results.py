@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from file_index import available_cores
-from storage import atomic_write
+from reading.file_index import available_cores
+from running.storage import atomic_write
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def commit():

@@ -16,7 +16,14 @@ from functools import lru_cache
 import numpy as np
 import obspy
 
-from waveforms import COMPONENTS, MAX_GAP_SECONDS, NOT_REQUESTED, UnusableFile, choose_components, group_by_instrument
+from reading.waveforms import (
+    COMPONENTS,
+    MAX_GAP_SECONDS,
+    NOT_REQUESTED,
+    UnusableFile,
+    choose_components,
+    group_by_instrument,
+)
 
 # Without windows, a recording longer than this is skipped (never one giant sample that pads a batch to a day):
 # 600 s is 6.7 x the shipped 90 s event files, so event archives are untouched and a day file is caught.

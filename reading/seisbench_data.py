@@ -15,8 +15,8 @@ import numpy as np
 import obspy
 import pandas as pd
 
-from recordings import Recordings
-from waveforms import (
+from reading.recordings import Recordings
+from reading.waveforms import (
     DEFAULT_FAMILIES,
     NOT_REQUESTED,
     UnusableFile,
@@ -425,7 +425,7 @@ def main(argv=None):
     """python seisbench_data.py OUTPUT_DIR: the shipped recordings as a SeisBench dataset (event_noise_traces)."""
     import argparse
 
-    from file_index import DEFAULT_DATA_DIR, find_files
+    from reading.file_index import DEFAULT_DATA_DIR, find_files
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("output_dir", help="folder the dataset is written to (metadata.csv, waveforms.hdf5)")

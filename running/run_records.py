@@ -8,8 +8,8 @@ import torch
 from matplotlib import colormaps
 from torch.utils.tensorboard.summary import hparams
 
-from device import model_input
-from storage import write_json_atomic
+from running.device import model_input
+from running.storage import write_json_atomic
 
 
 def write_run_record(run):

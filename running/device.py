@@ -9,8 +9,8 @@ import obspy
 import scipy
 import torch
 
-from checkpoints import load_checkpoint
-from settings import RunError
+from running.checkpoints import load_checkpoint
+from running.settings import RunError
 from stft_dataset import pad_collate
 
 PREFETCH_BATCHES = 4  # batches each DataLoader worker prepares ahead

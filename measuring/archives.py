@@ -9,10 +9,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import obspy
 
-from file_index import DEFAULT_DATA_DIR, available_cores
-from waveforms import DEFAULT_FAMILIES
+from reading.file_index import DEFAULT_DATA_DIR, available_cores
+from reading.waveforms import DEFAULT_FAMILIES
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_DATA_DIR)
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_DATA_DIR)
 WINDOW_SECONDS = 70.0  # length of the files make_files writes, as in the archive this tool is built for
 FILES_PER_FOLDER = 1000
 ARCHIVE_START = obspy.UTCDateTime("2020-01-01")

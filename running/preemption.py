@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from distributed import is_rank_zero
+from running.distributed import is_rank_zero
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

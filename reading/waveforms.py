@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import numpy as np
 import obspy
 
-from transform import DEAD_RELATIVE_LEVEL
+from reading.transform import DEAD_RELATIVE_LEVEL
 
 COMPONENTS = ("E", "N", "Z")  # channel 0, 1, 2 of every spectrogram
 # Unrotated horizontals: 1 is taken as N, 2 as E (the SEED convention for 1/2 orientation codes).

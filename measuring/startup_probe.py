@@ -1,7 +1,7 @@
 """Start-up probes that bench.py runs in a new Python process, so that imports and the index count as a user sees them.
 
-    python startup_probe.py first_batch DATA_DIR     # the index and a DataLoader as train.py uses them, to batch one
-    python startup_probe.py first_windows SDS_ROOT   # 60 s windows every 30 s of an archive of 1 Hz day files
+    python -m measuring.startup_probe first_batch DATA_DIR    # the index and a DataLoader as train.py uses them
+    python -m measuring.startup_probe first_windows SDS_ROOT  # 60 s windows every 30 s of an archive of 1 Hz day files
 
 Each prints one line of figures that bench.py reads (wall-clock end, counts, CPU seconds, memory).
 """

@@ -8,13 +8,13 @@ from datetime import datetime
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 
-from device import loader_options
-from distributed import from_rank_zero, is_rank_zero, rank_and_world_size, rank_zero_first
-from preemption import SkipFirst
-from recordings import choose_val_groups, in_groups
-from settings import RunError
+from reading.recordings import choose_val_groups, in_groups
+from running.device import loader_options
+from running.distributed import from_rank_zero, is_rank_zero, rank_and_world_size, rank_zero_first
+from running.preemption import SkipFirst
+from running.settings import RunError
+from running.storage import atomic_write
 from stft_dataset import SeismicSTFTDataset
-from storage import atomic_write
 
 log = logging.getLogger("train")
 

@@ -29,9 +29,9 @@ import faiss
 import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
-from embedding import read_in_chunks, read_rows
-from representation import fit_sample
-from storage import atomic_write, write_json_atomic
+from embedding.catalogue import read_in_chunks, read_rows
+from embedding.representation import fit_sample
+from running.storage import atomic_write, write_json_atomic
 
 log = logging.getLogger("vector_index")
 INDEX_FILE, SCALE_FILE, SETTINGS_FILE = "index.faiss", "index_scale.npy", "index.json"

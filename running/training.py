@@ -9,11 +9,11 @@ import math
 import torch
 from tqdm import tqdm
 
-from batching import reconstruct
-from device import model_input
-from distributed import is_rank_zero
 from model import masked_mse
-from waveforms import COMPONENTS
+from reading.batching import reconstruct
+from reading.waveforms import COMPONENTS
+from running.device import model_input
+from running.distributed import is_rank_zero
 
 # The default training recipe, train.py's flag defaults (docs/training.md says how it was chosen).
 NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 3e-3, 0.0

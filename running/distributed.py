@@ -1,6 +1,11 @@
-"""torchrun helpers of the scripts: the process group, rank 0's values, sums over processes, DDP wrapping.
+"""torchrun helpers of the scripts: the process group, rank 0's values, sums over processes, DDP wrapping; and the
+samples shared among processes, their results joined back in the order of one process.
 
-Without torchrun (no RANK in the environment) every helper is a no-op for a single process.
+embed.py and inference.py plan the order in which one process would read the samples (LengthBatchSampler: by
+length, then by position), give process r of W the r-th contiguous share of that order, and rank 0 joins the
+shares in rank order: the outputs are those of one process, whatever W is.
+
+Without torchrun (no RANK in the environment) every helper is a no-op for a single process (one share: all of it).
 """
 
 import logging
@@ -13,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from device import resolve_device
-from settings import RunError
+from reading.batching import LengthBatchSampler
+from running.device import resolve_device
+from running.settings import RunError
 
 PREPARE_MINUTES = 60  # how long processes wait for rank 0 to index and cache the data (torchrun)
 
@@ -124,3 +130,25 @@ def run_script(parser, args, work):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def planned_order(lengths, batch_size, positions):
+    """(N,) int64 dataset positions in the order one process reads them: batches of one length, by length, then
+    position."""
+    batches = LengthBatchSampler(lengths, batch_size, positions).batches()
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+
+
+def own_share(order):
+    """This process's contiguous share of `order` (shares differ in size by at most one sample)."""
+    rank, world_size = rank_and_world_size()
+    return order[rank * len(order) // world_size : (rank + 1) * len(order) // world_size]
+
+
+def gather_in_rank_order(value):
+    """[value of rank 0, of rank 1, ...] on rank 0 (pickled through the process group), None on the others."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size() if is_rank_zero() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

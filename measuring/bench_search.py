@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import vector_index
-from batching import LengthBatchSampler
-from checkpoints import data_settings, model_from_checkpoint
-from embedding import encode_batch
+from embedding import vector_index
+from embedding.poolings import encode_batch
+from measuring.results import markdown_table
 from model import ConvAutoencoder
-from results import markdown_table
+from reading.batching import LengthBatchSampler
+from running.checkpoints import data_settings, model_from_checkpoint
 from stft_dataset import SeismicSTFTDataset, pad_collate
 
 WINDOW_SECONDS, WINDOW_STRIDE = 30.0, 3.0  # windows of the shipped 90 s recordings that are tiled
