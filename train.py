@@ -28,9 +28,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from embedding.poolings import pooled_features
-from embedding.readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
-from embedding.representation import fit_sample
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from reading.augment import augmentation
 from reading.file_index import DEFAULT_DATA_DIR
@@ -39,8 +36,6 @@ from reading.transform import STFTConfig
 from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 from running.checkpoints import (
     checkpoint_dict,
-    load_checkpoint,
-    model_from_checkpoint,
     newest_intact,
     restore,
     resume_point,
@@ -79,6 +74,7 @@ from running.training import (
     evaluate,
     learning_rate,
     mean_loss,
+    store_readout,
     train_epoch,
 )
 from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
@@ -438,47 +434,21 @@ def save(run, epoch, improved):
 
 def run_checkpoint(run):
     """The checkpoint of where the run stands (checkpoints.checkpoint_dict)."""
+    model_and_optimiser = (run.model, run.optimizer, run.scaler)
     return checkpoint_dict(
-        run.state,
-        run.model,
-        run.optimizer,
-        run.scaler,
-        run.stft,
-        vars(run.args),
-        run.name,
-        run.val_files,
-        run.val_groups,
+        run.state, *model_and_optimiser, run.stft, vars(run.args), run.name, run.val_files, run.val_groups
     )
 
 
 def finish(run):
     """The end of a run (rank 0): the read-out into best_model.pt, hparams, the last records, and the report."""
-    store_readout(run)
+    train_indices = np.sort(run.train_loader.dataset.indices)
+    best = os.path.join(run.run_dir, "best_model.pt")
+    store_readout(best, run.dataset, train_indices, run.stft, run.args, run.device)
     log_hparams(run.writer, run.args, run.state)
     run.writer.close()
     write_run_record(run)
     report(run.state, run.run_dir, run.log_dir, run.skips, run.dataset)
-
-
-def store_readout(run):
-    """best_model.pt gains the read-out (readout.py) fitted on the run's training samples with its weights; a run
-    resumed after its last epoch fits it again (it changes nothing else)."""
-    path = os.path.join(run.run_dir, "best_model.pt")
-    if not os.path.exists(path):
-        return
-    checkpoint = load_checkpoint(path, run.device)
-    model = model_from_checkpoint(checkpoint, run.device).eval()
-    train_indices = np.sort(run.train_loader.dataset.indices)
-    positions = train_indices[fit_sample(len(train_indices), run.args.seed, READOUT_SAMPLE)]
-    windows = window_bins(run.stft)
-    rows = band_rows(run.stft, model.config)
-    batch_size = run.args.batch_size
-    pooled = pooled_features(model, run.dataset, positions, batch_size, run.device, READOUT_POOLING, windows, rows)
-    readout = fit_readout(pooled, run.args.seed, rows)
-    save_checkpoint({**checkpoint, "readout": readout.to_dict()}, path)
-    fitted = f"{len(pooled)} spectrograms of {len(positions)} training samples, whole and in windows"
-    band = f"the latent's {rows} lowest frequency rows (below {READOUT_MAX_HZ:g} Hz)"
-    log.info("read-out: %d values per embedding from %s, fitted on %s (%s)", readout.dim, band, fitted, path)
 
 
 def main(argv=None):

@@ -422,7 +422,7 @@ def event_noise_traces(paths):
 
 
 def main(argv=None):
-    """python seisbench_data.py OUTPUT_DIR: the shipped recordings as a SeisBench dataset (event_noise_traces)."""
+    """python -m reading.seisbench_data OUTPUT_DIR: the shipped recordings as a SeisBench dataset."""
     import argparse
 
     from reading.file_index import DEFAULT_DATA_DIR, find_files

@@ -1,17 +1,24 @@
-"""One epoch of training and one pass of validation, as train.py (and bench.py) run them.
+"""One epoch of training and one pass of validation, as train.py (and bench.py) run them; the read-out fitted into
+best_model.pt at the end of a run.
 
 Both take batches from stft_dataset.pad_collate and return error sums weighted by valid bins, so
 that the mean over processes and batches of different lengths is exact (see distributed.sum_over_processes).
 """
 
+import logging
 import math
+import os
 
 import torch
 from tqdm import tqdm
 
+from embedding.poolings import pooled_features
+from embedding.readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
+from embedding.representation import fit_sample
 from model import masked_mse
 from reading.batching import reconstruct
 from reading.waveforms import COMPONENTS
+from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from running.device import model_input
 from running.distributed import is_rank_zero
 
@@ -160,3 +167,23 @@ def evaluate(model, loader, autocast, device, skips):
 
 def mean_loss(total, bins):
     return total / bins if bins else float("nan")
+
+
+def store_readout(path, dataset, train_indices, stft, args, device):
+    """best_model.pt at `path` gains the read-out (embedding/readout.py) fitted on a sample of the run's training
+    samples (dataset positions `train_indices`, transformed by `stft`) with its weights; a run resumed after its last
+    epoch fits it again (it changes nothing else). Nothing happens where the run saved no best model."""
+    if not os.path.exists(path):
+        return
+    checkpoint = load_checkpoint(path, device)
+    model = model_from_checkpoint(checkpoint, device).eval()
+    positions = train_indices[fit_sample(len(train_indices), args.seed, READOUT_SAMPLE)]
+    windows, rows = window_bins(stft), band_rows(stft, model.config)
+    pooled = pooled_features(model, dataset, positions, args.batch_size, device, READOUT_POOLING, windows, rows)
+    readout = fit_readout(pooled, args.seed, rows)
+    save_checkpoint({**checkpoint, "readout": readout.to_dict()}, path)
+    fitted = f"{len(pooled)} spectrograms of {len(positions)} training samples, whole and in windows"
+    band = f"the latent's {rows} lowest frequency rows (below {READOUT_MAX_HZ:g} Hz)"
+    logging.getLogger("train").info(
+        "read-out: %d values per embedding from %s, fitted on %s (%s)", readout.dim, band, fitted, path
+    )
