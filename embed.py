@@ -59,6 +59,8 @@ from embedding.representation import (
     cluster,
     compared_features,
     fit_sample,
+    grouped_chance,
+    grouped_label_scores,
     label_scores,
     reduce,
     regression_chance,
@@ -97,6 +99,8 @@ THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z sp
 # --labels tables: (score, header, width, format) of categorical and of numeric labels
 CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "prec@5", 7, ".3f"),
                  ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
+GROUP_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("balanced_accuracy", "balanced", 9, ".3f"),
+                 ("ami_labels", "AMI labels", 10, ".3f"))  # fmt: skip
 VALUE_COLUMNS = (("r2", "R^2", 7, ".3f"), ("mae", "MAE", 10, ".4g"))
 MAP_POINTS = 20_000  # map.png draws at most this many recordings, drawn with --seed: more would only overlap
 OVER_TIME_BINS = 40  # bins of start time in clusters_over_time.png
@@ -134,6 +138,13 @@ SETTINGS = (
     ),
     Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette)", clusters_flag),
     Setting("labels", None, "catalogue column, SeisBench metadata column or CSV of path,label to score against"),
+    Setting(
+        "groups",
+        None,
+        "with --labels: columns (its CSV's or the catalogue's) whose shared values keep rows out of each other's 5-NN",
+        nargs="+",
+        metavar="COLUMN",
+    ),
     Setting("num_anomalies", 5, "figures of the most anomalous recordings", int, check=at_least(0)),
     Setting("projector_points", 2000, "recordings in the TensorBoard projector (0 = none)", int, check=at_least(0)),
     Setting("seed", 0, "seed of clustering, samples and the map", int),
@@ -188,15 +199,50 @@ def read_labels(spec, dataset, positions):
             f"--labels {spec}: neither a catalogue column ({', '.join(LABEL_COLUMNS)}), a metadata column of a "
             "SeisBench dataset nor a CSV file"
         )
+    found = {i: row["label"] for i, row in csv_rows(spec, dataset, positions).items()}
+    if not found:
+        raise RunError(f"--labels {spec}: none of its paths is a usable file of {dataset.data_dir}")
+    return os.path.basename(spec), found
+
+
+def csv_rows(spec, dataset, positions):
+    """{position: row of the CSV (a dict)} of the samples one of whose recording's files the CSV names (a recording
+    of a per-channel archive is three files, E, N and Z: a row of any of them labels it; its first file first)."""
     with open(spec, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise RunError(f"--labels {spec}: needs a header line with columns path,label")
-    label_of = {row["path"]: row["label"] for row in rows}
-    found = {i: label_of[f] for i, f in zip(positions, dataset.sample_files(positions)) if f in label_of}
-    if not found:
-        raise RunError(f"--labels {spec}: none of its paths is a usable file of {dataset.data_dir}")
-    return os.path.basename(spec), found
+    row_of = {row["path"]: row for row in rows}
+    found = {}
+    for i, r in zip(positions, dataset.sample_recording[positions]):
+        files = [dataset.files[r]] if dataset.traces is not None else dataset.recordings.members(r)
+        named = next((f for f in files if f in row_of), None)
+        if named is not None:
+            found[i] = row_of[named]
+    return found
+
+
+def read_groups(args, dataset, positions):
+    """--groups -> {column: {position: value} or None for a catalogue column}: values from the --labels CSV's
+    columns (eventid, ...) or the catalogue's (network, station)."""
+    if not args.groups:
+        return None
+    if not args.labels:
+        raise RunError("--groups needs --labels")
+    found, rows = {}, None
+    for column in args.groups:
+        if column in LABEL_COLUMNS:
+            found[column] = None
+            continue
+        if not os.path.isfile(args.labels):
+            raise RunError(
+                f"--groups {column}: neither a catalogue column ({', '.join(LABEL_COLUMNS)}) nor --labels CSV"
+            )
+        rows = csv_rows(args.labels, dataset, positions) if rows is None else rows
+        if rows and column not in next(iter(rows.values())):
+            raise RunError(f"--groups {column}: not a column of {args.labels} nor of the catalogue")
+        found[column] = {i: row[column] for i, row in rows.items()}
+    return found
 
 
 def embed(args, device):
@@ -224,6 +270,7 @@ def embed_and_describe(args, device):
             f"{dataset.data_dir}"
         )
     labels = read_labels(args.labels, dataset, positions) if args.labels else None
+    groups = read_groups(args, dataset, positions)
     output_dir = args.output_dir or os.path.join("embeddings", checkpoint["run_name"])
     os.makedirs(output_dir, exist_ok=True)
     started, keep, chosen = time.perf_counter(), kept_positions(args, dataset, positions, labels), len(positions)
@@ -257,7 +304,8 @@ def embed_and_describe(args, device):
     description = {"window_seconds": window_seconds, "window_stride": window_stride, "processes": processes}
     summary = describe_run(embeddings, args, dataset, output_dir, description, skips)
     if labels:
-        summary["labels"] = score_labels(embeddings, reader, catalog.position, labels, spectrograms, args, output_dir)
+        scored = (embeddings, reader, catalog.position, labels, spectrograms, args, output_dir)
+        summary["labels"] = score_groups(*scored, groups) if groups else score_labels(*scored)
     print(
         f"{summary['rows']} recordings embedded ({summary['dim']} values each, pooling {args.pooling}) in {output_dir}"
     )
@@ -564,19 +612,8 @@ def write_projector(embeddings, reader, positions, thumbnails, output_dir):
 def score_labels(embeddings, reader, all_positions, labels, spectrograms, args, output_dir):
     """Leave-one-out k-NN accuracy, precision@k and silhouette of the labels for the embedding and two baselines of
     the same dimension; printed, and written to labels.json."""
-    name, label_of = labels
-    chosen = rows_of(all_positions, spectrograms)
-    positions = all_positions[chosen]
-    if label_of is None:
-        found = reader.rows(chosen, [name])
-        values = [str(found[i][name]) for i in chosen]
-    else:
-        values = [label_of[p] for p in positions]
-    if len(set(values)) < 2:
-        raise RunError(f"--labels {args.labels}: the embedded recordings hold fewer than 2 different labels")
-    spectra = np.stack([spectrograms[p] for p in positions])
-    compared = compared_features(read_rows(embeddings, chosen), spectra, args.seed)
-    candidates = {f"model ({args.pooling})": compared.pop("model"), **compared}
+    name = labels[0]
+    chosen, values, candidates = labelled_features(embeddings, reader, all_positions, labels, spectrograms, args)
     if isinstance(values[0], float):  # a numeric metadata column (source_magnitude, source_distance_km, ...)
         return score_values(name, values, candidates, output_dir)
     table = {who: {"dim": int(f.shape[1]), **label_scores(f, values, args.seed)} for who, f in candidates.items()}
@@ -586,6 +623,59 @@ def score_labels(embeddings, reader, all_positions, labels, spectrograms, args, 
     write_json_atomic(os.path.join(output_dir, "labels.json"), result)
     title = f"labels {name}: {len(chosen)} recordings, {len(counts)} labels; leave-one-out 5-NN, standardised features"
     print_scores(title, CLASS_COLUMNS, table, ("chance (the labels alone)", result["chance"]))
+    return result
+
+
+def column_values(reader, chosen, positions, column, value_of):
+    """The values of one labels or group column for catalogue rows `chosen` (dataset positions `positions`): from the
+    catalogue where value_of is None, else value_of[position]."""
+    if value_of is None:
+        found = reader.rows(chosen, [column])
+        return [str(found[i][column]) for i in chosen]
+    return [value_of[p] for p in positions]
+
+
+def labelled_features(embeddings, reader, all_positions, labels, spectrograms, args):
+    """(catalogue rows scored, their labels, {representation: features}) of the embedding and the baselines."""
+    chosen = rows_of(all_positions, spectrograms)
+    positions = all_positions[chosen]
+    values = column_values(reader, chosen, positions, *labels)
+    if len(set(values)) < 2:
+        raise RunError(f"--labels {args.labels}: the embedded recordings hold fewer than 2 different labels")
+    spectra = np.stack([spectrograms[p] for p in positions])
+    compared = compared_features(read_rows(embeddings, chosen), spectra, args.seed)
+    return chosen, values, {f"model ({args.pooling})": compared.pop("model"), **compared}
+
+
+def score_groups(embeddings, reader, all_positions, labels, spectrograms, args, output_dir, groups):
+    """--groups: 5-NN accuracy and balanced accuracy with every neighbour sharing a group value with the query left
+    out, and the k-means AMI with the labels and each group column, for the embedding and the baselines; the prior
+    rule as chance. Printed, and written to labels.json. Rows without a value of every group column are left out."""
+    chosen = rows_of(all_positions, spectrograms)
+    positions = all_positions[chosen]
+    known = [p for p in positions if all(g is None or p in g for g in groups.values())]
+    if len(known) < len(positions):
+        log.warning(
+            "--groups: %d labelled recordings have no value of a group column: not scored", len(positions) - len(known)
+        )
+    kept = {p: spectrograms[p] for p in known}
+    chosen, values, candidates = labelled_features(embeddings, reader, all_positions, labels, kept, args)
+    positions = all_positions[chosen]
+    by_group = {c: np.array(column_values(reader, chosen, positions, c, g)) for c, g in groups.items()}
+    table = {who: {"dim": int(f.shape[1]), **grouped_label_scores(f, values, by_group, args.seed)}
+             for who, f in candidates.items()}  # fmt: skip
+    counts = dict(zip(*np.unique(values, return_counts=True)))
+    result = {"labels": labels[0], "groups": list(groups), "recordings": len(chosen)}
+    result["counts"] = {str(k): int(v) for k, v in counts.items()}
+    result["groups_held"] = {c: int(len(np.unique(v))) for c, v in by_group.items()}
+    result["scores"], result["chance"] = table, grouped_chance(values, groups)
+    write_json_atomic(os.path.join(output_dir, "labels.json"), result)
+    title = (
+        f"labels {labels[0]}: {len(chosen)} recordings, {len(counts)} labels; 5-NN with neighbours sharing "
+        f"{' or '.join(groups)} left out; k-means K = {len(counts)}; standardised features"
+    )
+    columns = (*GROUP_COLUMNS, *((f"ami_{c}", f"AMI {c}", max(9, len(c) + 4), ".3f") for c in groups))
+    print_scores(title, columns, table, ("chance (the commonest label)", result["chance"]))
     return result
 
 

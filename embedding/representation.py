@@ -9,10 +9,12 @@ chunks of ASSIGN_CHUNK rows read from the memory-mapped embeddings, written to t
 N x D matrix, nor any column of N, is held in memory.
 """
 
+import warnings
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from sklearn.metrics import silhouette_score
+from sklearn.metrics import adjusted_mutual_info_score, balanced_accuracy_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -170,3 +172,64 @@ def to_dim(features, dim, seed):
     if features.shape[1] <= dim:
         return features
     return PCA(min(dim, *features.shape), random_state=seed).fit_transform(features)
+
+
+GROUP_CHUNK = 1_024  # query rows whose distances to every row are held at a time by grouped_neighbours (N x 4 bytes)
+
+
+def grouped_neighbours(features, groups, k=NEIGHBOURS):
+    """(N, k) rows of each row's k nearest rows that share no value of any group column with it (the row itself
+    included: it shares its own values), Euclidean; -1 where fewer than k rows are left. groups: list of (N,)
+    arrays, e.g. the event and the network of each row: where a recording was made must not vote for its kind."""
+    features = np.asarray(features, dtype=np.float32)
+    codes = [np.unique(np.asarray(g).astype(str), return_inverse=True)[1] for g in groups]
+    found = np.full((len(features), k), -1, dtype=np.int64)
+    squared = (features**2).sum(axis=1)
+    for start in range(0, len(features), GROUP_CHUNK):
+        rows = np.arange(start, min(start + GROUP_CHUNK, len(features)))
+        distances = squared[rows, None] - 2 * features[rows] @ features.T + squared[None, :]
+        distances[rows - start, rows] = np.inf
+        for code in codes:
+            distances[code[rows, None] == code[None, :]] = np.inf
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        allowed = np.take_along_axis(distances, order, axis=1) < np.inf
+        found[rows] = np.where(allowed, order, -1)
+    return found
+
+
+def grouped_label_scores(features, labels, groups, seed, k=NEIGHBOURS):
+    """k-NN scores with every neighbour sharing a group value left out (grouped_neighbours): accuracy and balanced
+    accuracy (mean recall per label: a label that most rows hold cannot carry it) of the majority of the k nearest
+    allowed rows, over the rows that have k; and the adjusted mutual information of k-means clusters (K = the number
+    of labels) with the labels and with each group column (named "ami_<name>"). groups: {name: (N,) values}."""
+    labels = np.asarray(labels).astype(str)
+    neighbours = grouped_neighbours(features, list(groups.values()), k)
+    scored = np.flatnonzero((neighbours >= 0).all(axis=1))
+    votes = np.array([majority(row) for row in labels[neighbours[scored]]], dtype=str)
+    clusters = fit_kmeans(features, len(np.unique(labels)), seed).labels_
+    scores = {
+        "knn_accuracy": float(np.mean(votes == labels[scored])) if len(scored) else float("nan"),
+        "balanced_accuracy": balanced(labels[scored], votes),
+        "scored": int(len(scored)),
+        "ami_labels": float(adjusted_mutual_info_score(labels, clusters)),
+    }
+    for name, values in groups.items():
+        scores[f"ami_{name}"] = float(adjusted_mutual_info_score(np.asarray(values).astype(str), clusters))
+    return scores
+
+
+def balanced(truth, predicted):
+    """Balanced accuracy (sklearn), NaN without rows; labels never predicted count as recall 0, as they should."""
+    if not len(truth):
+        return float("nan")
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": not a problem here
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(truth, predicted))
+
+
+def grouped_chance(labels, groups):
+    """The prior rule under the grouped protocol: always the commonest label (accuracy its share, balanced accuracy
+    1 / the number of labels); k-means clusters carry no information (AMI 0) with the labels and each group."""
+    counts = np.unique(np.asarray(labels).astype(str), return_counts=True)[1]
+    chance = {"knn_accuracy": float(counts.max() / counts.sum()), "balanced_accuracy": 1 / len(counts)}
+    return chance | {"ami_labels": 0.0} | {f"ami_{name}": 0.0 for name in groups}
