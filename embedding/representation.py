@@ -200,12 +200,14 @@ def grouped_neighbours(features, groups, k=NEIGHBOURS):
 def grouped_label_scores(features, labels, groups, seed, k=NEIGHBOURS):
     """k-NN scores with every neighbour sharing a group value left out (grouped_neighbours): accuracy and balanced
     accuracy (mean recall per label: a label that most rows hold cannot carry it) of the majority of the k nearest
-    allowed rows, over the rows that have k; and the adjusted mutual information of k-means clusters (K = the number
-    of labels) with the labels and with each group column (named "ami_<name>"). groups: {name: (N,) values}."""
+    allowed rows (fewer where fewer are left), over the rows that have one; and the adjusted mutual information of
+    k-means clusters (K = the number of labels) with the labels and with each group column (named "ami_<name>").
+    groups: {name: (N,) values}."""
     labels = np.asarray(labels).astype(str)
     neighbours = grouped_neighbours(features, list(groups.values()), k)
-    scored = np.flatnonzero((neighbours >= 0).all(axis=1))
-    votes = np.array([majority(row) for row in labels[neighbours[scored]]], dtype=str)
+    # A row with fewer than k rows left (a small archive) votes with those it has; one with none is not scored.
+    scored = np.flatnonzero(neighbours[:, 0] >= 0)
+    votes = np.array([majority(labels[row[row >= 0]]) for row in neighbours[scored]], dtype=str)
     clusters = fit_kmeans(features, len(np.unique(labels)), seed).labels_
     scores = {
         "knn_accuracy": float(np.mean(votes == labels[scored])) if len(scored) else float("nan"),
