@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-from results import dated_path, markdown_table, write_results
-from settings import RunError, Setting, at_least, parse
+from measuring.results import dated_path, markdown_table, write_results
+from running.settings import RunError, Setting, at_least, parse
 
 DATA_DIR = os.path.join("..", "shared", "data", "exotic_events")
 PROTOCOLS = {"event and network held out": ["eventid", "network"], "event held out": ["eventid"]}

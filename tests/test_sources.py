@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import embed
-from representation import grouped_chance, grouped_label_scores, grouped_neighbours
+from embedding.representation import grouped_chance, grouped_label_scores, grouped_neighbours
 
 EXOTIC = os.path.join(os.path.dirname(__file__), "data", "exotic")
 
