@@ -136,7 +136,7 @@ SETTINGS = (
         "how the latent becomes one vector (default: the checkpoint's read-out, else time-mean)",
         choices=(READOUT, *POOLINGS),
     ),
-    Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette)", clusters_flag),
+    Setting("clusters", "auto", "K of KMeans, >= 2, or 'auto' (best silhouette, size floor)", clusters_flag),
     Setting("labels", None, "catalogue column, SeisBench metadata column or CSV of path,label to score against"),
     Setting(
         "groups",

@@ -55,24 +55,50 @@ def silhouette(features, labels, seed):
     return float(silhouette_score(features, labels, sample_size=size, random_state=seed))
 
 
+MIN_CLUSTER_SHARE, MIN_CLUSTER_SIZE = 0.02, 5  # --clusters auto: no cluster below 2 % of the rows or 5 rows
+
+
+def size_floor(n_rows):
+    """The smallest cluster --clusters auto accepts: 2 % of the rows or 5, whichever is larger."""
+    return max(MIN_CLUSTER_SIZE, int(np.ceil(MIN_CLUSTER_SHARE * n_rows)))
+
+
 def cluster(reduced, k, seed):
-    """KMeans fitted on the reduced sample (reduce), K given or ("auto") the best silhouette over AUTO_K.
+    """KMeans fitted on the reduced sample (reduce), K given or ("auto") the best silhouette over AUTO_K, each K
+    fitted with its outliers set aside (trimmed_kmeans): no cluster below size_floor rows, so one outlier never wins
+    the silhouette as a cluster of its own; outliers are assigned to the nearest kept cluster and ranked as anomalies.
 
     Returns (fitted KMeans, description: method, K, how chosen, scores, the silhouette on the sample).
     """
+    floor = size_floor(len(reduced))
     if k == "auto":
-        tried = [n for n in AUTO_K if n < len(reduced)]
-        scores = {n: silhouette(reduced, fit_kmeans(reduced, n, seed).labels_, seed) for n in tried}
-        k = max(scores, key=scores.get)
-        chosen = f"highest silhouette over K = {tried[0]}..{tried[-1]}"
+        fits = {n: trimmed_kmeans(reduced, n, seed, floor) for n in AUTO_K if n * floor <= len(reduced)}
+        scores = {n: silhouette(reduced[kept], fit.labels_, seed) for n, (fit, kept) in fits.items()}
+        k = max(scores, key=lambda n: (np.nan_to_num(scores[n], nan=-1), -n))
+        chosen = f"highest silhouette over K = {min(fits)}..{max(fits)}, clusters below {floor} rows set aside"
+        kmeans, kept = fits[k]
     else:
         scores, chosen = {}, "given (--clusters)"
-    kmeans = fit_kmeans(reduced, k, seed)
+        kmeans, kept = fit_kmeans(reduced, k, seed), np.ones(len(reduced), dtype=bool)
     method = f"KMeans (k-means++, 10 starts) on {reduced.shape[1]} principal components of the standardised embeddings"
     description = {"method": method, "k": int(k), "k_chosen_by": chosen, "silhouette_by_k": scores}
-    description["fitted_on"] = len(reduced)
+    description |= {"fitted_on": int(kept.sum()), "set_aside": int((~kept).sum()), "size_floor": floor}
     description["silhouette"] = silhouette(reduced, kmeans.predict(reduced), seed)
     return kmeans, description
+
+
+def trimmed_kmeans(reduced, k, seed, floor, rounds=3):
+    """(KMeans of k clusters, mask of the rows it was fitted on): the members of clusters below `floor` rows are set
+    aside and the rest refitted, up to `rounds` times."""
+    kept = np.ones(len(reduced), dtype=bool)
+    kmeans = fit_kmeans(reduced, k, seed)
+    for _ in range(rounds):
+        small = np.isin(kmeans.labels_, np.flatnonzero(np.bincount(kmeans.labels_, minlength=k) < floor))
+        if not small.any() or kept.sum() - small.sum() < k * floor:
+            break
+        kept[np.flatnonzero(kept)[small]] = False
+        kmeans = fit_kmeans(reduced[kept], k, seed)  # labels_ stay those of the rows it was fitted on
+    return kmeans, kept
 
 
 def assign_rows(pipeline, kmeans, rows):
