@@ -438,7 +438,8 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         spectrograms = [dataset[catalog.position[i]][0].float().numpy() for i in members]
         titles = [f"{found[i]['trace_id']}\n{found[i]['starttime'][:19]}" for i in members]
         title = f"cluster {c}: {summary['size']} recordings; the {len(members)} nearest its centre"
-        figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title)
+        rates = [float(dataset.recordings.rate[dataset.sample_recording[catalog.position[i]]]) for i in members]
+        figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title, rates)
         save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
     firsts = [summary["first"] for summary in description["clusters"] if summary["first"] is not None]

@@ -5,6 +5,7 @@ Spectrograms are (3, n_freq, n_time) arrays of valid bins, E, N, Z; axes in s an
 
 import os
 
+import matplotlib
 import matplotlib.dates as mdates
 import numpy as np
 from matplotlib.figure import Figure
@@ -21,14 +22,25 @@ def sample_name(path, starttime=None):
     return f"{name}_{starttime[:19].replace('-', '').replace(':', '')}" if starttime else name
 
 
-def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1):
-    """One component's (n_freq, n_time) image on `ax`, time in s and frequency in Hz; returns the image artist."""
+NO_DATA = "lightgrey"  # bins at and above a recording's own Nyquist frequency: no data, never drawn as data
+
+
+def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1, native_rate=None):
+    """One component's (n_freq, n_time) image on `ax`, time in s and frequency in Hz; returns the image artist.
+    native_rate: the recording's own sampling rate (Hz): the bins at and above its Nyquist frequency are masked and
+    drawn flat NO_DATA (said in the title of the axes), not as the copies of the last bin that the spectrogram holds."""
     freqs, times = stft.axes(image.shape[-1])
+    n_valid = stft.bins_below_nyquist(native_rate)
+    if n_valid < image.shape[0]:
+        image = np.ma.masked_array(image, np.arange(image.shape[0])[:, None] >= n_valid + np.zeros_like(image))
+        ax.text(0.02, 0.97, f"grey: no data above {native_rate / 2:g} Hz (Nyquist)", transform=ax.transAxes,
+                fontsize=6, va="top")  # fmt: skip
+    colours = matplotlib.colormaps[cmap].with_extremes(bad=NO_DATA)
     return ax.imshow(
         image,
         origin="lower",
         aspect="auto",
-        cmap=cmap,
+        cmap=colours,
         vmin=vmin,
         vmax=vmax,
         interpolation="nearest",
@@ -63,12 +75,14 @@ def plot_reconstruction(spectrogram, reconstruction, stft, title):
     return figure
 
 
-def plot_spectrogram_row(spectrograms, titles, stft, suptitle):
-    """The Z component of each spectrogram side by side (time in s, frequency in Hz)."""
+def plot_spectrogram_row(spectrograms, titles, stft, suptitle, native_rates=None):
+    """The Z component of each spectrogram side by side (time in s, frequency in Hz); native_rates: each recording's
+    own sampling rate (Hz), whose bins above Nyquist are drawn as no data (show_spectrogram)."""
+    native_rates = native_rates if native_rates is not None else [None] * len(spectrograms)
     figure = Figure(figsize=(2.6 * len(spectrograms) + 0.6, 2.8))
     axes = np.atleast_1d(figure.subplots(1, len(spectrograms), sharey=True))
-    for ax, spectrogram, title in zip(axes, spectrograms, titles):
-        show_spectrogram(ax, spectrogram[COMPONENTS.index("Z")], stft)
+    for ax, spectrogram, title, rate in zip(axes, spectrograms, titles, native_rates):
+        show_spectrogram(ax, spectrogram[COMPONENTS.index("Z")], stft, native_rate=rate)
         ax.set_title(title, fontsize=7)
         ax.set_xlabel("time (s)")
     axes[0].set_ylabel("Z frequency (Hz)")
