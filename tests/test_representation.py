@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from representation import cluster, size_floor
+from embedding.representation import cluster, size_floor
 
 
 def test_auto_k_keeps_the_size_floor_with_an_outlier():

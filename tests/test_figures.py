@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from figures import plot_spectrogram_row
-from transform import STFTConfig
+from embedding.figures import plot_spectrogram_row
+from reading.transform import STFTConfig
 
 
 def test_bins_above_nyquist_are_masked():
