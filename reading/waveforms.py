@@ -25,6 +25,7 @@ MINISEED_EXTENSIONS = (".mseed", ".miniseed", ".ms", ".msd")
 NOT_REQUESTED = "channel family not requested"  # a filter, not a defect: counted apart from skips
 FILE_GONE = "file missing or unreadable"  # removed, moved or locked after the index listed it
 NO_SIGNAL = "no signal"  # every component constant: a recording of zeros
+EDGE_SAMPLES = 1  # native samples a window may lack at each end by rounding alone (cut_window)
 MAX_GAP_SECONDS = 1.0  # gaps up to this long inside one component are interpolated over
 # A window with a component constant this long (a dead channel, zeros filled in by a datalogger) is skipped.
 DEAD_STRETCH_SECONDS = 10.0
@@ -218,9 +219,13 @@ def alive_span(waveform, min_run):
 
 
 def longest_run(flags):
-    """Length of the longest run of True in a 1-d bool array."""
+    """(start index, length) of the longest run of True in a 1-d bool array; (0, 0) where there is none."""
     edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
-    return int(((edges == -1).nonzero()[0] - (edges == 1).nonzero()[0]).max(initial=0))
+    starts, ends = (edges == 1).nonzero()[0], (edges == -1).nonzero()[0]
+    if not len(starts):
+        return 0, 0
+    longest = int(np.argmax(ends - starts))
+    return int(starts[longest]), int(ends[longest] - starts[longest])
 
 
 def merged_span(traces, name):
@@ -239,32 +244,48 @@ def merged_span(traces, name):
 
 
 def cut_window(trace, start, seconds, name, sampling_rate):
-    """`seconds` s of a merged trace from `start` (POSIX s) -> float64 samples at `sampling_rate`.
+    """`seconds` s of a merged trace from `start` (POSIX s) -> exactly round(seconds * sampling_rate) float64 samples.
 
-    Gaps up to MAX_GAP_SECONDS are interpolated; a longer gap, missing data or NaN samples raise UnusableFile.
+    Gaps up to MAX_GAP_SECONDS are interpolated; a longer gap, missing data or NaN samples raise UnusableFile. Where
+    components start off each other's sample grid (one file per channel), rounding alone may leave the window up to
+    EDGE_SAMPLES native samples short at an end, and the resampled count may differ from the target by a sample or
+    two: the ends are then repeated or trimmed, never the window refused.
     """
-    rate = trace.stats.sampling_rate
+    rate, n_samples = trace.stats.sampling_rate, int(round(seconds * sampling_rate))
     first = int(round((start - trace.stats.starttime.timestamp) * rate))
-    n_native = int(round(seconds * rate))
-    if first < 0 or first + n_native > trace.stats.npts:
-        raise UnusableFile("gap too long", f"{name}: no data over part of the window")
-    data = trace.data[first : first + n_native]
+    last = first + int(round(seconds * rate))  # one past the window's last native sample
+    if first < -EDGE_SAMPLES or last > trace.stats.npts + EDGE_SAMPLES:
+        span = f"data {trace.stats.starttime} to {trace.stats.endtime}"
+        window = f"window {obspy.UTCDateTime(start)} + {seconds:g} s"
+        raise UnusableFile("no data over the window", f"{name}: {span}, {window}")
+    data = trace.data[max(first, 0) : min(last, trace.stats.npts)]
     missing = np.ma.getmaskarray(data)
     data = np.ma.getdata(data)
     if missing.any():
-        if longest_run(missing) > MAX_GAP_SECONDS * rate:
-            gap = longest_run(missing) / rate
-            raise UnusableFile("gap too long", f"{name}: {gap:.2f} s gap (limit {MAX_GAP_SECONDS} s)")
+        gap_start, gap_length = longest_run(missing)
+        if gap_length > MAX_GAP_SECONDS * rate:
+            at = obspy.UTCDateTime(trace.stats.starttime.timestamp + (max(first, 0) + gap_start) / rate)
+            raise UnusableFile(
+                "gap too long", f"{name}: {gap_length / rate:.2f} s gap from {at} (limit {MAX_GAP_SECONDS} s)"
+            )
         positions = np.arange(len(data))
         data = np.interp(positions, positions[~missing], data[~missing])
     if not np.all(np.isfinite(data)):
         raise UnusableFile("NaN or infinite samples", name)
     if not same_rate(rate, sampling_rate):
         data = obspy.Trace(data.copy(), header={"sampling_rate": rate}).resample(sampling_rate).data
-    n_samples = int(round(seconds * sampling_rate))
-    if len(data) < n_samples:
-        raise UnusableFile("gap too long", f"{name}: {len(data)} of {n_samples} samples after resampling")
-    return data[:n_samples]
+    return fit_length(data, n_samples, int(round((max(first, 0) - first) * sampling_rate / rate)))
+
+
+def fit_length(data, n_samples, lacking_at_start):
+    """`data` repeated at its ends (at its start for the `lacking_at_start` output samples the window began before
+    the data) or trimmed at its end to exactly n_samples; what is added is at most EDGE_SAMPLES native samples' worth
+    plus the resampling's rounding, as cut_window allows."""
+    short = n_samples - len(data)
+    if short <= 0:
+        return data[:n_samples]
+    before = min(short, lacking_at_start)
+    return np.pad(data, (before, short - before), mode="edge")
 
 
 def read_windows(paths, instrument, starts, seconds, stft):
@@ -309,7 +330,7 @@ def window_of(traces, start, seconds, prefix, stft):
     except UnusableFile as err:
         return err
     limit = min(DEAD_STRETCH_SECONDS * stft.sampling_rate, waveform.shape[1]) - 1  # equal neighbours in a row
-    dead = [c for c, component in zip(COMPONENTS, waveform) if longest_run(np.diff(component) == 0) >= limit]
+    dead = [c for c, component in zip(COMPONENTS, waveform) if longest_run(np.diff(component) == 0)[1] >= limit]
     if dead:
         return UnusableFile(
             "dead stretch", f"{prefix}{'/'.join(dead)}: constant for {DEAD_STRETCH_SECONDS:g} s or more in the window"
