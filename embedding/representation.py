@@ -73,9 +73,13 @@ def cluster(reduced, k, seed):
     floor = size_floor(len(reduced))
     if k == "auto":
         fits = {n: trimmed_kmeans(reduced, n, seed, floor) for n in AUTO_K if n * floor <= len(reduced)}
+        fits = {n: (fit, kept) for n, (fit, kept) in fits.items() if meets_floor(fit, reduced, n, floor)}
+        chosen = f"highest silhouette over the K in 2..12 whose clusters all hold {floor} rows or more"
+        if not fits:  # too few rows, or too scattered, for two clusters of the floor: two clusters, no floor
+            fits = {2: (fit_kmeans(reduced, 2, seed), np.ones(len(reduced), dtype=bool))}
+            chosen = f"K = 2: no K in {AUTO_K.start}..{AUTO_K.stop - 1} keeps every cluster at {floor} rows or more"
         scores = {n: silhouette(reduced[kept], fit.labels_, seed) for n, (fit, kept) in fits.items()}
         k = max(scores, key=lambda n: (np.nan_to_num(scores[n], nan=-1), -n))
-        chosen = f"highest silhouette over K = {min(fits)}..{max(fits)}, clusters below {floor} rows set aside"
         kmeans, kept = fits[k]
     else:
         scores, chosen = {}, "given (--clusters)"
@@ -85,6 +89,11 @@ def cluster(reduced, k, seed):
     description |= {"fitted_on": int(kept.sum()), "set_aside": int((~kept).sum()), "size_floor": floor}
     description["silhouette"] = silhouette(reduced, kmeans.predict(reduced), seed)
     return kmeans, description
+
+
+def meets_floor(kmeans, reduced, k, floor):
+    """Whether every one of the k clusters holds at least `floor` rows once every row is assigned."""
+    return np.bincount(kmeans.predict(reduced), minlength=k).min() >= floor
 
 
 def trimmed_kmeans(reduced, k, seed, floor, rounds=3):

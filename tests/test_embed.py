@@ -82,9 +82,12 @@ def test_clusters_json_and_figures(embedded):
     with open(out / "clusters.json") as f:
         clusters = json.load(f)
     catalog = pd.read_csv(out / "catalog.csv", keep_default_na=False)
-    assert clusters["k_chosen_by"].startswith("highest silhouette") and set(clusters["silhouette_by_k"]) == {
-        str(k) for k in range(2, 13)
-    }
+    floor = clusters["size_floor"]
+    tried, sizes = set(clusters["silhouette_by_k"]), [c["size"] for c in clusters["clusters"]]
+    if clusters["k_chosen_by"].startswith("highest silhouette"):  # every row is in the fitted sample here
+        assert tried and tried <= {str(k) for k in range(2, 13) if k * floor <= len(catalog)} and min(sizes) >= floor
+    else:  # too few recordings for two clusters of the floor: two clusters, said so
+        assert clusters["k_chosen_by"].startswith("K = 2: no K") and tried == {"2"} and clusters["k"] == 2
     assert clusters["k"] == int(max(clusters["silhouette_by_k"], key=clusters["silhouette_by_k"].get))
     assert [c["size"] for c in clusters["clusters"]] == np.bincount(
         catalog["cluster"], minlength=clusters["k"]
