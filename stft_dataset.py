@@ -29,7 +29,14 @@ from reading.recordings import (
 from reading.seisbench_data import SeisBenchTraces, is_seisbench_dataset
 from reading.spectrogram_cache import SpectrogramCache
 from reading.transform import STFTConfig, spectrogram
-from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS, UnusableFile, read_waveform, read_windows
+from reading.waveforms import (
+    DEFAULT_FAMILIES,
+    MINISEED_EXTENSIONS,
+    UnusableFile,
+    read_recording,
+    read_waveform,
+    read_windows,
+)
 
 log = logging.getLogger("stft_dataset")
 
@@ -274,6 +281,8 @@ class SeismicSTFTDataset(Dataset):
         try:
             if self.traces is not None:
                 waveforms = self.traces.read_windows(self.files[r], instrument, starts, seconds, self.stft)
+            elif not self.window_seconds:  # a whole recording of per-channel files: read as its one-file layout is
+                waveforms = [read_recording(paths, instrument, starts[0], self.recordings.end[r], self.stft)]
             else:
                 waveforms = read_windows(paths, instrument, starts, seconds, self.stft)
         except Exception as err:  # one odd file must not end a run

@@ -288,6 +288,27 @@ def fit_length(data, n_samples, lacking_at_start):
     return np.pad(data, (before, short - before), mode="edge")
 
 
+def read_recording(paths, instrument, start, end, stft):
+    """A whole recording of `instrument` from the files `paths` that hold one or two of its components each (a tree of
+    per-channel files) -> (3, n) float64 waveform in E, N, Z order, or the UnusableFile that keeps it out.
+
+    Read as waveform_of_stream reads the same traces written to one 3-component file (each whole component resampled,
+    then cut to the common span), so that both layouts of a recording give the same spectrogram, not two cuts that
+    differ near the noise floor. Traces wholly outside start..end (POSIX s, the recording's common span from the
+    headers) by more than MAX_GAP_SECONDS are left out: across such a gap they belong to the file's other recording.
+    """
+    prefix = instrument[:-1]  # "NET.STA.LOC.HH"
+    try:
+        stream = obspy.Stream()
+        for path in paths:
+            stream += read_stream(path)
+        low, high = (start - MAX_GAP_SECONDS) * 1e9, (end + MAX_GAP_SECONDS) * 1e9  # a bridged gap's traces are kept
+        picked = [t for t in stream if t.id.startswith(prefix) and span_ns(t)[0] <= high and span_ns(t)[1] >= low]
+        return waveform_of_stream(obspy.Stream(picked), (prefix.split(".")[3],), stft)[0]
+    except UnusableFile as err:
+        return err
+
+
 def read_windows(paths, instrument, starts, seconds, stft):
     """Windows of one instrument's E, N, Z: `seconds` s from each of `starts` (POSIX s), from the files `paths`.
 
