@@ -111,20 +111,47 @@ def plot_map(xy, colourings, of=None):
     return figure
 
 
-def plot_clusters_over_time(edges, counts):
-    """Recordings per cluster in each bin of start time: edges (n_bins + 1,) in s since 1970, counts (K, n_bins)."""
+def plot_clusters_over_time(edges, counts, clusters=None, size=(10, 4)):
+    """Recordings per cluster in each bin of start time: edges (n_bins + 1,) in s since 1970, counts (K, n_bins) of
+    the clusters numbered `clusters` (default 0..K-1), stacked."""
     centres = ((edges[:-1] + edges[1:]) / 2).astype("datetime64[s]")
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=size)
     ax = figure.subplots()
     bottom = np.zeros(counts.shape[1])
     width = (edges[1] - edges[0]) / 86_400  # days
-    for value, members in enumerate(counts):
+    for value, members in zip(clusters if clusters is not None else range(len(counts)), counts):
         ax.bar(centres, members, width=width, bottom=bottom, label=f"cluster {value}")
         bottom += members
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
-    ax.set_xlabel(f"start time (UTC; bins of {width:.1f} days)")
+    bins = f"{width:.1f} days" if width >= 1 else f"{width * 24:.2g} hours"
+    ax.set_xlabel(f"start time (UTC; bins of {bins})")
     ax.set_ylabel("recordings")
     ax.legend(fontsize=7, ncols=2)
+    figure.tight_layout()
+    return figure
+
+
+def plot_members(spectrograms, waveforms, titles, stft, suptitle, native_rates):
+    """Each member's Z spectrogram (time in s, frequency in Hz; no data above its own Nyquist frequency drawn grey)
+    above its Z waveform (time in s, counts less their mean, at stft.sampling_rate). waveforms: (3, n) arrays, or
+    text saying why there is none."""
+    figure = Figure(figsize=(2.6 * len(spectrograms) + 0.6, 4.8))
+    axes = figure.subplots(2, len(spectrograms), squeeze=False)
+    for k, (spectrogram, waveform, title, rate) in enumerate(zip(spectrograms, waveforms, titles, native_rates)):
+        top, bottom = axes[0, k], axes[1, k]
+        show_spectrogram(top, spectrogram[COMPONENTS.index("Z")], stft, native_rate=rate)
+        top.set_title(title, fontsize=7)
+        if isinstance(waveform, str):
+            bottom.text(0.5, 0.5, waveform, ha="center", va="center", fontsize=6, wrap=True, transform=bottom.transAxes)
+        else:
+            z = waveform[COMPONENTS.index("Z")]
+            bottom.plot(np.arange(len(z)) / stft.sampling_rate, z - z.mean(), linewidth=0.4, color="black")
+            bottom.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            bottom.tick_params(labelsize=6)
+        bottom.set_xlabel("time (s)")
+    axes[0, 0].set_ylabel("Z frequency (Hz)")
+    axes[1, 0].set_ylabel("Z (counts, demeaned)")
+    figure.suptitle(suptitle, fontsize=9)
     figure.tight_layout()
     return figure
 
