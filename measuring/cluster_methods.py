@@ -2,7 +2,8 @@
 catalog.parquet, embedding.json) the embeddings are reduced as embed.py reduces them (representation.reduce), then
   - k-means with the size floor: embed.py's own choice (representation.cluster, "auto");
   - GaussianMixture, K in 2..12 by lowest BIC, full and diagonal covariances;
-  - HDBSCAN with min_cluster_size = the size floor; its noise rows (-1) are counted apart, as anomalies;
+  - HDBSCAN with min_cluster_size = the size floor (min_samples its default, the same, and 1); its noise rows (-1)
+    are counted apart, as anomalies;
   - plain k-means, K in 2..12 by best silhouette (the rule before the size floor).
 Each gets its K, smallest and largest cluster, rows outside a cluster, the silhouette (sampled as embed.py samples
 it; HDBSCAN's on its clustered rows), AMI with the catalogue's network and family (and a --labels CSV) and seconds.
@@ -56,14 +57,27 @@ def kmeans_floor(reduced, seed):
 
 
 def gaussian_mixture(reduced, seed, covariance):
-    fits = [GaussianMixture(k, covariance_type=covariance, random_state=seed).fit(reduced) for k in AUTO_K]
-    best = min(fits, key=lambda fit: fit.bic(reduced))
-    return best.predict(reduced), 0, f"lowest BIC over K in 2..12, covariance '{covariance}'"
+    """Lowest BIC over AUTO_K; a K whose fit fails (a component of collapsed rows: ill-defined covariance) is left
+    out and named."""
+    reduced, fits, failed = reduced.astype(np.float64), {}, []
+    for k in AUTO_K:
+        try:
+            fits[k] = GaussianMixture(k, covariance_type=covariance, random_state=seed).fit(reduced)
+        except ValueError:  # sklearn: "some components have ill-defined empirical covariance"
+            failed.append(k)
+    chosen = f"lowest BIC over K in 2..12, covariance '{covariance}'"
+    chosen += f"; K {', '.join(map(str, failed))} failed (ill-defined covariance)" if failed else ""
+    if not fits:
+        return np.full(len(reduced), -1), len(reduced), chosen
+    best = min(fits.values(), key=lambda fit: fit.bic(reduced))
+    return best.predict(reduced), 0, chosen
 
 
-def hdbscan(reduced, seed):
-    labels = HDBSCAN(min_cluster_size=size_floor(len(reduced)), copy=True).fit_predict(reduced)
-    return labels, int((labels < 0).sum()), f"HDBSCAN, min_cluster_size {size_floor(len(reduced))}; noise -1"
+def hdbscan(reduced, seed, min_samples=None):
+    """HDBSCAN, min_cluster_size the size floor; min_samples (density of a core row) its default, that size too."""
+    floor = size_floor(len(reduced))
+    labels = HDBSCAN(min_cluster_size=floor, min_samples=min_samples, copy=True).fit_predict(reduced)
+    return labels, int((labels < 0).sum()), f"HDBSCAN, min_cluster_size {floor}, min_samples {min_samples or floor}"
 
 
 def kmeans_silhouette(reduced, seed):
@@ -77,6 +91,7 @@ METHODS = {
     "GaussianMixture full, BIC": lambda reduced, seed: gaussian_mixture(reduced, seed, "full"),
     "GaussianMixture diag, BIC": lambda reduced, seed: gaussian_mixture(reduced, seed, "diag"),
     "HDBSCAN, noise apart": hdbscan,
+    "HDBSCAN min_samples 1": lambda reduced, seed: hdbscan(reduced, seed, min_samples=1),
     "k-means, silhouette (old)": kmeans_silhouette,
 }
 
@@ -95,12 +110,13 @@ def measure(reduced, seed, truths, method):
     labels, outside, chosen = METHODS[method](reduced, seed)
     seconds = time.perf_counter() - started
     clustered = labels >= 0
-    sizes = np.bincount(labels[clustered]) if clustered.any() else np.zeros(1, dtype=int)
+    sizes = np.bincount(labels[clustered], minlength=1)
     sizes = sizes[sizes > 0]
+    extremes = (sizes.min(), sizes.max()) if len(sizes) else ("-", "-")  # every row noise: no cluster
     under = int(sizes[sizes < size_floor(len(reduced))].sum())
     score = silhouette(reduced[clustered], labels[clustered], seed)
     amis = [ami(truth, labels) for truth in truths]
-    cells = [method, len(sizes), sizes.min(), sizes.max(), outside, under, f"{score:.3f}", *amis, f"{seconds:.2f}"]
+    cells = [method, len(sizes), *extremes, outside, under, f"{score:.3f}", *amis, f"{seconds:.2f}"]
     return cells, chosen
 
 
@@ -110,7 +126,7 @@ def truths_of(folder, embedded, rows, args):
     columns = {name: catalog.column(name).to_numpy(zero_copy_only=False)[rows] for name in catalog.column_names}
     truths = [columns["network"].astype(object), columns["family"].astype(object)]
     if not args.labels:
-        return truths, "no --labels"
+        return truths + [np.full(len(rows), None)], "no --labels"
     root = args.labels_root or embedded["data_dir"]
     truths.append(csv_labels(args.labels, args.label_column, root, embedded["data_dir"], columns["path"]))
     return truths, f"{sum(v is not None for v in truths[-1])} of {len(rows)} rows labelled by {args.labels}"

@@ -39,9 +39,10 @@ def test_every_method_finds_the_three_blobs(method):
     assert outside == 0 and adjusted_mutual_info_score(truth, labels) == pytest.approx(1.0)
 
 
-def test_hdbscan_marks_the_outliers_as_noise():
+@pytest.mark.parametrize("method", ["HDBSCAN, noise apart", "HDBSCAN min_samples 1"])
+def test_hdbscan_marks_the_outliers_as_noise(method):
     features, truth = blobs(outliers=2)
-    labels, outside, _ = run("HDBSCAN, noise apart", features)
+    labels, outside, _ = run(method, features)
     assert outside == 2 and (labels[truth < 0] == -1).all()
     assert adjusted_mutual_info_score(truth[truth >= 0], labels[truth >= 0]) == pytest.approx(1.0)
 
@@ -98,3 +99,12 @@ def test_results_file_has_a_table_of_every_method(tmp_path):
     hdbscan = next(line for line in text.splitlines() if line.startswith("| HDBSCAN"))
     cells = [cell.strip() for cell in hdbscan.strip("|").split("|")]
     assert cells[1:6] == ["3", "60", "60", "2", "0"] and cells[9] == "1.000"  # AMI with the labels
+
+
+def test_without_labels_every_row_of_the_table_has_every_column(tmp_path):
+    features, _ = blobs(outliers=2)
+    embed_folder(tmp_path / "embed", features)
+    text = open(main([str(tmp_path / "embed"), "--results_dir", str(tmp_path / "results")])).read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(METHODS) and len({line.count("|") for line in rows}) == 1
+    assert "no --labels" in text and all(line.split("|")[-3].strip() == "-" for line in rows[1:])
