@@ -603,7 +603,7 @@ def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
         file_id = sample_name(row["path"], row["starttime"] if dataset.window_seconds else None)
         rank, ratio = row["anomaly_rank"], row["mse"] / row["mse_time_mean"]
         title = f"anomaly {rank}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
-        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title)
+        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title, row["sampling_rate"])
         name = f"anomaly_{rank}_{file_id}.png"
         save_figure(figure, os.path.join(output_dir, name))
         mse_blur = float(((blur(x, torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool)) - x) ** 2).mean())

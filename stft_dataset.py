@@ -252,10 +252,14 @@ class SeismicSTFTDataset(Dataset):
                 by_recording.setdefault(r, []).append(i)
         for r, windows in by_recording.items():
             samples.update(zip(windows, self.window_samples(r, windows)))
+        # index: the dataset position; native_rate: the recording's own sampling rate (Hz), no data at and above half
+        found = {
+            i: {"index": int(i), "native_rate": float(self.recordings.rate[self.sample_recording[i]])} for i in indices
+        }
         if self.traces is not None:  # what joins a catalogue to the dataset's metadata
             names = {i: self.traces.names(self.files[self.sample_recording[i]]) for i in indices}
-            return [(samples[i][0], {**samples[i][1], **names[i], "index": int(i)}) for i in indices]
-        return [(samples[i][0], {**samples[i][1], "index": int(i)}) for i in indices]  # index: the dataset position
+            return [(samples[i][0], {**samples[i][1], **names[i], **found[i]}) for i in indices]
+        return [(samples[i][0], {**samples[i][1], **found[i]}) for i in indices]
 
     def waveform(self, i):
         """(3, n_samples) float64 E, N, Z of sample i in counts, resampled to the STFT's rate, read from its files

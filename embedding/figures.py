@@ -48,12 +48,15 @@ def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1, native_rat
     )
 
 
-def plot_reconstruction(spectrogram, reconstruction, stft, title):
+def plot_reconstruction(spectrogram, reconstruction, stft, title, native_rate=None):
     """Figure with one row per component (E, N, Z): input, reconstruction, difference.
 
-    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only.
+    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only. native_rate: the recording's own
+    sampling rate (Hz): the bins at and above its Nyquist frequency are drawn as no data in every panel and left out
+    of the MSE in the titles.
     """
-    mse = ((reconstruction - spectrogram) ** 2).mean(axis=(1, 2))
+    n_valid = stft.bins_below_nyquist(native_rate)
+    mse = ((reconstruction - spectrogram)[:, :n_valid] ** 2).mean(axis=(1, 2))
     figure = Figure(figsize=(13, 8))
     axes = figure.subplots(3, 3, sharex=True, sharey=True)
     for row, component in enumerate(COMPONENTS):
@@ -64,7 +67,7 @@ def plot_reconstruction(spectrogram, reconstruction, stft, title):
         ]
         for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
             ax = axes[row, col]
-            mesh = show_spectrogram(ax, image, stft, cmap, vmin, vmax)
+            mesh = show_spectrogram(ax, image, stft, cmap, vmin, vmax, native_rate)
             figure.colorbar(mesh, ax=ax)
             ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
             if row == 2:
