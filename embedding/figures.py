@@ -100,18 +100,35 @@ def plot_map(xy, colourings, of=None):
     figure = Figure(figsize=(6.5 * len(colourings), 5.5))
     if of and of > len(xy):
         figure.suptitle(f"{len(xy):,} of {of:,} recordings, drawn at random", fontsize=9)
+    shown, outside = on_axes(xy)
     for ax, (title, labels) in zip(np.atleast_1d(figure.subplots(1, len(colourings))), colourings.items()):
         values, counts = np.unique(labels, return_counts=True)
         on_top = np.argsort(np.argsort(-counts, kind="stable"))  # the smallest groups drawn last: none hidden
         for value, count, layer in zip(values, counts, on_top):
             chosen = labels == value
-            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, label=f"{value} ({count})", zorder=2 + layer)
+            for kept, marker in ((chosen & ~outside, "o"), (chosen & outside, "x")):
+                label = f"{value} ({count})" if marker == "o" else None
+                ax.scatter(shown[kept, 0], shown[kept, 1], s=8, marker=marker, label=label, zorder=2 + layer,
+                           color=f"C{layer % 10}")  # fmt: skip
+        if outside.any():
+            title += f"\n(x: {int(outside.sum())} beyond the 0.5-99.5 % range, drawn at its edge)"
         ax.set_xlabel("principal component 1 (standardised units)")
         ax.set_ylabel("principal component 2 (standardised units)")
         ax.set_title(title)
         ax.legend(fontsize=7, markerscale=1.5)
     figure.tight_layout()
     return figure
+
+
+def on_axes(xy, share=0.005):
+    """(points clipped to the range between the `share` and 1 - `share` quantiles of each axis, widened by a quarter,
+    mask of the points clipped): one far outlier no longer squeezes every other point into a corner of the map."""
+    if len(xy) < 2:
+        return xy, np.zeros(len(xy), dtype=bool)
+    low, high = np.quantile(xy, share, axis=0), np.quantile(xy, 1 - share, axis=0)
+    pad = np.maximum(high - low, 1e-9) / 4
+    low, high = low - pad, high + pad
+    return np.clip(xy, low, high), ((xy < low) | (xy > high)).any(axis=1)
 
 
 def plot_clusters_over_time(edges, counts, clusters=None, size=(10, 4)):

@@ -4,7 +4,7 @@ the TensorBoard tiles of run_records.log_images."""
 import numpy as np
 import torch
 
-from embedding.figures import plot_reconstruction, plot_spectrogram_row
+from embedding.figures import plot_map, plot_reconstruction, plot_spectrogram_row
 from model import ConvAutoencoder
 from reading.transform import STFTConfig
 from running.run_records import NO_DATA_RGB, log_images
@@ -55,3 +55,12 @@ def test_tensorboard_tiles_draw_the_bins_above_nyquist_grey():
         top[stft.n_freq - n_valid :] == NO_DATA_RGB
     ).all()
     assert not (full == NO_DATA_RGB).all(axis=-1).any()
+
+
+def test_a_far_outlier_is_drawn_at_the_edge_of_the_map_not_setting_its_scale():
+    xy = np.random.default_rng(0).uniform(-1, 1, size=(400, 2))
+    xy[0] = (-100.0, 0.0)
+    figure = plot_map(xy, {"coloured by cluster": np.zeros(400, dtype=int)})
+    (ax,) = figure.axes
+    assert ax.get_xlim()[0] > -10 and "1 beyond" in ax.get_title()
+    assert plot_map(xy[1:], {"c": np.zeros(399, dtype=int)}).axes[0].get_title() == "c"  # none clipped: no note
