@@ -30,7 +30,7 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from embedding.atlas import ATLAS_DIR, EDGE_SHOWN, NEAREST_SHOWN, draw_clusters, write_atlas
+from embedding.atlas import ATLAS_DIR, EDGE_SHOWN, NEAREST_SHOWN, draw_clusters, draw_set_aside, write_atlas
 from embedding.baselines import blur
 from embedding.catalogue import (
     CATALOG_COLUMNS,
@@ -354,10 +354,11 @@ def build_atlas(reader, dataset, positions, described, summary):
     started, (description, anomalies, over_time) = time.perf_counter(), described
     output_dir = summary["output_dir"]
     drawn = draw_clusters(reader, dataset, positions, description["clusters"], over_time, output_dir)
+    set_aside = draw_set_aside(reader, dataset, positions, description["set_aside_rows"], output_dir)
     windows = f"{summary['window_seconds']} s windows" if summary["window_seconds"] else "whole recordings"
     facts = {"rows": summary["rows"], "dim": summary["dim"], "windows": windows, "data_dir": dataset.data_dir}
     facts |= {"checkpoint": summary["checkpoint"], "pooling": summary["pooling"]}
-    path = write_atlas(output_dir, facts, description, drawn, anomalies)
+    path = write_atlas(output_dir, facts, description, drawn, anomalies, set_aside)
     log.info("atlas written in %.1f s: %s", time.perf_counter() - started, path)
 
 
@@ -479,6 +480,7 @@ def describe_clusters(embeddings, catalog, args, output_dir):
         raise RunError(f"{n_rows} recordings embedded: clustering needs at least 3")
     pipeline, reduced = reduce(embeddings, args.seed)
     kmeans, description = cluster(reduced, args.clusters, args.seed)
+    description["set_aside_rows"] = fit_sample(n_rows, args.seed)[description["set_aside_rows"]].tolist()  # rows
     write_catalog(output_dir, catalog.tables(), cluster_columns(pipeline, kmeans, embeddings, catalog.ratio))
     catalog.remove()
     reader = CatalogueReader(output_dir)

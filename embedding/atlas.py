@@ -19,6 +19,7 @@ from running.storage import atomic_write
 
 NEAREST_SHOWN = 6  # members nearest each cluster's centre: listed in clusters.json, drawn as its typical members
 EDGE_SHOWN = 3  # members farthest from each cluster's centre: drawn as its edge
+SET_ASIDE_SHOWN = 6  # recordings set aside by the clustering (outliers) drawn; clusters.json lists up to 100
 MIX_SHOWN = 8  # values of each mix (networks, stations, ...) listed; the rest are counted
 ATLAS_DIR = "atlas"  # the page's own figures, beside atlas.html
 STYLE = (
@@ -60,6 +61,20 @@ def member_figures(members, dataset, positions, title, path):
     titles = [f"{m['trace_id']}\n{str(m['starttime'])[:19]}" for m in members]
     rates = [m["sampling_rate"] for m in members]
     save_figure(plot_members(spectrograms, waveforms, titles, dataset.stft, title, rates), path)
+
+
+def draw_set_aside(reader, dataset, positions, rows, output_dir):
+    """atlas/set_aside.png of the first SET_ASIDE_SHOWN rows the clustering set aside (outliers, assigned to their
+    nearest cluster after); returns (the rows as dicts, the figure's (file, caption) or None)."""
+    columns = ["path", "trace_id", "starttime", "cluster", "cluster_distance", "sampling_rate", "anomaly_rank"]
+    found = reader.rows(rows, columns)
+    listed = [{"row": r, **found[r]} for r in rows]
+    if not listed:
+        return listed, None
+    name = f"{ATLAS_DIR}/set_aside.png"
+    caption = f"{min(len(listed), SET_ASIDE_SHOWN)} of the recordings the clustering set aside as outliers"
+    member_figures(listed[:SET_ASIDE_SHOWN], dataset, positions, caption, os.path.join(output_dir, name))
+    return listed, (name, caption)
 
 
 def draw_clusters(reader, dataset, positions, clusters, over_time, output_dir):
@@ -180,6 +195,27 @@ def anomalies_section(anomalies, output_dir):
     )
 
 
+def set_aside_section(set_aside, description, output_dir):
+    """The outliers of the clustering: rows set aside while fitting, so that none became a cluster of its own."""
+    listed, drawn = set_aside
+    if not listed:
+        return ""
+    head = "<tr><th>row</th><th>file</th><th>start (UTC)</th><th>Hz</th><th>assigned to cluster</th>"
+    head += "<th>distance to its centre</th><th>anomaly rank</th><th>its nearest neighbours</th></tr>"
+    body = "".join(
+        f"<tr><td>{m['row']}</td><td>{text(m['path'])}</td><td>{text(str(m['starttime'])[:19])}</td>"
+        f"<td>{m['sampling_rate']:g}</td><td>{m['cluster']}</td><td>{m['cluster_distance']:.2f}</td>"
+        f"<td>{m['anomaly_rank']}</td>{command_cell(output_dir, m['row'])}</tr>"
+        for m in listed
+    )
+    return (
+        f'<h2 id="set-aside">Outliers of the clustering: {description["set_aside"]} set aside</h2><p>Recordings in '
+        f"clusters smaller than the size floor ({description['size_floor']}) while K-means was fitted: left out of "
+        "the fit so that none became a cluster of its own, then assigned to the nearest cluster. "
+        f"{len(listed)} listed.</p>{figure(*drawn)}<table>{head}{body}</table>"
+    )
+
+
 def head(facts, description):
     """The page's title and what the run was: data, checkpoint, rows, the clustering and how K was chosen."""
     k, floor = description["k"], description.get("size_floor")
@@ -200,7 +236,7 @@ def head(facts, description):
     return f"<h1>Atlas of {text(name)}</h1><ul>{listed}</ul>"
 
 
-def write_atlas(output_dir, facts, description, drawn, anomalies):
+def write_atlas(output_dir, facts, description, drawn, anomalies, set_aside):
     """atlas.html in output_dir (its figures beside it, written before); returns its path."""
     rows, clusters = facts["rows"], description["clusters"]
     legend = (
@@ -210,11 +246,14 @@ def write_atlas(output_dir, facts, description, drawn, anomalies):
         "less their mean, resampled to the model's rate; time in s from the start of the recording or window. The "
         "map shows the first two principal components of the clustering space (standardised units).</p>"
     )
-    body = head(facts, description) + legend + "<h2>Map</h2>"
+    links = [("map", "map"), ("clusters", "clusters")] + [(f"cluster-{s['cluster']}", s["cluster"]) for s in clusters]
+    links += [("anomalies", "anomalies")] * bool(anomalies) + [("set-aside", "outliers")] * bool(set_aside[0])
+    nav = "<p>" + " | ".join(f'<a href="#{target}">{name}</a>' for target, name in links) + "</p>"
+    body = head(facts, description) + nav + legend + '<h2 id="map">Map</h2>'
     body += figure("map.png", "the 2-D map, coloured by cluster (left) and by channel family (right)")
-    body += "<h2>Clusters</h2>" + overview(clusters, rows)
+    body += '<h2 id="clusters">Clusters</h2>' + overview(clusters, rows)
     body += "".join(cluster_section(s, drawn[s["cluster"]], rows, output_dir) for s in clusters)
-    body += anomalies_section(anomalies, output_dir)
+    body += anomalies_section(anomalies, output_dir) + set_aside_section(set_aside, description, output_dir)
     page = f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>atlas</title><style>{STYLE}</style>'
     page += f"</head><body>{body}</body></html>\n"
     path = os.path.join(output_dir, "atlas.html")

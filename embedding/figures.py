@@ -155,7 +155,7 @@ def plot_members(spectrograms, waveforms, titles, stft, suptitle, native_rates):
     """Each member's Z spectrogram (time in s, frequency in Hz; no data above its own Nyquist frequency drawn grey)
     above its Z waveform (time in s, counts less their mean, at stft.sampling_rate). waveforms: (3, n) arrays, or
     text saying why there is none."""
-    figure = Figure(figsize=(2.6 * len(spectrograms) + 0.6, 4.8))
+    figure = Figure(figsize=(max(2.6 * len(spectrograms) + 0.6, 6.0), 4.8))  # wide enough for its title
     axes = figure.subplots(2, len(spectrograms), squeeze=False)
     for k, (spectrogram, waveform, title, rate) in enumerate(zip(spectrograms, waveforms, titles, native_rates)):
         top, bottom = axes[0, k], axes[1, k]
