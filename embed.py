@@ -91,6 +91,7 @@ from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts
 THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z spectrogram
+NO_DATA_GREY = 0.83  # their rows above a recording's Nyquist frequency: figures.NO_DATA ("lightgrey")
 # --labels tables: (score, header, width, format) of categorical and of numeric labels
 CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "prec@5", 7, ".3f"),
                  ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
@@ -444,7 +445,7 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
             catalog.append(catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k], rate), position)
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
             if position in thumbnail_slot:
-                thumbnails[thumbnail_slot[position]] = thumbnail(valid)
+                thumbnails[thumbnail_slot[position]] = thumbnail(valid, dataset.stft.bins_below_nyquist(rate))
             if position in label_slot:
                 spectrograms[label_slot[position]] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0]
     writer.close(merge=False)
@@ -463,9 +464,12 @@ def slots(kept, share):
     return {p: i for i, p in enumerate(found.tolist())}
 
 
-def thumbnail(spectrogram):
-    """(3, F, T) -> (THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom."""
-    return F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0, 0].flip(-2).numpy()
+def thumbnail(spectrogram, n_valid):
+    """(3, F, T) -> (THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom; the rows
+    wholly at and above the recording's Nyquist frequency (bins n_valid and up) flat NO_DATA_GREY, as no data."""
+    image = F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0, 0]
+    image[-(-n_valid * THUMBNAIL // spectrogram.shape[1]) :] = NO_DATA_GREY
+    return image.flip(-2).numpy()
 
 
 def describe_clusters(embeddings, catalog, args, output_dir):

@@ -1,9 +1,10 @@
 """Bins above a recording's own Nyquist frequency are drawn as no data: figures.show_spectrogram in every figure, and
-the TensorBoard tiles of run_records.log_images."""
+the TensorBoard tiles of run_records.log_images and the projector thumbnails of embed.thumbnail."""
 
 import numpy as np
 import torch
 
+import embed
 from embedding.figures import plot_map, plot_reconstruction, plot_spectrogram_row
 from model import ConvAutoencoder
 from reading.transform import STFTConfig
@@ -64,3 +65,12 @@ def test_a_far_outlier_is_drawn_at_the_edge_of_the_map_not_setting_its_scale():
     (ax,) = figure.axes
     assert ax.get_xlim()[0] > -10 and "1 beyond" in ax.get_title()
     assert plot_map(xy[1:], {"c": np.zeros(399, dtype=int)}).axes[0].get_title() == "c"  # none clipped: no note
+
+
+def test_projector_thumbnails_draw_the_bins_above_nyquist_flat_grey():
+    stft = STFTConfig()
+    spectrogram = torch.from_numpy(np.random.default_rng(0).random((3, stft.n_freq, 40), dtype=np.float32))
+    n_valid = stft.bins_below_nyquist(40.0)  # 52 of 129 bins: rows 13 and up of 32 hold none of them
+    image = embed.thumbnail(spectrogram, n_valid)
+    assert (image[: 32 - 13] == embed.NO_DATA_GREY).all() and not (image[32 - 13 :] == embed.NO_DATA_GREY).any()
+    assert not (embed.thumbnail(spectrogram, stft.n_freq) == embed.NO_DATA_GREY).any()
