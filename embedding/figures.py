@@ -107,7 +107,9 @@ def plot_map(xy, colourings, of=None):
         for value, count, layer in zip(values, counts, on_top):
             chosen = labels == value
             for kept, marker in ((chosen & ~outside, "o"), (chosen & outside, "x")):
-                label = f"{value} ({count})" if marker == "o" else None
+                if marker == "x" and not kept.any():
+                    continue
+                label = f"{value} ({count})" if marker == "o" else "_beyond"  # "_": not in the legend
                 ax.scatter(shown[kept, 0], shown[kept, 1], s=8, marker=marker, label=label, zorder=2 + layer,
                            color=f"C{layer % 10}")  # fmt: skip
         if outside.any():
