@@ -30,7 +30,7 @@ from embedding.representation import AUTO_K, cluster, fit_kmeans, fit_sample, re
 from measuring.results import dated_path, markdown_table, write_results
 
 HEADER = ["method", "K", "smallest", "largest", "noise / set aside", "under the floor", "silhouette", "AMI network",
-          "AMI family", "AMI labels", "seconds"]  # fmt: skip
+          "AMI family", "AMI sampling rate", "AMI labels", "seconds"]  # fmt: skip
 CHANNEL = re.compile(r"^([^./]+\.[^./]+\.[^./]*\.[A-Z0-9]{2})[A-Z0-9](__.*)$")  # NET.STA.LOC.CHA__start__end.mseed
 
 
@@ -121,10 +121,15 @@ def measure(reduced, seed, truths, method):
 
 
 def truths_of(folder, embedded, rows, args):
-    """([network, family, and the --labels CSV's labels if given] of the rows (object arrays), what was matched)."""
-    catalog = pq.read_table(os.path.join(folder, "catalog.parquet"), columns=["path", "network", "family"])
+    """([network, family, sampling rate, the --labels CSV's labels] of the rows (object arrays; None where there is no
+    value), what was matched)."""
+    path = os.path.join(folder, "catalog.parquet")
+    wanted = ["path", "network", "family", "sampling_rate"]
+    catalog = pq.read_table(path, columns=[c for c in wanted if c in pq.read_schema(path).names])
     columns = {name: catalog.column(name).to_numpy(zero_copy_only=False)[rows] for name in catalog.column_names}
     truths = [columns["network"].astype(object), columns["family"].astype(object)]
+    # the recording's own sampling rate (catalogues of embed.py from 7 December 2026 on): clusters of instruments
+    truths.append(columns["sampling_rate"].astype(object) if "sampling_rate" in columns else np.full(len(rows), None))
     if not args.labels:
         return truths + [np.full(len(rows), None)], "no --labels"
     root = args.labels_root or embedded["data_dir"]

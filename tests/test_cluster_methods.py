@@ -75,7 +75,8 @@ def embed_folder(directory, features):
     np.save(os.path.join(directory, "embeddings.npy"), features.astype(np.float16))
     paths = [f"{i}/XX.S{i:03d}..HHE__20200101T000000Z__20200101T000300Z.mseed" for i in range(len(features))]
     networks = ["XX" if i % 2 else "YY" for i in range(len(features))]
-    table = pa.table({"path": paths, "network": networks, "family": ["HH"] * len(features)})
+    rates = [100.0] * len(features)  # one rate: its AMI with any clustering is 0
+    table = pa.table({"path": paths, "network": networks, "family": ["HH"] * len(features), "sampling_rate": rates})
     pq.write_table(table, os.path.join(directory, "catalog.parquet"))
     described = {"checkpoint": "x.pt", "split": "all", "window_seconds": None, "data_dir": "/data/waveforms"}
     with open(os.path.join(directory, "embedding.json"), "w") as f:
@@ -98,7 +99,8 @@ def test_results_file_has_a_table_of_every_method(tmp_path):
     assert "100 of 182 rows labelled" in text
     hdbscan = next(line for line in text.splitlines() if line.startswith("| HDBSCAN"))
     cells = [cell.strip() for cell in hdbscan.strip("|").split("|")]
-    assert cells[1:6] == ["3", "60", "60", "2", "0"] and cells[9] == "1.000"  # AMI with the labels
+    assert cells[1:6] == ["3", "60", "60", "2", "0"] and cells[10] == "1.000"  # AMI with the labels
+    assert cells[9] in ("0.000", "-0.000")  # with the sampling rate, one rate in all
 
 
 def test_without_labels_every_row_of_the_table_has_every_column(tmp_path):
