@@ -9,9 +9,12 @@ URL-quoted, and the page loads nothing from the network.
 """
 
 import html
+import logging
 import os
 import shlex
 import urllib.parse
+
+import numpy as np
 
 from embedding.figures import plot_clusters_over_time, plot_members, save_figure
 from reading.transform import spectrogram
@@ -22,6 +25,8 @@ EDGE_SHOWN = 3  # members farthest from each cluster's centre: drawn as its edge
 SET_ASIDE_SHOWN = 6  # recordings set aside by the clustering (outliers) drawn; clusters.json lists up to 100
 MIX_SHOWN = 8  # values of each mix (networks, stations, ...) listed; the rest are counted
 ATLAS_DIR = "atlas"  # the page's own figures, beside atlas.html
+UNREAD = (3, 1, 2)  # the spectrogram drawn for a member whose files cannot be read now: blank
+log = logging.getLogger("embed")
 STYLE = (
     "body{font-family:sans-serif;max-width:1350px;margin:1em auto;color:#222}"
     "table{border-collapse:collapse;font-size:13px;margin:.4em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
@@ -54,9 +59,11 @@ def member_figures(members, dataset, positions, title, path):
         try:
             waveform = dataset.waveform(position)
             spectrograms.append(spectrogram(waveform, dataset.stft, member["sampling_rate"]))
-        except Exception as err:  # unreadable now (moved, or only in the cache): the spectrogram alone is drawn
+        except Exception as err:  # unreadable now (moved, changed, or only in the cache): what can be is drawn
+            log.warning("atlas: %s: waveform not readable (%s: %s)", member["path"], type(err).__name__, err)
             waveform = f"waveform not readable:\n{type(err).__name__}: {str(err)[:80]}"
-            spectrograms.append(dataset[position][0].float().numpy())
+            cached = dataset[position][0]
+            spectrograms.append(cached.float().numpy() if cached is not None else np.zeros(UNREAD, dtype=np.float32))
         waveforms.append(waveform)
     titles = [f"{m['trace_id']}\n{str(m['starttime'])[:19]}" for m in members]
     rates = [m["sampling_rate"] for m in members]

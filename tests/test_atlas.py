@@ -14,6 +14,9 @@ from conftest import ROOT
 
 import embed
 import similar
+from embedding.atlas import member_figures
+from reading.transform import STFTConfig
+from reading.waveforms import UnusableFile
 
 EXOTIC = os.path.join(ROOT, "tests", "data", "exotic")
 HOSTILE = 'NC.EVIL.HH.<script>alert("x")&.mseed'  # a file name a page must not run
@@ -110,3 +113,24 @@ def test_its_similar_commands_run(atlas, capsys):
     assert words[2] == str(out)
     similar.main(words[2:] + ["--no-figures", "--table", str(out / "near.csv")])
     assert "near.csv" in capsys.readouterr().out
+
+
+def test_a_member_unreadable_now_is_drawn_as_such_not_a_crash(tmp_path, caplog):
+    class Gone:  # a dataset whose file was removed since it was embedded, and no cache
+        stft = STFTConfig()
+
+        def waveform(self, position):
+            raise UnusableFile("unreadable file", "gone.mseed: No such file")
+
+        def __getitem__(self, position):
+            return None, {"path": "gone.mseed", "skip_reason": "unreadable file", "message": "No such file"}
+
+    member = {
+        "row": 0,
+        "path": "gone.mseed",
+        "trace_id": "XX.GONE..HH?",
+        "starttime": "2020-01-01T00:00:00",
+        "sampling_rate": 100.0,
+    }
+    member_figures([member], Gone(), [0], "test", str(tmp_path / "gone.png"))
+    assert os.path.getsize(tmp_path / "gone.png") > 2_000 and "gone.mseed: waveform not readable" in caplog.text
