@@ -26,9 +26,12 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+from embedding.atlas import ATLAS_DIR, EDGE_SHOWN, NEAREST_SHOWN, draw_clusters, draw_set_aside, write_atlas
+from embedding.baselines import blur
 from embedding.catalogue import (
     CATALOG_COLUMNS,
     CatalogPart,
@@ -43,14 +46,7 @@ from embedding.catalogue import (
     start_times,
     write_catalog,
 )
-from embedding.figures import (
-    plot_clusters_over_time,
-    plot_map,
-    plot_reconstruction,
-    plot_spectrogram_row,
-    sample_name,
-    save_figure,
-)
+from embedding.figures import plot_clusters_over_time, plot_map, plot_reconstruction, sample_name, save_figure
 from embedding.poolings import POOLINGS, READOUT, default_pooling, encode_batch
 from embedding.representation import (
     ASSIGN_CHUNK,
@@ -94,8 +90,8 @@ from stft_dataset import SeismicSTFTDataset, SkipLog, pad_collate
 
 log = logging.getLogger("embed")
 LABEL_COLUMNS = ("network", "station", "location", "family", "trace_id")  # catalogue columns --labels accepts
-NEAREST_SHOWN = 6  # members nearest each cluster centre: listed in clusters.json and drawn
 THUMBNAIL = 32  # projector thumbnails: THUMBNAIL x THUMBNAIL pixels of the Z spectrogram
+NO_DATA_GREY = 0.83  # their rows above a recording's Nyquist frequency: figures.NO_DATA ("lightgrey")
 # --labels tables: (score, header, width, format) of categorical and of numeric labels
 CLASS_COLUMNS = (("knn_accuracy", "5-NN acc", 9, ".3f"), ("precision_at_k", "prec@5", 7, ".3f"),
                  ("silhouette", "silhouette", 10, ".3f"))  # fmt: skip
@@ -296,21 +292,76 @@ def embed_and_describe(args, device):
     # embeddings.npy is complete here (float16, same row order as the catalogue); what is built from it goes below.
     embeddings = read_embeddings(os.path.join(output_dir, "embeddings.npy"))
     remove_stale_outputs(output_dir)
-    k, span = describe_clusters(embeddings, catalog, args, output_dir, dataset)
-    reader = CatalogueReader(output_dir)  # catalog.parquet, written by describe_clusters: rows read on demand
-    plot_outputs(reader, catalog, model, dataset, args, output_dir, device)
-    plot_over_time(reader, k, span, output_dir)
-    write_projector(embeddings, reader, catalog.position, thumbnails, output_dir)
+    reader, described = describe_outputs(
+        embeddings, catalog, thumbnails, (model, dataset, device, output_dir), args, labels
+    )
     description = {"window_seconds": window_seconds, "window_stride": window_stride, "processes": processes}
     summary = describe_run(embeddings, args, dataset, output_dir, description, skips)
     if labels:
         scored = (embeddings, reader, catalog.position, labels, spectrograms, args, output_dir)
         summary["labels"] = score_groups(*scored, groups) if groups else score_labels(*scored)
+    build_atlas(reader, dataset, catalog.position, described, description | summary)
     print(
         f"{summary['rows']} recordings embedded ({summary['dim']} values each, pooling {args.pooling}) in {output_dir}"
     )
     print(f"skipped files: {skips.describe()}")
     return summary
+
+
+def describe_outputs(embeddings, catalog, thumbnails, run, args, labels):
+    """Clusters (clusters.json, the catalogue's cluster columns), map and anomaly figures, clusters over time, the
+    projector and, with --labels, the clusters' label mix. run = (model, dataset, device, output_dir). Returns (the
+    catalogue's reader, what the atlas draws: (clusters.json as a dict, the anomalies, the counts over time))."""
+    model, dataset, device, output_dir = run
+    description, span = describe_clusters(embeddings, catalog, args, output_dir)
+    reader = CatalogueReader(output_dir)  # catalog.parquet, written by describe_clusters: rows read on demand
+    anomalies = plot_outputs(reader, catalog, model, dataset, args, output_dir, device)
+    over_time = plot_over_time(reader, description["k"], span, output_dir)
+    write_projector(embeddings, reader, catalog.position, thumbnails, output_dir)
+    if labels:
+        add_label_mix(description, reader, catalog.position, labels, output_dir)
+    return reader, (description, anomalies, over_time)
+
+
+def add_label_mix(description, reader, positions, labels, output_dir):
+    """--labels: each cluster's count of each label and the clusters' adjusted and normalised mutual information with
+    the labels over the labelled rows, added to clusters.json (numeric labels have no mix)."""
+    name, value_of = labels
+    clusters, values = [], []
+    for start, batch in reader.batches(["cluster"] + ([name] if value_of is None else [])):
+        own = batch.column("cluster").to_numpy()
+        if value_of is None:  # a catalogue column
+            found = [str(v) for v in batch.column(name).to_pylist()]
+        else:
+            found = [value_of.get(p) for p in positions[start : start + len(own)].tolist()]
+        kept = [k for k, value in enumerate(found) if value is not None]
+        clusters += own[kept].tolist()
+        values += [found[k] for k in kept]
+    if not values or isinstance(values[0], float):
+        return
+    counts = [Counter() for _ in description["clusters"]]
+    for c, value in zip(clusters, values):
+        counts[c][value] += 1
+    for summary, mix in zip(description["clusters"], counts):
+        summary["labels"] = {str(v): n for v, n in sorted(mix.items(), key=lambda item: (-item[1], str(item[0])))}
+    ami, nmi = adjusted_mutual_info_score(values, clusters), normalized_mutual_info_score(values, clusters)
+    description["labels"] = {"name": name, "recordings": len(values), "ami": float(ami), "nmi": float(nmi)}
+    write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
+    log.info("the %d clusters against %s (%d recordings): AMI %.3f, NMI %.3f", len(counts), name, len(values), ami, nmi)
+
+
+def build_atlas(reader, dataset, positions, described, summary):
+    """atlas.html and its figures (embedding/atlas.py), timed: a fixed number of recordings per cluster, read and
+    drawn; no pass over the rows."""
+    started, (description, anomalies, over_time) = time.perf_counter(), described
+    output_dir = summary["output_dir"]
+    drawn = draw_clusters(reader, dataset, positions, description["clusters"], over_time, output_dir)
+    set_aside = draw_set_aside(reader, dataset, positions, description["set_aside_rows"], output_dir)
+    windows = f"{summary['window_seconds']} s windows" if summary["window_seconds"] else "whole recordings"
+    facts = {"rows": summary["rows"], "dim": summary["dim"], "windows": windows, "data_dir": dataset.data_dir}
+    facts |= {"checkpoint": summary["checkpoint"], "pooling": summary["pooling"]}
+    path = write_atlas(output_dir, facts, description, drawn, anomalies, set_aside)
+    log.info("atlas written in %.1f s: %s", time.perf_counter() - started, path)
 
 
 def describe_run(embeddings, args, dataset, output_dir, description, skips):
@@ -321,7 +372,8 @@ def describe_run(embeddings, args, dataset, output_dir, description, skips):
     description |= {"split": args.split, "pooling": args.pooling, "rows": rows, "dim": dim}
     description |= {"dtype": str(embeddings.dtype), "skipped": skips.summary()}
     write_json_atomic(os.path.join(output_dir, "embedding.json"), description)
-    return {"output_dir": output_dir, "rows": rows, "dim": dim}
+    return {"output_dir": output_dir, "rows": rows, "dim": dim, "checkpoint": description["checkpoint"],
+            "pooling": args.pooling}  # fmt: skip
 
 
 def kept_positions(args, dataset, positions, labels):
@@ -358,6 +410,9 @@ def remove_stale_outputs(output_dir):
     for name in os.listdir(output_dir):
         if (name.startswith(("anomaly_", "cluster_")) and name.endswith(".png")) or name == "labels.json":
             os.remove(os.path.join(output_dir, name))
+    shutil.rmtree(os.path.join(output_dir, ATLAS_DIR), ignore_errors=True)
+    if os.path.exists(os.path.join(output_dir, "atlas.html")):
+        os.remove(os.path.join(output_dir, "atlas.html"))
 
 
 @torch.no_grad()
@@ -387,10 +442,11 @@ def embed_files(model, dataset, share, args, device, output_dir, keep):
             relpath = os.path.relpath(meta["path"], dataset.data_dir)
             position = meta["index"]
             duration = float(dataset.sample_seconds(position))
-            catalog.append(catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k]), position)
+            rate = dataset.recordings.rate[dataset.sample_recording[position]]  # its own, before resampling
+            catalog.append(catalog_row(meta, relpath, duration, mse[k], mse_time_mean[k], rate), position)
             valid = x[k, :, :, : int(mask[k].sum())].float().cpu()
             if position in thumbnail_slot:
-                thumbnails[thumbnail_slot[position]] = thumbnail(valid)
+                thumbnails[thumbnail_slot[position]] = thumbnail(valid, dataset.stft.bins_below_nyquist(rate))
             if position in label_slot:
                 spectrograms[label_slot[position]] = F.interpolate(valid[None], size=(valid.shape[1], label_bins))[0]
     writer.close(merge=False)
@@ -409,16 +465,19 @@ def slots(kept, share):
     return {p: i for i, p in enumerate(found.tolist())}
 
 
-def thumbnail(spectrogram):
-    """(3, F, T) -> (THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom."""
-    return F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0, 0].flip(-2).numpy()
+def thumbnail(spectrogram, n_valid):
+    """(3, F, T) -> (THUMBNAIL, THUMBNAIL) grey image of the Z component, low frequencies at the bottom; the rows
+    wholly at and above the recording's Nyquist frequency (bins n_valid and up) flat NO_DATA_GREY, as no data."""
+    image = F.interpolate(spectrogram[None, 2:3], size=(THUMBNAIL, THUMBNAIL), mode="area")[0, 0]
+    image[-(-n_valid * THUMBNAIL // spectrogram.shape[1]) :] = NO_DATA_GREY
+    return image.flip(-2).numpy()
 
 
-def describe_clusters(embeddings, catalog, args, output_dir, dataset):
+def describe_clusters(embeddings, catalog, args, output_dir):
     """Cluster, map and anomaly columns of every row, written with the rest of the catalogue (catalog.parquet and
-    catalog.csv); clusters.json; one figure of each cluster's nearest members. Fitted on a sample
-    (representation.FIT_SAMPLE rows), assigned to every row in chunks of the memory map and written as they are
-    computed. Returns (K, the first and last start time of all rows as datetime64[s], from the clusters' own)."""
+    catalog.csv); clusters.json. Fitted on a sample (representation.FIT_SAMPLE rows), assigned to every row in chunks
+    of the memory map and written as they are computed. Returns (clusters.json as a dict, the first and last start
+    time of all rows as datetime64[s], from the clusters' own)."""
     n_rows = len(embeddings)
     if args.clusters != "auto" and args.clusters > n_rows:
         raise RunError(f"--clusters {args.clusters}: more clusters than the {n_rows} recordings embedded")
@@ -426,25 +485,17 @@ def describe_clusters(embeddings, catalog, args, output_dir, dataset):
         raise RunError(f"{n_rows} recordings embedded: clustering needs at least 3")
     pipeline, reduced = reduce(embeddings, args.seed)
     kmeans, description = cluster(reduced, args.clusters, args.seed)
+    description["set_aside_rows"] = fit_sample(n_rows, args.seed)[description["set_aside_rows"]].tolist()  # rows
     write_catalog(output_dir, catalog.tables(), cluster_columns(pipeline, kmeans, embeddings, catalog.ratio))
     catalog.remove()
     reader = CatalogueReader(output_dir)
     scanned = scan_clusters(reader, description["k"])
     description["clusters"] = [cluster_summary(reader, c, scanned[c]) for c in range(description["k"])]
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
-    for c, summary in enumerate(description["clusters"]):
-        members = summary["nearest_rows"]
-        found = reader.rows(members, ["trace_id", "starttime"])
-        spectrograms = [dataset[catalog.position[i]][0].float().numpy() for i in members]
-        titles = [f"{found[i]['trace_id']}\n{found[i]['starttime'][:19]}" for i in members]
-        title = f"cluster {c}: {summary['size']} recordings; the {len(members)} nearest its centre"
-        rates = [float(dataset.recordings.rate[dataset.sample_recording[catalog.position[i]]]) for i in members]
-        figure = plot_spectrogram_row(spectrograms, titles, dataset.stft, title, rates)
-        save_figure(figure, os.path.join(output_dir, f"cluster_{c}.png"))
     log.info("%s: K = %d (%s)", description["method"], description["k"], description["k_chosen_by"])
     firsts = [summary["first"] for summary in description["clusters"] if summary["first"] is not None]
     lasts = [summary["last"] for summary in description["clusters"] if summary["last"] is not None]
-    return description["k"], start_times(np.array([min(firsts), max(lasts)], dtype=object))
+    return description, start_times(np.array([min(firsts), max(lasts)], dtype=object))
 
 
 def cluster_columns(pipeline, kmeans, embeddings, ratios):
@@ -471,15 +522,16 @@ def anomaly_ranks(ratios, chunk):
         yield ranks
 
 
-COUNTED = ("family", "station", "network")  # clusters.json counts each cluster's members by these columns
+COUNTED = ("family", "station", "network", "sampling_rate")  # clusters.json counts each cluster's members by these
 
 
 def scan_clusters(reader, k):
     """One pass over the catalogue's cluster columns, COUNTED and starttime, a row group at a time: for each cluster
-    its size, the count of each value, its first and last start time (ISO text) and its NEAREST_SHOWN rows nearest
-    the centre (ties in row order)."""
+    its size, the count of each value, its first and last start time (ISO text), its NEAREST_SHOWN rows nearest the
+    centre and its EDGE_SHOWN farthest from it (ties in row order)."""
+    none = (np.zeros(0), np.zeros(0, dtype=np.int64))
     scanned = [{"size": 0, "counts": {column: Counter() for column in COUNTED}, "first": None, "last": None,
-                "nearest": (np.zeros(0), np.zeros(0, dtype=np.int64))} for _ in range(k)]  # fmt: skip
+                "nearest": none, "edge": none} for _ in range(k)]  # fmt: skip
     for start, batch in reader.batches([*COUNTED, "starttime", "cluster", "cluster_distance"]):
         own, distances = batch.column("cluster").to_numpy(), batch.column("cluster_distance").to_numpy()
         starts = np.array(batch.column("starttime").to_pylist(), dtype=object)
@@ -490,12 +542,16 @@ def scan_clusters(reader, k):
             first, last = starts[members].min(), starts[members].max()
             found["first"] = first if found["first"] is None else min(first, found["first"])
             found["last"] = last if found["last"] is None else max(last, found["last"])
-            held_distances, held_rows = found["nearest"]
-            kept_distances = np.concatenate([held_distances, distances[members]])
-            kept_rows = np.concatenate([held_rows, members + start])
-            order = np.lexsort((kept_rows, kept_distances))[:NEAREST_SHOWN]
-            found["nearest"] = (kept_distances[order], kept_rows[order])
+            found["nearest"] = smallest(found["nearest"], distances[members], members + start, NEAREST_SHOWN)
+            found["edge"] = smallest(found["edge"], -distances[members], members + start, EDGE_SHOWN)
     return scanned
+
+
+def smallest(held, distances, rows, n):
+    """The n (distance, row) pairs of smallest distance among those held and the new ones; ties in row order."""
+    kept_distances, kept_rows = np.concatenate([held[0], distances]), np.concatenate([held[1], rows])
+    order = np.lexsort((kept_rows, kept_distances))[:n]
+    return kept_distances[order], kept_rows[order]
 
 
 def count_values(scanned, own, batch):
@@ -514,7 +570,7 @@ def cluster_summary(reader, c, scanned):
 
     def counts(column):  # most members first; ties in the order of the values
         ordered = sorted(scanned["counts"][column].items(), key=lambda item: (-item[1], item[0]))
-        return {str(value): int(n) for value, n in ordered}
+        return {(f"{value:g}" if isinstance(value, float) else str(value)): int(n) for value, n in ordered}
 
     return {
         "cluster": c,
@@ -522,16 +578,19 @@ def cluster_summary(reader, c, scanned):
         "families": counts("family"),
         "stations": counts("station"),
         "networks": counts("network"),
+        "sampling_rates": counts("sampling_rate"),
         "first": scanned["first"],
         "last": scanned["last"],
         "nearest_rows": nearest.tolist(),
         "nearest": [paths[i]["path"] for i in nearest.tolist()],
+        "edge_rows": scanned["edge"][1].tolist(),
     }
 
 
 @torch.no_grad()
 def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
-    """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings."""
+    """map.png; anomaly_<rank>_<file>.png of the most anomalous recordings; returns those recordings (dicts of their
+    catalogue columns, row, blur baseline's MSE and figure) in rank order."""
     shown = fit_sample(len(catalog), args.seed, MAP_POINTS)
     found = reader.rows(shown, ["map_x", "map_y", "cluster", "family"])
     rows = [found[i] for i in shown.tolist()]
@@ -542,7 +601,8 @@ def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
     }
     save_figure(plot_map(xy, colourings, len(catalog)), os.path.join(output_dir, "map.png"))
     top = ranked_first(reader, args.num_anomalies)
-    found = reader.rows(top, ["path", "starttime", "anomaly_rank", "mse", "mse_time_mean"])
+    columns = ["path", "trace_id", "starttime", "anomaly_rank", "mse", "mse_time_mean", "cluster", "sampling_rate"]
+    found, anomalies = reader.rows(top, columns), []
     for i in top.tolist():
         row = found[i]
         x = dataset[catalog.position[i]][0].float()[None].to(device)
@@ -550,8 +610,12 @@ def plot_outputs(reader, catalog, model, dataset, args, output_dir, device):
         file_id = sample_name(row["path"], row["starttime"] if dataset.window_seconds else None)
         rank, ratio = row["anomaly_rank"], row["mse"] / row["mse_time_mean"]
         title = f"anomaly {rank}: {file_id}, MSE {ratio:.2f} x the time-mean baseline's"
-        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title)
-        save_figure(figure, os.path.join(output_dir, f"anomaly_{rank}_{file_id}.png"))
+        figure = plot_reconstruction(x[0].cpu().numpy(), reconstruction, dataset.stft, title, row["sampling_rate"])
+        name = f"anomaly_{rank}_{file_id}.png"
+        save_figure(figure, os.path.join(output_dir, name))
+        mse_blur = float(((blur(x, torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool)) - x) ** 2).mean())
+        anomalies.append({**row, "rank": rank, "row": i, "mse_blur": mse_blur, "figure": name})
+    return anomalies
 
 
 def ranked_first(reader, n):
@@ -565,13 +629,14 @@ def ranked_first(reader, n):
 
 
 def plot_over_time(reader, k, span, output_dir):
-    """clusters_over_time.png where the rows span more than a day (an earlier run's is removed where not): members of
-    each cluster in OVER_TIME_BINS equal bins of start time, counted a row group at a time."""
+    """The members of each cluster in OVER_TIME_BINS equal bins of start time, counted a row group at a time:
+    (bin edges in s since 1970, (K, bins) counts), None where every row starts at one time. Drawn stacked in
+    clusters_over_time.png where the rows span more than a day (an earlier run's is removed where not)."""
     over_time = os.path.join(output_dir, "clusters_over_time.png")
-    if span[1] - span[0] <= np.timedelta64(1, "D"):
-        if os.path.exists(over_time):
-            os.remove(over_time)
-        return
+    if os.path.exists(over_time):
+        os.remove(over_time)
+    if span[1] == span[0]:
+        return None
     edges = np.linspace(span[0].astype("int64"), span[1].astype("int64"), OVER_TIME_BINS + 1)
     counts = np.zeros((k, OVER_TIME_BINS), dtype=np.int64)
     for _, batch in reader.batches(["starttime", "cluster"]):
@@ -579,7 +644,9 @@ def plot_over_time(reader, k, span, output_dir):
         own = batch.column("cluster").to_numpy()
         for c in np.unique(own).tolist():
             counts[c] += np.histogram(times[own == c], edges)[0]
-    save_figure(plot_clusters_over_time(edges, counts), over_time)
+    if span[1] - span[0] > np.timedelta64(1, "D"):
+        save_figure(plot_clusters_over_time(edges, counts), over_time)
+    return edges, counts
 
 
 def rows_of(positions, wanted):

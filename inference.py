@@ -134,9 +134,12 @@ def evaluate_files(model, dataset, share, device, batch_size, skips):
 def plot_samples(model, dataset, evaluated, device, output_dir):
     """reconstruction_<i>_<file>.png of each (position, sample) given, the model run on the sample alone."""
     for i, (position, sample) in enumerate(evaluated):
-        x = model_input(dataset[position][0][None], device)
+        spectrogram, meta = dataset[position]
+        x = model_input(spectrogram[None], device)
         file_id = sample_name(sample["path"], sample["starttime"] if dataset.window_seconds else None)
-        figure = plot_reconstruction(x[0].cpu().numpy(), model(x)[0].cpu().numpy(), dataset.stft, file_id)
+        figure = plot_reconstruction(
+            x[0].cpu().numpy(), model(x)[0].cpu().numpy(), dataset.stft, file_id, meta["native_rate"]
+        )
         figure.savefig(os.path.join(output_dir, f"reconstruction_{i}_{file_id}.png"), dpi=80)
 
 

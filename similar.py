@@ -28,7 +28,6 @@ from embedding import vector_index
 from embedding.catalogue import CatalogueReader
 from embedding.figures import plot_spectrogram_row, sample_name, save_figure
 from embedding.poolings import encode_batch
-from reading.seisbench_data import is_seisbench_dataset
 from reading.transform import spectrogram
 from reading.waveforms import UnusableFile, read_waveform
 from running.checkpoints import data_settings, model_from_checkpoint
@@ -123,19 +122,19 @@ def query_rows(queries, catalogue):
 
 
 def read_spectrogram(path, data):
-    """(3, F, T) spectrogram of a file as the checkpoint's run read it, or RunError naming the file and reason."""
+    """((3, F, T) spectrogram, the file's own sampling rate in Hz) of a new file as the checkpoint's run read it, or
+    RunError naming the file and reason."""
     try:
         waveform, meta = read_waveform(path, data["families"], data["stft"])
     except UnusableFile as err:
         raise RunError(f"{path}: {err}") from None
-    return spectrogram(waveform, data["stft"], meta["native_rate"])
+    return spectrogram(waveform, data["stft"], meta["native_rate"]), meta["native_rate"]
 
 
 def catalogue_reader(settings, data, data_dir):
-    """catalogue row -> (3, F, T) spectrogram of that recording, read as embed.py read it: the file, or with windows
-    (embedding.json's window_seconds) the window that starts at the row's starttime."""
-    if not settings.get("window_seconds") and not is_seisbench_dataset(data_dir):  # a trace is read by its dataset
-        return lambda row: read_spectrogram(os.path.join(data_dir, row["path"]), data)
+    """catalogue row -> ((3, F, T) spectrogram, its own sampling rate in Hz) of that recording, read as embed.py read
+    it, through the dataset's index: a file, the files of a per-channel recording (the row names its first), a
+    SeisBench trace, or with windows (embedding.json's window_seconds) the window that starts at the row's start."""
     windows = {"window_seconds": settings.get("window_seconds"), "window_stride": settings.get("window_stride")}
     dataset = SeismicSTFTDataset(data_dir, data["families"], data["stft"], data["extensions"], **windows)
 
@@ -144,7 +143,7 @@ def catalogue_reader(settings, data, data_dir):
         x, meta = dataset[position] if position is not None else (None, {"message": f"not in {data_dir}"})
         if x is None:
             raise RunError(f"{row['path']}@{row['starttime']}: {meta['message']}")
-        return x.float().numpy()
+        return x.float().numpy(), meta["native_rate"]
 
     return read
 
@@ -167,7 +166,7 @@ def query_vectors(queries, rows, embeddings, checkpoint, settings, device):
             continue
         model = model or model_from_checkpoint(checkpoint, device).eval()
         # Rounded as embed.py stores its rows: a file of the catalogue then finds its own row at distance 0.
-        encoded = encode_file(model, read_spectrogram(query, data), settings["pooling"], device)
+        encoded = encode_file(model, read_spectrogram(query, data)[0], settings["pooling"], device)
         vectors.append(np.asarray(encoded, dtype=embeddings.dtype).astype(np.float32))
     return np.concatenate(vectors)
 
@@ -250,18 +249,23 @@ def write_table(path, table):
     print(f"table: {path} ({len(table)} neighbours)")
 
 
+def panel_title(row):
+    """A catalogue row in a figure: its trace and start (a file name alone loses the station in a narrow panel)."""
+    return f"{row['trace_id']} {str(row['starttime'])[:19]}"
+
+
 def draw_figures(args, results, checkpoint, settings, catalog):
     """A figure of each query and its neighbours (Z spectrograms): --output, or EMBEDDINGS_DIR/similar_<query>.png."""
     data, data_dir = data_settings(checkpoint), args.data_dir or settings["data_dir"]
     read_catalogued = catalogue_reader(settings, data, data_dir)
     for query, row, neighbours in results:
         name = figure_name(query, row, catalog, settings)
-        query_spectrogram = read_catalogued(catalog[row]) if row is not None else read_spectrogram(query, data)
-        spectrograms = [query_spectrogram] + [read_catalogued(catalog[r]) for r, _ in neighbours]
-        titles = [f"query\n{name[-40:]}"]
-        titles += [f"{d:.2f}\n{figure_name(None, r, catalog, settings)[-40:]}" for r, d in neighbours]
+        query_read = read_catalogued(catalog[row]) if row is not None else read_spectrogram(query, data)
+        spectrograms, rates = zip(query_read, *(read_catalogued(catalog[r]) for r, _ in neighbours))
+        titles = [f"query\n{panel_title(catalog[row]) if row is not None else name[-40:]}"]
+        titles += [f"{d:.2f}\n{panel_title(catalog[r])}" for r, d in neighbours]
         title = f"the {len(neighbours)} nearest to {name} (distance in standardised units)"
-        figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title)
+        figure = plot_spectrogram_row(spectrograms, titles, data["stft"], title, rates)
         output = args.output or os.path.join(args.embeddings_dir, f"similar_{name}.png")
         save_figure(figure, output)
         print(f"figure: {output}")

@@ -252,18 +252,36 @@ class SeismicSTFTDataset(Dataset):
                 by_recording.setdefault(r, []).append(i)
         for r, windows in by_recording.items():
             samples.update(zip(windows, self.window_samples(r, windows)))
+        # index: the dataset position; native_rate: the recording's own sampling rate (Hz), no data at and above half
+        found = {
+            i: {"index": int(i), "native_rate": float(self.recordings.rate[self.sample_recording[i]])} for i in indices
+        }
         if self.traces is not None:  # what joins a catalogue to the dataset's metadata
             names = {i: self.traces.names(self.files[self.sample_recording[i]]) for i in indices}
-            return [(samples[i][0], {**samples[i][1], **names[i], "index": int(i)}) for i in indices]
-        return [(samples[i][0], {**samples[i][1], "index": int(i)}) for i in indices]  # index: the dataset position
+            return [(samples[i][0], {**samples[i][1], **names[i], **found[i]}) for i in indices]
+        return [(samples[i][0], {**samples[i][1], **found[i]}) for i in indices]
+
+    def waveform(self, i):
+        """(3, n_samples) float64 E, N, Z of sample i in counts, resampled to the STFT's rate, read from its files
+        (never the cache): what embed.py's figures draw. Raises UnusableFile where it cannot be read."""
+        r = int(self.sample_recording[i])
+        if self.recordings.whole_file[r]:
+            return self.read_whole_file(r)[0]
+        waveform = self.read_window_waveforms(r, [i])[0]
+        if isinstance(waveform, UnusableFile):
+            raise waveform
+        return waveform
+
+    def read_whole_file(self, r):
+        """(waveform, meta) of recording r, a file read whole (waveforms.read_waveform); raises UnusableFile."""
+        if self.traces is not None:
+            return self.traces.read_waveform(self.files[r], self.families, self.stft)
+        return read_waveform(os.path.join(self.data_dir, self.files[r]), self.families, self.stft)
 
     def whole_file_sample(self, r):
         path = os.path.join(self.data_dir, self.files[r])
         try:
-            if self.traces is not None:
-                waveform, meta = self.traces.read_waveform(self.files[r], self.families, self.stft)
-            else:
-                waveform, meta = read_waveform(path, self.families, self.stft)
+            waveform, meta = self.read_whole_file(r)
         except UnusableFile as err:
             return None, {"path": path, "skip_reason": err.reason, "message": str(err)}
         except Exception as err:  # one odd file among 100k must not end a run; it is reported like the others
@@ -271,22 +289,28 @@ class SeismicSTFTDataset(Dataset):
         native_rate = meta.pop("native_rate")  # the same as the index's rate (recordings.rate), which windows take
         return torch.from_numpy(spectrogram(waveform, self.stft, native_rate)), {"path": path, **meta}
 
-    def window_samples(self, r, windows):
-        """Samples of the windows (dataset indices) of recording r, its files read once for all of them."""
+    def read_window_waveforms(self, r, windows):
+        """The waveform, or the UnusableFile saying why there is none, of each window (dataset index) of recording r,
+        its files read once for all of them."""
         starts = [float(self.sample_start[i]) for i in windows]
         seconds = self.sample_seconds(windows[0])
         paths = [os.path.join(self.data_dir, m) for m in self.recordings.members(r, min(starts), max(starts) + seconds)]
-        path = os.path.join(self.data_dir, self.files[r])
         instrument = str(self.recordings.instrument[r])
         try:
             if self.traces is not None:
-                waveforms = self.traces.read_windows(self.files[r], instrument, starts, seconds, self.stft)
-            elif not self.window_seconds:  # a whole recording of per-channel files: read as its one-file layout is
-                waveforms = [read_recording(paths, instrument, starts[0], self.recordings.end[r], self.stft)]
-            else:
-                waveforms = read_windows(paths, instrument, starts, seconds, self.stft)
+                return self.traces.read_windows(self.files[r], instrument, starts, seconds, self.stft)
+            if not self.window_seconds:  # a whole recording of per-channel files: read as its one-file layout is
+                return [read_recording(paths, instrument, starts[0], self.recordings.end[r], self.stft)]
+            return read_windows(paths, instrument, starts, seconds, self.stft)
         except Exception as err:  # one odd file must not end a run
-            waveforms = [UnusableFile("unexpected error", f"{type(err).__name__}: {err}")] * len(starts)
+            return [UnusableFile("unexpected error", f"{type(err).__name__}: {err}")] * len(starts)
+
+    def window_samples(self, r, windows):
+        """Samples of the windows (dataset indices) of recording r, its files read once for all of them."""
+        starts = [float(self.sample_start[i]) for i in windows]
+        waveforms = self.read_window_waveforms(r, windows)
+        path = os.path.join(self.data_dir, self.files[r])
+        instrument = str(self.recordings.instrument[r])
         samples = []
         for start, waveform in zip(starts, waveforms):
             meta = {"path": path, "trace_id": instrument, "family": str(self.recordings.family[r])}

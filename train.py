@@ -220,6 +220,8 @@ def prepare(args, checkpoint, device):
         *(config["num_parameters"], amp),
     )
     image_batch = pad_collate([dataset[i] for i in val_indices[:NUM_IMAGES]]) if rank == 0 else None
+    if image_batch is not None:  # rows of each image below its own Nyquist frequency: the rest is drawn as no data
+        image_batch["valid_bins"] = [stft.bins_below_nyquist(meta["native_rate"]) for meta in image_batch["meta"]]
     return Run(
         args=args,
         device=device,

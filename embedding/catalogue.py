@@ -41,6 +41,7 @@ CATALOG_COLUMNS = (
     "trace_name",  # a SeisBench dataset's trace: pandas.merge(catalog, metadata, on="trace_name"); "" for files
     "trace_chunk",  # its chunk ("" unless the dataset is chunked)
     "dataset",  # the SeisBench dataset's folder name
+    "sampling_rate",  # Hz, the recording's own before resampling: no data at and above its half (Nyquist)
 )
 
 
@@ -52,7 +53,7 @@ def start_times(starttimes, chunk=CATALOG_ROW_GROUP):
     return times
 
 
-def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):
+def catalog_row(meta, relpath, duration_s, mse, mse_time_mean, sampling_rate):
     """The columns of a recording known when it is embedded (cluster, map and rank are filled in later)."""
     network, station, location, _ = meta["trace_id"].split(".")
     return {
@@ -67,6 +68,7 @@ def catalog_row(meta, relpath, duration_s, mse, mse_time_mean):
         "mse": float(mse),
         "mse_time_mean": float(mse_time_mean),
         **{name: meta.get(name, "") for name in ("trace_name", "trace_chunk", "dataset")},
+        "sampling_rate": float(sampling_rate),
     }
 
 

@@ -48,12 +48,15 @@ def show_spectrogram(ax, image, stft, cmap="viridis", vmin=0, vmax=1, native_rat
     )
 
 
-def plot_reconstruction(spectrogram, reconstruction, stft, title):
+def plot_reconstruction(spectrogram, reconstruction, stft, title, native_rate=None):
     """Figure with one row per component (E, N, Z): input, reconstruction, difference.
 
-    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only.
+    spectrogram, reconstruction: (3, n_freq, n_time) arrays of valid bins only. native_rate: the recording's own
+    sampling rate (Hz): the bins at and above its Nyquist frequency are drawn as no data in every panel and left out
+    of the MSE in the titles.
     """
-    mse = ((reconstruction - spectrogram) ** 2).mean(axis=(1, 2))
+    n_valid = stft.bins_below_nyquist(native_rate)
+    mse = ((reconstruction - spectrogram)[:, :n_valid] ** 2).mean(axis=(1, 2))
     figure = Figure(figsize=(13, 8))
     axes = figure.subplots(3, 3, sharex=True, sharey=True)
     for row, component in enumerate(COMPONENTS):
@@ -64,7 +67,7 @@ def plot_reconstruction(spectrogram, reconstruction, stft, title):
         ]
         for col, (image, name, cmap, (vmin, vmax)) in enumerate(panels):
             ax = axes[row, col]
-            mesh = show_spectrogram(ax, image, stft, cmap, vmin, vmax)
+            mesh = show_spectrogram(ax, image, stft, cmap, vmin, vmax, native_rate)
             figure.colorbar(mesh, ax=ax)
             ax.set_title(f"{component} {name}" + (f" (MSE {mse[row]:.4f})" if col == 1 else ""), fontsize=9)
             if row == 2:
@@ -97,12 +100,20 @@ def plot_map(xy, colourings, of=None):
     figure = Figure(figsize=(6.5 * len(colourings), 5.5))
     if of and of > len(xy):
         figure.suptitle(f"{len(xy):,} of {of:,} recordings, drawn at random", fontsize=9)
+    shown, outside = on_axes(xy)
     for ax, (title, labels) in zip(np.atleast_1d(figure.subplots(1, len(colourings))), colourings.items()):
         values, counts = np.unique(labels, return_counts=True)
         on_top = np.argsort(np.argsort(-counts, kind="stable"))  # the smallest groups drawn last: none hidden
         for value, count, layer in zip(values, counts, on_top):
             chosen = labels == value
-            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, label=f"{value} ({count})", zorder=2 + layer)
+            for kept, marker in ((chosen & ~outside, "o"), (chosen & outside, "x")):
+                if marker == "x" and not kept.any():
+                    continue
+                label = f"{value} ({count})" if marker == "o" else "_beyond"  # "_": not in the legend
+                ax.scatter(shown[kept, 0], shown[kept, 1], s=8, marker=marker, label=label, zorder=2 + layer,
+                           color=f"C{layer % 10}")  # fmt: skip
+        if outside.any():
+            title += f"\n(x: {int(outside.sum())} beyond the 0.5-99.5 % range, drawn at its edge)"
         ax.set_xlabel("principal component 1 (standardised units)")
         ax.set_ylabel("principal component 2 (standardised units)")
         ax.set_title(title)
@@ -111,20 +122,58 @@ def plot_map(xy, colourings, of=None):
     return figure
 
 
-def plot_clusters_over_time(edges, counts):
-    """Recordings per cluster in each bin of start time: edges (n_bins + 1,) in s since 1970, counts (K, n_bins)."""
+def on_axes(xy, share=0.005):
+    """(points clipped to the range between the `share` and 1 - `share` quantiles of each axis, widened by a quarter,
+    mask of the points clipped): one far outlier no longer squeezes every other point into a corner of the map."""
+    if len(xy) < 2:
+        return xy, np.zeros(len(xy), dtype=bool)
+    low, high = np.quantile(xy, share, axis=0), np.quantile(xy, 1 - share, axis=0)
+    pad = np.maximum(high - low, 1e-9) / 4
+    low, high = low - pad, high + pad
+    return np.clip(xy, low, high), ((xy < low) | (xy > high)).any(axis=1)
+
+
+def plot_clusters_over_time(edges, counts, clusters=None, size=(10, 4)):
+    """Recordings per cluster in each bin of start time: edges (n_bins + 1,) in s since 1970, counts (K, n_bins) of
+    the clusters numbered `clusters` (default 0..K-1), stacked."""
     centres = ((edges[:-1] + edges[1:]) / 2).astype("datetime64[s]")
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=size)
     ax = figure.subplots()
     bottom = np.zeros(counts.shape[1])
     width = (edges[1] - edges[0]) / 86_400  # days
-    for value, members in enumerate(counts):
+    for value, members in zip(clusters if clusters is not None else range(len(counts)), counts):
         ax.bar(centres, members, width=width, bottom=bottom, label=f"cluster {value}")
         bottom += members
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
-    ax.set_xlabel(f"start time (UTC; bins of {width:.1f} days)")
+    bins = f"{width:.1f} days" if width >= 1 else f"{width * 24:.2g} hours"
+    ax.set_xlabel(f"start time (UTC; bins of {bins})")
     ax.set_ylabel("recordings")
     ax.legend(fontsize=7, ncols=2)
+    figure.tight_layout()
+    return figure
+
+
+def plot_members(spectrograms, waveforms, titles, stft, suptitle, native_rates):
+    """Each member's Z spectrogram (time in s, frequency in Hz; no data above its own Nyquist frequency drawn grey)
+    above its Z waveform (time in s, counts less their mean, at stft.sampling_rate). waveforms: (3, n) arrays, or
+    text saying why there is none."""
+    figure = Figure(figsize=(max(2.6 * len(spectrograms) + 0.6, 6.0), 4.8))  # wide enough for its title
+    axes = figure.subplots(2, len(spectrograms), squeeze=False)
+    for k, (spectrogram, waveform, title, rate) in enumerate(zip(spectrograms, waveforms, titles, native_rates)):
+        top, bottom = axes[0, k], axes[1, k]
+        show_spectrogram(top, spectrogram[COMPONENTS.index("Z")], stft, native_rate=rate)
+        top.set_title(title, fontsize=7)
+        if isinstance(waveform, str):
+            bottom.text(0.5, 0.5, waveform, ha="center", va="center", fontsize=6, wrap=True, transform=bottom.transAxes)
+        else:
+            z = waveform[COMPONENTS.index("Z")]
+            bottom.plot(np.arange(len(z)) / stft.sampling_rate, z - z.mean(), linewidth=0.4, color="black")
+            bottom.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            bottom.tick_params(labelsize=6)
+        bottom.set_xlabel("time (s)")
+    axes[0, 0].set_ylabel("Z frequency (Hz)")
+    axes[1, 0].set_ylabel("Z (counts, demeaned)")
+    figure.suptitle(suptitle, fontsize=9)
     figure.tight_layout()
     return figure
 

@@ -58,6 +58,9 @@ def silhouette(features, labels, seed):
 MIN_CLUSTER_SHARE, MIN_CLUSTER_SIZE = 0.02, 5  # --clusters auto: no cluster below 2 % of the rows or 5 rows
 
 
+SET_ASIDE_LISTED = 100  # rows set aside by --clusters auto listed in clusters.json
+
+
 def size_floor(n_rows):
     """The smallest cluster --clusters auto accepts: 2 % of the rows or 5, whichever is larger."""
     return max(MIN_CLUSTER_SIZE, int(np.ceil(MIN_CLUSTER_SHARE * n_rows)))
@@ -66,7 +69,8 @@ def size_floor(n_rows):
 def cluster(reduced, k, seed):
     """KMeans fitted on the reduced sample (reduce), K given or ("auto") the best silhouette over AUTO_K, each K
     fitted with its outliers set aside (trimmed_kmeans): no cluster below size_floor rows, so one outlier never wins
-    the silhouette as a cluster of its own; outliers are assigned to the nearest kept cluster and ranked as anomalies.
+    the silhouette as a cluster of its own; outliers are assigned to the nearest kept cluster, and the first
+    SET_ASIDE_LISTED of them listed (`set_aside_rows`: positions in `reduced`), for the atlas to show apart.
 
     Returns (fitted KMeans, description: method, K, how chosen, scores, the silhouette on the sample).
     """
@@ -87,6 +91,7 @@ def cluster(reduced, k, seed):
     method = f"KMeans (k-means++, 10 starts) on {reduced.shape[1]} principal components of the standardised embeddings"
     description = {"method": method, "k": int(k), "k_chosen_by": chosen, "silhouette_by_k": scores}
     description |= {"fitted_on": int(kept.sum()), "set_aside": int((~kept).sum()), "size_floor": floor}
+    description["set_aside_rows"] = np.flatnonzero(~kept)[:SET_ASIDE_LISTED].tolist()
     description["silhouette"] = silhouette(reduced, kmeans.predict(reduced), seed)
     return kmeans, description
 

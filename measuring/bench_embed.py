@@ -7,7 +7,8 @@ ceil(N x STRIDE / 1 day) days are hard-linked into a folder of their own and emb
 window length the read-out is fitted on) with the checkpoint's defaults: `python embed.py CKPT --data_dir DAYS
 --window_seconds 10 --window_stride 2 --output_dir OUT`. Peak memory is the child's maximum resident set size
 (os.wait4); windows/s is embed.py's own figure (reading, STFT and the model), wall the whole run (index, clusters,
-catalogue, figures, projector included).
+catalogue, figures, projector, atlas included); atlas s is embed.py's own figure for atlas.html and its figures
+(embedding/atlas.py), and its share of the wall time.
 """
 
 import json
@@ -24,6 +25,7 @@ from measuring.results import markdown_table
 WINDOW_SECONDS, STRIDE = 10.0, 2.0
 EMBED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embed.py")
 RATE = re.compile(r"embedded (\d+) samples in ([\d.]+) s: (\d+) samples/s")
+ATLAS = re.compile(r"atlas written in ([\d.]+) s")
 
 
 def linked_days(root, n_days):
@@ -62,7 +64,8 @@ def embed_stage(sizes, checkpoint, root):
     started = time.perf_counter()
     written = make_real_archive(max(n_days), os.path.join(root, "archive"))
     print(f"archive: {written} day files written in {time.perf_counter() - started:.0f} s ({root}/archive)")
-    print(f"{'windows':>10} {'days':>5} {'wall s':>8} {'windows/s':>10} {'peak RSS GB':>12} {'bytes/window':>13}")
+    print(f"{'windows':>10} {'days':>5} {'wall s':>8} {'windows/s':>10} {'peak RSS GB':>12} {'bytes/window':>13} "
+          f"{'atlas s':>8}")  # fmt: skip
     results = []
     for days in n_days:
         output_dir = os.path.join(root, f"out{days}")
@@ -74,8 +77,11 @@ def embed_stage(sizes, checkpoint, root):
                      if os.path.isfile(os.path.join(output_dir, name)))  # fmt: skip
         results.append({"windows": rows, "days": days, "wall_s": wall, "peak_rss": peak, "bytes": stored / rows})
         results[-1]["rate"] = float(found.group(3)) if found else float("nan")
+        atlas = ATLAS.search(output)
+        results[-1]["atlas_s"] = float(atlas.group(1)) if atlas else float("nan")
         r = results[-1]
-        print(f"{rows:>10,} {days:>5} {wall:8.0f} {r['rate']:10.0f} {peak / 1e9:12.2f} {r['bytes']:13.0f}", flush=True)
+        print(f"{rows:>10,} {days:>5} {wall:8.0f} {r['rate']:10.0f} {peak / 1e9:12.2f} {r['bytes']:13.0f} "
+              f"{r['atlas_s']:8.1f}", flush=True)  # fmt: skip
     return {
         "embed_windows": [r["windows"] for r in results],
         "embed_days": [r["days"] for r in results],
@@ -83,18 +89,22 @@ def embed_stage(sizes, checkpoint, root):
         "embed_windows_per_s": [r["rate"] for r in results],
         "embed_peak_rss_bytes": [r["peak_rss"] for r in results],
         "embed_output_bytes_per_window": [r["bytes"] for r in results],
+        "embed_atlas_s": [r["atlas_s"] for r in results],
     }
 
 
 def markdown(f):
     """The results file's body: the table of embed_stage's figures."""
+    atlas = f.get("embed_atlas_s", [float("nan")] * len(f["embed_windows"]))  # results of before the atlas have none
     rows = [
-        (f"{n:,}", days, f"{wall:.0f}", f"{rate:.0f}", f"{peak / 1e9:.2f}", f"{stored:.0f}")
-        for n, days, wall, rate, peak, stored in zip(
+        (f"{n:,}", days, f"{wall:.0f}", f"{rate:.0f}", f"{peak / 1e9:.2f}", f"{stored:.0f}", f"{seconds:.1f}",
+         f"{100 * seconds / wall:.2f} %")
+        for n, days, wall, rate, peak, stored, seconds in zip(
             f["embed_windows"], f["embed_days"], f["embed_wall_s"], f["embed_windows_per_s"],
-            f["embed_peak_rss_bytes"], f["embed_output_bytes_per_window"],
+            f["embed_peak_rss_bytes"], f["embed_output_bytes_per_window"], atlas,
         )
     ]  # fmt: skip
-    header = ["windows", "days", "wall s", "windows/s (embed.py)", "peak RSS GB", "output bytes/window"]
+    header = ["windows", "days", "wall s", "windows/s (embed.py)", "peak RSS GB", "output bytes/window", "atlas s",
+              "atlas share of wall"]  # fmt: skip
     described = f"{WINDOW_SECONDS:g} s windows every {STRIDE:g} s of one real 100 Hz HH instrument (module docstring)"
     return f"{described}\n\n" + markdown_table(header, rows)

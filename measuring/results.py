@@ -57,13 +57,22 @@ def measured():
     return f"{started:%Y-%m-%d %H:%M} UTC, commit {at_start}{written}; written {now:%Y-%m-%d %H:%M} UTC"
 
 
+def script(path):
+    """How the running script is started from the repository root: `bench.py`, or `-m measuring.cluster_methods` for
+    a module of a library folder (run with python -m)."""
+    parts = os.path.normpath(os.path.relpath(os.path.abspath(path), ROOT)).split(os.sep)
+    if len(parts) > 1 and parts[0] != "..":
+        return "-m " + ".".join(parts)[: -len(".py")]
+    return os.path.basename(path)
+
+
 def write_results(path, title, body, device=None):
     """Write results/<file>.md: the title, then when, where and how it was measured, then body (Markdown)."""
     header = (
         f"# {title}\n\n"
         f"- measured: {measured()}\n"
         f"- machine: {machine(device)}\n"
-        f"- command: `python {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}`\n\n"
+        f"- command: `python {' '.join([script(sys.argv[0]), *sys.argv[1:]])}`\n\n"
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: f.write((header + body).encode()))

@@ -19,18 +19,24 @@ def write_run_record(run):
     write_json_atomic(os.path.join(run.run_dir, "skipped_files.json"), run.skips.summary())
 
 
+NO_DATA_RGB = (0.83, 0.83, 0.83)  # figures.NO_DATA ("lightgrey"): bins at and above a recording's Nyquist frequency
+
+
 @torch.no_grad()
 def log_images(model, batch, device, writer, epoch):
-    """Input | reconstruction of the fixed validation samples; rows E, N, Z, low frequencies at the bottom."""
+    """Input | reconstruction of the fixed validation samples; rows E, N, Z, low frequencies at the bottom; the rows
+    at and above each recording's own Nyquist frequency (batch["valid_bins"]) flat grey, as no data."""
     model.eval()
     spectrograms = batch["spectrogram"].float()
     reconstruction = model(model_input(spectrograms, device)).clamp(0, 1).cpu().numpy()
     for k, meta in enumerate(batch["meta"]):
         n_time = int(batch["mask"][k].sum())
         x, r = spectrograms[k, :, :, :n_time].numpy(), reconstruction[k, :, :, :n_time]
-        tile = np.concatenate([np.concatenate([x[c], r[c]], axis=1)[::-1] for c in range(len(x))], axis=0)
+        image = np.array(colormaps["viridis"](np.concatenate([x, r], axis=2))[..., :3])  # (3, F, 2 T, RGB)
+        image[:, batch.get("valid_bins", [x.shape[1]] * len(batch["meta"]))[k] :] = NO_DATA_RGB
+        tile = np.concatenate([component[::-1] for component in image], axis=0)
         file_id = os.path.splitext(os.path.basename(meta["path"]))[0]
-        writer.add_image(f"reconstruction/{k}_{file_id}", colormaps["viridis"](tile)[..., :3], epoch, dataformats="HWC")
+        writer.add_image(f"reconstruction/{k}_{file_id}", tile, epoch, dataformats="HWC")
 
 
 def write_epoch_scalars(writer, epoch, first_step, step_losses, train_loss, val_loss, optimizer, samples_per_s):

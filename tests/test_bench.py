@@ -87,6 +87,7 @@ def test_embed_windows_runs_embed_py_per_n_on_a_real_archive(trained, tmp_path, 
     assert figures["embed_days"] == [1, 2] and figures["embed_windows"] == [24, 48]  # windows cross midnight
     assert all(peak > 100e6 for peak in figures["embed_peak_rss_bytes"])  # torch alone is more
     assert all(rate > 0 for rate in figures["embed_windows_per_s"] + figures["embed_output_bytes_per_window"])
+    assert all(0 < seconds < wall for seconds, wall in zip(figures["embed_atlas_s"], figures["embed_wall_s"]))
     one_day = SeismicSTFTDataset(str(tmp_path / "days1"), window_seconds=10, window_stride=3600)
     assert len(one_day) == 24 and one_day.recordings.instrument.tolist() == ["XX.S000..HH?"]
     x, meta = one_day[23]

@@ -14,6 +14,7 @@ def test_auto_k_keeps_the_size_floor_with_an_outlier():
     sizes = np.bincount(kmeans.predict(features))
     assert sizes.min() >= size_floor(len(features))
     assert description["set_aside"] >= 1 and f"{size_floor(len(features))} rows or more" in description["k_chosen_by"]
+    assert description["set_aside_rows"] == [180]  # the outlier, listed for the atlas
 
 
 def test_size_floor_is_two_percent_or_five():
