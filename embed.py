@@ -347,6 +347,7 @@ def add_label_mix(description, reader, positions, labels, output_dir):
     ami, nmi = adjusted_mutual_info_score(values, clusters), normalized_mutual_info_score(values, clusters)
     description["labels"] = {"name": name, "recordings": len(values), "ami": float(ami), "nmi": float(nmi)}
     write_json_atomic(os.path.join(output_dir, "clusters.json"), description)
+    log.info("the %d clusters against %s (%d recordings): AMI %.3f, NMI %.3f", len(counts), name, len(values), ami, nmi)
 
 
 def build_atlas(reader, dataset, positions, described, summary):
