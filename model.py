@@ -122,8 +122,13 @@ def masked_errors(reconstruction, target, mask, power=2):
     return error.sum(dim=(2, 3)) / valid
 
 
-def masked_mse(reconstruction, target, mask):
-    """MSE over all valid bins of the batch (padding excluded), a scalar."""
+def masked_mse(reconstruction, target, mask, rows=None):
+    """MSE over all valid bins of the batch (padding excluded), a scalar. rows: None, or (B, F) True on the frequency
+    rows of each sample that count (train.py --nyquist_band: those below its recording's own Nyquist frequency)."""
+    if rows is not None:
+        weights = (mask[:, None, None, :] & rows[:, None, :, None]).to(target.dtype)  # (B, 1, F, T)
+        error = (reconstruction - target).pow(2) * weights
+        return error.sum() / (weights.sum() * target.shape[1])
     valid = mask.sum(dim=1).to(target.dtype)  # (B,) valid time bins per sample
     per_sample = masked_errors(reconstruction, target, mask).mean(dim=1)
     return (per_sample * valid).sum() / valid.sum()

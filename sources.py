@@ -17,6 +17,7 @@ subprocesses; the tables go to a dated results file (results.py).
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ SETTINGS = (
     Setting("checkpoint", None, "score this checkpoint (default: train the default recipe on --data_dir first)"),
     Setting("num_epochs", 20, "epochs of the training run (without --checkpoint)", int, check=at_least(1)),
     Setting("cache_dir", None, "spectrogram cache of train.py and embed.py"),
+    Setting("train_flags", "", "more flags of train.py, one string: --train_flags='--seed 1 --nyquist_band'"),
     Setting(
         "poolings", ["readout"], "embed.py --pooling values scored ('readout' or embedding.POOLINGS keys)", nargs="+"
     ),  # fmt: skip
@@ -59,7 +61,8 @@ def trained(args, work_dir):
         return args.checkpoint
     flags = ["--data_dir", args.data_dir, "--num_epochs", args.num_epochs]
     flags += ["--checkpoint_dir", os.path.join(work_dir, "checkpoints"), "--log_dir", os.path.join(work_dir, "logs")]
-    run("train.py", *flags, *(["--cache_dir", args.cache_dir] if args.cache_dir else []))
+    flags += ["--cache_dir", args.cache_dir] if args.cache_dir else []
+    run("train.py", *flags, *shlex.split(args.train_flags))
     runs = sorted(os.listdir(os.path.join(work_dir, "checkpoints")))
     return os.path.join(work_dir, "checkpoints", runs[-1], "best_model.pt")
 

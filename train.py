@@ -105,6 +105,8 @@ SETTINGS = (
             check=(lambda value: 0 <= value < 1, "in [0, 1)"), metavar="MAX", run=True),
     Setting("horizontal_swap", HORIZONTAL_SWAP, "E and N exchanged with probability P (0: off)", float,
             check=(lambda value: 0 <= value <= 1, "in [0, 1]"), metavar="P", run=True),
+    Setting("nyquist_band", False, "loss over each recording's bins below its own Nyquist frequency alone",
+            action=argparse.BooleanOptionalAction, run=True),
     Setting("size_fit", ModelConfig.size_fit, "how a spectrogram meets the layers' stride", choices=SIZE_FITS,
             run=True),
     Setting("arch", DEFAULT_ARCH, f"encoder widths: {ARCH_HELP}", choices=list(ARCHS), run=True),
@@ -359,6 +361,7 @@ def train_one_epoch(run, epoch, check=None):
         learning_rate(run.args, epoch, len(run.train_loader)),
         start_step,
         after_step,
+        nyquist_band(run),
     )
     run.state["in_epoch"] = None
     total, bins, samples = sum_over_processes([a + b for a, b in zip(sums, before)], run.device)
@@ -386,7 +389,7 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 def validate(run):
     """Mean validation loss over all processes; every process then knows every skipped file."""
-    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips)
+    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips, nyquist_band(run))
     total, bins = sum_over_processes(sums, run.device)
     gather_skips(run.skips)
     if not bins:  # every process sees the same sums: all stop together, none waits at a collective
@@ -423,6 +426,13 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
         if run.image_batch["spectrogram"] is not None:
             log_images(run.model, run.image_batch, run.device, run.writer, epoch)
     return improved
+
+
+def nyquist_band(run):
+    """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
+    if not run.args.nyquist_band:
+        return None
+    return lambda metas: [run.stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
 
 
 def save(run, epoch, improved):

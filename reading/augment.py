@@ -102,6 +102,18 @@ def extent(windows, valid):
     return low, torch.where(valid, windows, -np.inf).amax(dim=(2, 3), keepdim=True) - low
 
 
+def within_band(x, mask, n_valid):
+    """train.py --nyquist_band: each sample's rows at and above its own Nyquist frequency (n_valid (B,) rows below it)
+    filled with its last row below, then normalised again over its valid bins, as transform.spectrogram makes them:
+    what an augmentation put there (a tilt, a noise floor) is gone. (B, 3, F, T) -> (B, 3, F, T) and (B, F) rows."""
+    rows = torch.arange(x.shape[2])[None, :] < n_valid[:, None]  # (B, F)
+    if rows.all():
+        return x, rows
+    source = torch.minimum(torch.arange(x.shape[2])[None, :], n_valid[:, None] - 1)  # (B, F): each row's own or edge
+    filled = x.float().gather(2, source[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+    return normalised_again(x.float(), filled, mask), rows
+
+
 def batch_rng(seed, epoch, rank, step):
     """The augmentation draws of one batch (step of an epoch) of one process: the same in a run resumed at any step."""
     return np.random.default_rng([seed, epoch, rank, step])

@@ -40,6 +40,7 @@ BEFORE_FLAG = {
     "spectral_tilt": 0.0,
     "noise_floor": 0.0,
     "horizontal_swap": 0.0,
+    "nyquist_band": False,  # every row in the loss
     "size_fit": "interpolate",  # the seed model's resizing, also in model_config
     "arch": "seed",
     "window_seconds": None,  # one sample per file

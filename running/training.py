@@ -16,6 +16,7 @@ from embedding.poolings import pooled_features
 from embedding.readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
 from embedding.representation import fit_sample
 from model import masked_mse
+from reading.augment import within_band
 from reading.batching import reconstruct
 from reading.waveforms import COMPONENTS
 from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -54,6 +55,7 @@ def train_epoch(
     learning_rate=None,
     start_step=0,
     after_step=None,
+    band=None,
 ):
     """One pass over this process's training files.
 
@@ -63,6 +65,8 @@ def train_epoch(
     start_step: batches of this epoch trained before a resume (the loader leaves them out, see preemption.SkipFirst).
     after_step: None, or called after every batch with (batches of this epoch done, (total, bins, samples) so far,
     step losses so far); it may save, or raise to stop the epoch there.
+    band: None, or the samples' meta -> (B,) rows below each one's own Nyquist frequency (--nyquist_band): only
+    they count in the loss, the others are filled as the transform fills them (augment.within_band).
     Returns ((sum over batches of loss x valid bins, valid bins, samples), per-step losses).
     Losses stay on the device until the epoch ends: reading one waits for the GPU.
     """
@@ -75,10 +79,10 @@ def train_epoch(
             if learning_rate:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step)
-            x, mask = training_batch(batch, augment, step)
-            n_bins = int(mask.sum())  # counted on the CPU copy: no wait for the GPU
+            x, mask, rows = training_batch(batch, augment, step, band)
+            n_bins = valid_bins(mask, rows)  # counted on the CPU copy: no wait for the GPU
             loss = step_loss(
-                model, model_input(x, device), mask.to(device, non_blocking=True), autocast, placeholder=not n_bins
+                model, model_input(x, device), mask.to(device, non_blocking=True), autocast, not n_bins, rows
             )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -108,17 +112,31 @@ def progress_bar(loader, description, start_step=0):
     )
 
 
-def training_batch(batch, augment, step):
-    """(spectrogram, mask) to train on: the batch's, augmented; a placeholder when no file of it could be read."""
+def training_batch(batch, augment, step, band=None):
+    """(spectrogram, mask, rows that count or None) to train on: the batch's, augmented (and with `band`, its rows
+    above each recording's Nyquist frequency filled as the transform fills them); a placeholder when no file of it
+    could be read."""
     if batch["spectrogram"] is None:
-        return placeholder_batch()
+        return (*placeholder_batch(), None)
     x, mask = batch["spectrogram"], batch["mask"]  # (B, 3, F, T), (B, T)
-    return augment(x, mask, step) if augment else (x, mask)
+    x, mask = augment(x, mask, step) if augment else (x, mask)
+    if band is None:
+        return x, mask, None
+    x, rows = within_band(x, mask, torch.tensor(band(batch["meta"])))
+    return x, mask, rows
 
 
-def step_loss(model, x, mask, autocast, placeholder=False):
-    """Masked MSE of the model's reconstruction of x. A placeholder gives a zero loss that still joins DDP's
-    gradient all-reduce, computed in eval mode so that BatchNorm statistics learn nothing from it."""
+def valid_bins(mask, rows=None):
+    """The valid bins of a batch in units of whole time bins (all its rows): padding and, with rows, the rows that do
+    not count left out."""
+    if rows is None:
+        return int(mask.sum())
+    return float((mask[:, None, :] & rows[:, :, None]).sum()) / rows.shape[1]
+
+
+def step_loss(model, x, mask, autocast, placeholder=False, rows=None):
+    """Masked MSE of the model's reconstruction of x (over `rows` alone where given). A placeholder gives a zero loss
+    that still joins DDP's gradient all-reduce, computed in eval mode so that BatchNorm statistics learn nothing."""
     if placeholder:
         model.eval()
     with autocast():
@@ -126,7 +144,7 @@ def step_loss(model, x, mask, autocast, placeholder=False):
     if placeholder:
         model.train()
         return reconstruction.float().sum() * 0.0
-    return masked_mse(reconstruction.float(), x, mask)
+    return masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(x.device))
 
 
 def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=ONE_CYCLE_START, end=ONE_CYCLE_END):
@@ -147,20 +165,23 @@ def learning_rate(args, epoch, steps_per_epoch):
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, skips):
-    """(sum over batches of MSE x valid bins, valid bins) over this process's validation files."""
+def evaluate(model, loader, autocast, device, skips, band=None):
+    """(sum over batches of MSE x valid bins, valid bins) over this process's validation files; with `band` (as in
+    train_epoch), over each recording's rows below its own Nyquist frequency."""
     model.eval()
     total, bins = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in progress_bar(loader, "validation"):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
-        n_bins = int(batch["mask"].sum())
+        n_valid = None if band is None else torch.tensor(band(batch["meta"]))
+        rows = None if band is None else torch.arange(batch["spectrogram"].shape[2])[None] < n_valid[:, None]
+        n_bins = valid_bins(batch["mask"], rows)
         x = model_input(batch["spectrogram"], device)
         mask = batch["mask"].to(device, non_blocking=True)
         with autocast():
             reconstruction = reconstruct(model, x, mask)  # each file at its own length: batch-independent
-        total += masked_mse(reconstruction.float(), x, mask) * n_bins
+        total += masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(device)) * n_bins
         bins += n_bins
     return total, bins
 

@@ -10,6 +10,7 @@ import torch
 from conftest import flags
 
 import train
+from model import masked_mse
 from reading import augment
 from reading.augment import (
     NOMINAL_DECADES,
@@ -254,3 +255,43 @@ def test_interrupted_augmented_one_cycle_run_resumes_exactly(train_dir, tmp_path
     for a, b in zip(straight["history"], resumed["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_within_band_fills_the_rows_above_nyquist_as_the_transform_does():
+    # A real 40 Hz recording's spectrogram: its rows above 20 Hz copy the last below; a tilt changes them, within_band
+    # makes them copies again and normalises as the transform would; a 100 Hz recording in the batch is unchanged.
+    stft = STFTConfig()
+    n_valid = stft.bins_below_nyquist(40.0)
+    rng = np.random.default_rng(0)
+    log_magnitude = rng.normal(size=(2, 3, stft.n_freq, 30))
+    log_magnitude[0, :, n_valid:] = log_magnitude[0, :, n_valid - 1 : n_valid]
+    x = torch.from_numpy(augment.rescale(torch.from_numpy(log_magnitude)).numpy()).float()
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    tilted = x.clone()
+    tilted[0, :, n_valid:] += torch.linspace(0, 3, stft.n_freq - n_valid)[None, :, None]  # beyond the valid range
+    banded, rows = augment.within_band(tilted, mask, torch.tensor([n_valid, stft.n_freq]))
+    assert rows[0].sum() == n_valid and rows[1].all()
+    torch.testing.assert_close(banded[0], x[0])  # the transform's own spectrogram again
+    torch.testing.assert_close(banded[1], tilted[1])
+    untouched, all_rows = augment.within_band(x, mask, torch.tensor([stft.n_freq] * 2))
+    assert untouched is x and all_rows.all()
+
+
+def test_the_band_loss_leaves_the_rows_above_nyquist_out():
+    target = torch.rand(2, 3, 129, 20)
+    reconstruction = target.clone()
+    reconstruction[0, :, 60:] += 1.0  # wrong only where there is no data
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    rows = torch.arange(129)[None] < torch.tensor([60, 129])[:, None]
+    assert masked_mse(reconstruction, target, mask, rows) == 0.0
+    assert masked_mse(reconstruction, target, mask) > 0.1
+    torch.testing.assert_close(masked_mse(reconstruction, target, mask, torch.ones(2, 129, dtype=torch.bool)),
+                               masked_mse(reconstruction, target, mask))  # fmt: skip
+
+
+def test_a_run_with_the_band_trains_on_real_40_and_50_hz_recordings(tmp_path):
+    data_dir = os.path.join(os.path.dirname(__file__), "data", "exotic", "waveforms")
+    run = flags(data_dir=data_dir, num_epochs=1, batch_size=2, num_workers=0, val_split=0.5)
+    summary = train.main(run + flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l") + ["--nyquist_band"])
+    checkpoint = torch.load(os.path.join(summary["run_dir"], "best_model.pt"), weights_only=True)
+    assert checkpoint["args"]["nyquist_band"] is True and np.isfinite(checkpoint["best_val_loss"])
