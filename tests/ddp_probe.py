@@ -45,11 +45,11 @@ def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch
     return result
 
 
-def evaluate(model, loader, autocast, device, skips):
+def evaluate(model, loader, autocast, device, skips, band=None):
     name = f"rank{dist.get_rank()}_epoch{current_epoch[0]}"
     torch.save(clean_state_dict(model.state_dict()), os.path.join(PROBE_DIR, f"{name}_model.pt"))
     paths = []
-    result = original_evaluate(model, recording(loader, paths), autocast, device, skips)
+    result = original_evaluate(model, recording(loader, paths), autocast, device, skips, band)
     write(f"{name}_val.txt", paths)
     return result
 
