@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from embedding.readout import band_rows
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from reading.augment import augmentation
 from reading.file_index import DEFAULT_DATA_DIR
@@ -54,6 +55,7 @@ from running.distributed import (
     sum_over_processes,
     wrap_for_training,
 )
+from running.positives import PairSampler, Positives
 from running.preemption import Preempted, StepCheck, StopSignals
 from running.run_data import build_loaders, load_dataset, plan_run
 from running.run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
@@ -107,6 +109,8 @@ SETTINGS = (
             check=(lambda value: 0 <= value <= 1, "in [0, 1]"), metavar="P", run=True),
     Setting("nyquist_band", False, "loss over each recording's bins below its own Nyquist frequency alone",
             action=argparse.BooleanOptionalAction, run=True),
+    Setting("positive_weight", 0.0, "weight of a contrastive term pairing recordings of one folder, an event at "
+            "several stations (0: off)", float, check=at_least(0), metavar="W", run=True),
     Setting("size_fit", ModelConfig.size_fit, "how a spectrogram meets the layers' stride", choices=SIZE_FITS,
             run=True),
     Setting("arch", DEFAULT_ARCH, f"encoder widths: {ARCH_HELP}", choices=list(ARCHS), run=True),
@@ -149,6 +153,8 @@ def argument_problems(args):
     problems = []
     if args.offset_bins and args.crop_bins != [0, 0]:
         problems.append("--offset_bins must be 0 with --crop_bins (crops vary the length)")
+    if args.positive_weight and args.batch_size % 2:
+        problems.append("--positive_weight needs an even --batch_size (batches of pairs)")
     if args.crop_bins != [0, 0] and not 1 <= args.crop_bins[0] <= args.crop_bins[1]:
         problems.append("--crop_bins must be 0 0 or 1 <= MIN <= MAX")
     try:
@@ -178,7 +184,7 @@ class Run:
     val_groups: list  # what --split_by keeps on the validation side (files, stations, networks, days)
     train_loader: DataLoader
     val_loader: DataLoader
-    sampler: DistributedSampler
+    sampler: DistributedSampler | PairSampler
     model: ConvAutoencoder  # the plain model: its weights go into checkpoints
     forward: torch.nn.Module  # the model, compiled or not: validates
     trained: torch.nn.Module  # forward, wrapped in DDP under torchrun: trains
@@ -361,7 +367,8 @@ def train_one_epoch(run, epoch, check=None):
         learning_rate(run.args, epoch, len(run.train_loader)),
         start_step,
         after_step,
-        nyquist_band(run),
+        band=nyquist_band(run),
+        positives=positives(run),
     )
     run.state["in_epoch"] = None
     total, bins, samples = sum_over_processes([a + b for a, b in zip(sums, before)], run.device)
@@ -433,6 +440,13 @@ def nyquist_band(run):
     if not run.args.nyquist_band:
         return None
     return lambda metas: [run.stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
+
+
+def positives(run):
+    """--positive_weight: the contrastive term on the band the read-out reads; None when off."""
+    if not run.args.positive_weight:
+        return None
+    return Positives(run.args.positive_weight, band_rows(run.stft, run.model.config), run.model.config.stride)
 
 
 def save(run, epoch, improved):
