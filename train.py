@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from embedding.readout import band_rows
 from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from reading.augment import augmentation
 from reading.file_index import DEFAULT_DATA_DIR
@@ -55,7 +54,7 @@ from running.distributed import (
     sum_over_processes,
     wrap_for_training,
 )
-from running.positives import PairSampler, Positives
+from running.positives import PairSampler
 from running.preemption import Preempted, StepCheck, StopSignals
 from running.run_data import build_loaders, load_dataset, plan_run
 from running.run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
@@ -76,6 +75,8 @@ from running.training import (
     evaluate,
     learning_rate,
     mean_loss,
+    nyquist_band,
+    positives,
     store_readout,
     train_epoch,
 )
@@ -367,8 +368,8 @@ def train_one_epoch(run, epoch, check=None):
         learning_rate(run.args, epoch, len(run.train_loader)),
         start_step,
         after_step,
-        band=nyquist_band(run),
-        positives=positives(run),
+        band=nyquist_band(run.args, run.stft),
+        positives=positives(run.args, run.stft, run.model.config),
     )
     run.state["in_epoch"] = None
     total, bins, samples = sum_over_processes([a + b for a, b in zip(sums, before)], run.device)
@@ -396,7 +397,7 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 def validate(run):
     """Mean validation loss over all processes; every process then knows every skipped file."""
-    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips, nyquist_band(run))
+    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips, nyquist_band(run.args, run.stft))
     total, bins = sum_over_processes(sums, run.device)
     gather_skips(run.skips)
     if not bins:  # every process sees the same sums: all stop together, none waits at a collective
@@ -433,20 +434,6 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
         if run.image_batch["spectrogram"] is not None:
             log_images(run.model, run.image_batch, run.device, run.writer, epoch)
     return improved
-
-
-def nyquist_band(run):
-    """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
-    if not run.args.nyquist_band:
-        return None
-    return lambda metas: [run.stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
-
-
-def positives(run):
-    """--positive_weight: the contrastive term on the band the read-out reads; None when off."""
-    if not run.args.positive_weight:
-        return None
-    return Positives(run.args.positive_weight, band_rows(run.stft, run.model.config), run.model.config.stride)
 
 
 def save(run, epoch, improved):

@@ -22,6 +22,7 @@ from reading.waveforms import COMPONENTS
 from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from running.device import model_input
 from running.distributed import is_rank_zero
+from running.positives import Positives
 
 # The default training recipe, train.py's flag defaults (docs/training.md says how it was chosen).
 NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 3e-3, 0.0
@@ -191,6 +192,18 @@ def evaluate(model, loader, autocast, device, skips, band=None):
         total += masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(device)) * n_bins
         bins += n_bins
     return total, bins
+
+
+def nyquist_band(args, stft):
+    """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
+    if not args.nyquist_band:
+        return None
+    return lambda metas: [stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
+
+
+def positives(args, stft, config):
+    """--positive_weight: the contrastive term (running/positives.py) on the band the read-out reads; None when off."""
+    return Positives(args.positive_weight, band_rows(stft, config), config.stride) if args.positive_weight else None
 
 
 def mean_loss(total, bins):

@@ -89,3 +89,10 @@ def test_a_run_with_positives_trains_on_real_events_at_two_stations(tmp_path, mo
     assert checkpoint["args"]["positive_weight"] == 0.5 and np.isfinite(checkpoint["best_val_loss"])
     assert seen and all(len(set(folders)) == 1 for folders in seen)
     assert np.isfinite(checkpoint["history"][0]["train_loss"])
+
+
+def test_a_flat_folder_is_refused_rather_than_collapsed(train_dir, tmp_path, capsys):
+    run = flags(data_dir=train_dir, num_epochs=1, batch_size=2, num_workers=0, positive_weight=0.1)
+    with pytest.raises(SystemExit):
+        train.main(run + flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l"))
+    assert "are in one folder" in capsys.readouterr().err
