@@ -107,8 +107,11 @@ class ConvAutoencoder(nn.Module):
             return output[..., : size[0], : size[1]]
         return F.interpolate(output, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, x):
-        return self.decode(self.encode(x), x.shape[-2:])
+    def forward(self, x, with_latent=False):
+        """The reconstruction of x; with_latent: (reconstruction, latent), one pass (train.py --positive_weight)."""
+        latent = self.encode(x)
+        reconstruction = self.decode(latent, x.shape[-2:])
+        return (reconstruction, latent) if with_latent else reconstruction
 
 
 def masked_errors(reconstruction, target, mask, power=2):

@@ -54,6 +54,7 @@ from running.distributed import (
     sum_over_processes,
     wrap_for_training,
 )
+from running.positives import PairSampler
 from running.preemption import Preempted, StepCheck, StopSignals
 from running.run_data import build_loaders, load_dataset, plan_run
 from running.run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
@@ -74,6 +75,8 @@ from running.training import (
     evaluate,
     learning_rate,
     mean_loss,
+    nyquist_band,
+    positives,
     store_readout,
     train_epoch,
 )
@@ -107,6 +110,8 @@ SETTINGS = (
             check=(lambda value: 0 <= value <= 1, "in [0, 1]"), metavar="P", run=True),
     Setting("nyquist_band", False, "loss over each recording's bins below its own Nyquist frequency alone",
             action=argparse.BooleanOptionalAction, run=True),
+    Setting("positive_weight", 0.0, "weight of a contrastive term pairing recordings of one folder, an event at "
+            "several stations (0: off)", float, check=at_least(0), metavar="W", run=True),
     Setting("size_fit", ModelConfig.size_fit, "how a spectrogram meets the layers' stride", choices=SIZE_FITS,
             run=True),
     Setting("arch", DEFAULT_ARCH, f"encoder widths: {ARCH_HELP}", choices=list(ARCHS), run=True),
@@ -149,6 +154,8 @@ def argument_problems(args):
     problems = []
     if args.offset_bins and args.crop_bins != [0, 0]:
         problems.append("--offset_bins must be 0 with --crop_bins (crops vary the length)")
+    if args.positive_weight and args.batch_size % 2:
+        problems.append("--positive_weight needs an even --batch_size (batches of pairs)")
     if args.crop_bins != [0, 0] and not 1 <= args.crop_bins[0] <= args.crop_bins[1]:
         problems.append("--crop_bins must be 0 0 or 1 <= MIN <= MAX")
     try:
@@ -178,7 +185,7 @@ class Run:
     val_groups: list  # what --split_by keeps on the validation side (files, stations, networks, days)
     train_loader: DataLoader
     val_loader: DataLoader
-    sampler: DistributedSampler
+    sampler: DistributedSampler | PairSampler
     model: ConvAutoencoder  # the plain model: its weights go into checkpoints
     forward: torch.nn.Module  # the model, compiled or not: validates
     trained: torch.nn.Module  # forward, wrapped in DDP under torchrun: trains
@@ -361,7 +368,8 @@ def train_one_epoch(run, epoch, check=None):
         learning_rate(run.args, epoch, len(run.train_loader)),
         start_step,
         after_step,
-        nyquist_band(run),
+        band=nyquist_band(run.args, run.stft),
+        positives=positives(run.args, run.stft, run.model.config),
     )
     run.state["in_epoch"] = None
     total, bins, samples = sum_over_processes([a + b for a, b in zip(sums, before)], run.device)
@@ -389,7 +397,7 @@ def save_in_epoch(run, epoch, step, sums, step_losses):
 
 def validate(run):
     """Mean validation loss over all processes; every process then knows every skipped file."""
-    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips, nyquist_band(run))
+    sums = evaluate(run.forward, run.val_loader, run.autocast, run.device, run.skips, nyquist_band(run.args, run.stft))
     total, bins = sum_over_processes(sums, run.device)
     gather_skips(run.skips)
     if not bins:  # every process sees the same sums: all stop together, none waits at a collective
@@ -426,13 +434,6 @@ def record(run, epoch, train_loss, val_loss, step_losses, samples_per_s):
         if run.image_batch["spectrogram"] is not None:
             log_images(run.model, run.image_batch, run.device, run.writer, epoch)
     return improved
-
-
-def nyquist_band(run):
-    """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
-    if not run.args.nyquist_band:
-        return None
-    return lambda metas: [run.stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
 
 
 def save(run, epoch, improved):

@@ -3,6 +3,7 @@ machine and the command, so that a figure in results/ always says where it came 
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -72,7 +73,7 @@ def write_results(path, title, body, device=None):
         f"# {title}\n\n"
         f"- measured: {measured()}\n"
         f"- machine: {machine(device)}\n"
-        f"- command: `python {' '.join([script(sys.argv[0]), *sys.argv[1:]])}`\n\n"
+        f"- command: `{shlex.join(['python', *script(sys.argv[0]).split(), *sys.argv[1:]])}`\n\n"
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: f.write((header + body).encode()))

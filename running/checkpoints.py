@@ -41,6 +41,7 @@ BEFORE_FLAG = {
     "noise_floor": 0.0,
     "horizontal_swap": 0.0,
     "nyquist_band": False,  # every row in the loss
+    "positive_weight": 0.0,  # no contrastive term
     "size_fit": "interpolate",  # the seed model's resizing, also in model_config
     "arch": "seed",
     "window_seconds": None,  # one sample per file

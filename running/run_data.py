@@ -11,6 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subse
 from reading.recordings import choose_val_groups, in_groups
 from running.device import loader_options
 from running.distributed import from_rank_zero, is_rank_zero, rank_and_world_size, rank_zero_first
+from running.positives import PairSampler, folder_codes
 from running.preemption import SkipFirst
 from running.settings import RunError
 from running.storage import atomic_write
@@ -110,8 +111,27 @@ def build_loaders(dataset, train_indices, val_indices, val_files, args, device):
     # Each validation file exactly once over all processes (DistributedSampler would repeat files to even out).
     val_set = Subset(dataset, val_indices[rank::world_size])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    if args.positive_weight:  # batches of pairs of one event folder (running/positives.py)
+        sampler = pair_sampler(dataset, train_indices, args, world_size, rank)
     common = loader_options(args.batch_size, args.num_workers, device)
     # Batches by index, so that a run resumed in the middle of an epoch leaves out those done (SkipFirst.skip).
     batches = SkipFirst(BatchSampler(sampler, common.pop("batch_size"), drop_last=False))
     train_loader = DataLoader(train_set, batch_sampler=batches, **common)
     return train_loader, DataLoader(val_set, batch_size=args.batch_size, **common), sampler
+
+
+def pair_sampler(dataset, train_indices, args, world_size, rank):
+    """PairSampler of the training samples by folder; a folder holding every sample would make all of them positives
+    of each other (the embedding would collapse to one point), so it stops the run."""
+    codes = folder_codes(dataset.files[dataset.sample_recording[train_indices]])
+    counts = np.bincount(codes)
+    if len(counts) < 2:
+        raise RunError(
+            f"--positive_weight pairs the recordings of one event folder, and all {len(codes)} training samples of "
+            f"{args.data_dir} are in one folder; put each event's recordings in a folder of its own"
+        )
+    log.info(
+        "positives: %d training samples in %d folders (%d with more than one recording, median %g per folder)",
+        *(len(codes), len(counts), int((counts > 1).sum()), float(np.median(counts))),
+    )
+    return PairSampler(codes, world_size, rank, args.seed)

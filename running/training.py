@@ -22,6 +22,7 @@ from reading.waveforms import COMPONENTS
 from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from running.device import model_input
 from running.distributed import is_rank_zero
+from running.positives import Positives
 
 # The default training recipe, train.py's flag defaults (docs/training.md says how it was chosen).
 NUM_EPOCHS, BATCH_SIZE, LR, WEIGHT_DECAY = 120, 8, 3e-3, 0.0
@@ -56,6 +57,7 @@ def train_epoch(
     start_step=0,
     after_step=None,
     band=None,
+    positives=None,
 ):
     """One pass over this process's training files.
 
@@ -67,7 +69,9 @@ def train_epoch(
     step losses so far); it may save, or raise to stop the epoch there.
     band: None, or the samples' meta -> (B,) rows below each one's own Nyquist frequency (--nyquist_band): only
     they count in the loss, the others are filled as the transform fills them (augment.within_band).
-    Returns ((sum over batches of loss x valid bins, valid bins, samples), per-step losses).
+    positives: None, or Positives (--positive_weight): the loss gains its contrastive term on the batch's pairs.
+    Returns ((sum over batches of MSE x valid bins, valid bins, samples), per-step MSEs): the reconstruction's error
+    alone, which validation measures too.
     Losses stay on the device until the epoch ends: reading one waits for the GPU.
     """
     model.train()
@@ -81,19 +85,20 @@ def train_epoch(
                     group["lr"] = learning_rate(step)
             x, mask, rows = training_batch(batch, augment, step, band)
             n_bins = valid_bins(mask, rows)  # counted on the CPU copy: no wait for the GPU
-            loss = step_loss(
-                model, model_input(x, device), mask.to(device, non_blocking=True), autocast, not n_bins, rows
+            pairs = positives.of_batch(batch["meta"]) if positives and n_bins else None
+            loss, mse = step_loss(
+                model, model_input(x, device), mask.to(device, non_blocking=True), autocast, not n_bins, rows, pairs
             )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             if n_bins:
-                total += loss.detach() * n_bins
+                total += mse.detach() * n_bins
                 bins, samples = bins + n_bins, samples + len(batch["meta"])
-                step_losses.append(loss.detach())
+                step_losses.append(mse.detach())
                 if len(step_losses) % PROGRESS_EVERY == 0:
-                    bar.set_postfix(loss=f"{loss.item():.5f}")
+                    bar.set_postfix(loss=f"{mse.item():.5f}")
         if after_step:
             after_step(step + 1, (total, bins, samples), step_losses)
     return (total, bins, samples), step_losses
@@ -134,17 +139,20 @@ def valid_bins(mask, rows=None):
     return float((mask[:, None, :] & rows[:, :, None]).sum()) / rows.shape[1]
 
 
-def step_loss(model, x, mask, autocast, placeholder=False, rows=None):
-    """Masked MSE of the model's reconstruction of x (over `rows` alone where given). A placeholder gives a zero loss
-    that still joins DDP's gradient all-reduce, computed in eval mode so that BatchNorm statistics learn nothing."""
+def step_loss(model, x, mask, autocast, placeholder=False, rows=None, pairs=None):
+    """(loss to train on, masked MSE of the model's reconstruction of x): the MSE over `rows` alone where given, and
+    with `pairs` (Positives.of_batch) plus its contrastive term. A placeholder gives a zero loss that still joins DDP's
+    gradient all-reduce, computed in eval mode so that BatchNorm statistics learn nothing."""
     if placeholder:
         model.eval()
     with autocast():
-        reconstruction = model(x)
+        reconstruction, latent = model(x, with_latent=True)
     if placeholder:
         model.train()
-        return reconstruction.float().sum() * 0.0
-    return masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(x.device))
+        zero = reconstruction.float().sum() * 0.0
+        return zero, zero
+    mse = masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(x.device))
+    return (mse if pairs is None else mse + pairs(latent, mask)), mse
 
 
 def one_cycle(progress, warmup=ONE_CYCLE_WARMUP, start=ONE_CYCLE_START, end=ONE_CYCLE_END):
@@ -184,6 +192,18 @@ def evaluate(model, loader, autocast, device, skips, band=None):
         total += masked_mse(reconstruction.float(), x, mask, None if rows is None else rows.to(device)) * n_bins
         bins += n_bins
     return total, bins
+
+
+def nyquist_band(args, stft):
+    """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
+    if not args.nyquist_band:
+        return None
+    return lambda metas: [stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
+
+
+def positives(args, stft, config):
+    """--positive_weight: the contrastive term (running/positives.py) on the band the read-out reads; None when off."""
+    return Positives(args.positive_weight, band_rows(stft, config), config.stride) if args.positive_weight else None
 
 
 def mean_loss(total, bins):

@@ -35,10 +35,10 @@ def write(name, paths):
         f.write("".join(path + "\n" for path in paths))
 
 
-def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch, *rest):
+def train_epoch(model, loader, optimizer, scaler, autocast, device, skips, epoch, *rest, **keywords):
     paths = []
     result = original_train_epoch(
-        model, recording(loader, paths), optimizer, scaler, autocast, device, skips, epoch, *rest
+        model, recording(loader, paths), optimizer, scaler, autocast, device, skips, epoch, *rest, **keywords
     )
     current_epoch[0] = epoch
     write(f"rank{dist.get_rank()}_epoch{epoch}.txt", paths)

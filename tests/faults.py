@@ -56,7 +56,7 @@ def child(plan, argv):
 
     original_epoch, original_write = train.train_epoch, checkpoints.atomic_write
 
-    def train_epoch(*args):
+    def train_epoch(*args, **kwargs):
         epoch, after = args[7], args[-1]
 
         def after_step(step, sums, losses):
@@ -66,7 +66,7 @@ def child(plan, argv):
                 with open(plan["progress"], "a") as f:
                     f.write(f"{epoch} {step}\n")
 
-        return original_epoch(*args[:-1], after_step)
+        return original_epoch(*args[:-1], after_step, **kwargs)
 
     writes = []
 

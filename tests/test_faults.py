@@ -38,7 +38,7 @@ def stop_at(monkeypatch, global_step, action):
     """train.train_epoch whose after_step calls action() once the run has done `global_step` steps."""
     original = training.train_epoch
 
-    def train_epoch(*args):
+    def train_epoch(*args, **kwargs):
         epoch, after = args[7], args[-1]
 
         def after_step(step, sums, losses):
@@ -46,7 +46,7 @@ def stop_at(monkeypatch, global_step, action):
                 action()
             after(step, sums, losses)
 
-        return original(*args[:-1], after_step)
+        return original(*args[:-1], after_step, **kwargs)
 
     monkeypatch.setattr(train, "train_epoch", train_epoch)
 

@@ -36,7 +36,7 @@ def test_the_settings_that_define_a_run_are_those_a_resume_keeps():
     assert set(train.RUN_KEYS) == {
         *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
         *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
-        *("horizontal_swap", "arch", "window_seconds", "window_stride", "split_by"),
+        *("horizontal_swap", "arch", "window_seconds", "window_stride", "split_by", "nyquist_band", "positive_weight"),
     }
 
 
