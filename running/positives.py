@@ -32,8 +32,12 @@ class PairSampler(Sampler):
     to divide evenly), as DistributedSampler does with samples."""
 
     def __init__(self, codes, num_replicas=1, rank=0, seed=0):
-        self.codes, self.num_replicas, self.rank, self.seed, self.epoch = np.asarray(codes), num_replicas, rank, seed, 0
-        counts = np.bincount(self.codes) if len(self.codes) else np.zeros(0, dtype=int)
+        codes = np.asarray(codes, dtype=np.int64)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        counts = np.bincount(codes) if len(codes) else np.zeros(0, dtype=np.int64)
+        # Each folder's positions, ascending, found once: one sort, not a scan of every sample per folder and epoch.
+        members = np.split(np.argsort(codes, kind="stable"), np.cumsum(counts)[:-1])
+        self.folders = [positions for positions in members if len(positions)]
         self.num_pairs = -(-int(sum(-(-counts // 2))) // num_replicas)  # this process's pairs
 
     def set_epoch(self, epoch):
@@ -43,8 +47,8 @@ class PairSampler(Sampler):
         """(num_pairs, 2) positions of this process's pairs this epoch."""
         rng = np.random.default_rng((self.seed, self.epoch))
         pairs = []
-        for code in np.unique(self.codes):
-            members = rng.permutation(np.flatnonzero(self.codes == code))
+        for positions in self.folders:
+            members = rng.permutation(positions)
             if len(members) % 2:
                 members = np.append(members, rng.choice(members[:-1]) if len(members) > 1 else members[0])
             pairs.append(members.reshape(-1, 2))
