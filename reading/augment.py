@@ -102,11 +102,16 @@ def extent(windows, valid):
     return low, torch.where(valid, windows, -np.inf).amax(dim=(2, 3), keepdim=True) - low
 
 
+def rows_below(n_freq, n_valid):
+    """(B, F) True on each sample's first n_valid (B,) frequency rows: those below its own Nyquist frequency."""
+    return torch.arange(n_freq)[None, :] < n_valid[:, None]
+
+
 def within_band(x, mask, n_valid):
     """train.py --nyquist_band: each sample's rows at and above its own Nyquist frequency (n_valid (B,) rows below it)
     filled with its last row below, then normalised again over its valid bins, as transform.spectrogram makes them:
     what an augmentation put there (a tilt, a noise floor) is gone. (B, 3, F, T) -> (B, 3, F, T) and (B, F) rows."""
-    rows = torch.arange(x.shape[2])[None, :] < n_valid[:, None]  # (B, F)
+    rows = rows_below(x.shape[2], n_valid)  # (B, F)
     if rows.all():
         return x, rows
     source = torch.minimum(torch.arange(x.shape[2])[None, :], n_valid[:, None] - 1)  # (B, F): each row's own or edge

@@ -16,7 +16,7 @@ from embedding.poolings import pooled_features
 from embedding.readout import READOUT_MAX_HZ, READOUT_POOLING, READOUT_SAMPLE, band_rows, fit_readout, window_bins
 from embedding.representation import fit_sample
 from model import masked_mse
-from reading.augment import within_band
+from reading.augment import rows_below, within_band
 from reading.batching import reconstruct
 from reading.waveforms import COMPONENTS
 from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -182,8 +182,7 @@ def evaluate(model, loader, autocast, device, skips, band=None):
         skips.add_batch(batch["skipped"])
         if batch["spectrogram"] is None:
             continue
-        n_valid = None if band is None else torch.tensor(band(batch["meta"]))
-        rows = None if band is None else torch.arange(batch["spectrogram"].shape[2])[None] < n_valid[:, None]
+        rows = None if band is None else rows_below(batch["spectrogram"].shape[2], torch.tensor(band(batch["meta"])))
         n_bins = valid_bins(batch["mask"], rows)
         x = model_input(batch["spectrogram"], device)
         mask = batch["mask"].to(device, non_blocking=True)
