@@ -32,7 +32,7 @@ from model import ARCHS, DEFAULT_ARCH, SIZE_FITS, ConvAutoencoder, ModelConfig
 from reading.augment import augmentation
 from reading.file_index import DEFAULT_DATA_DIR
 from reading.recordings import SPLITS, window_problems
-from reading.transform import STFTConfig
+from reading.transform import NORMALISATIONS, STFTConfig
 from reading.waveforms import DEFAULT_FAMILIES, MINISEED_EXTENSIONS
 from running.checkpoints import (
     checkpoint_dict,
@@ -127,6 +127,8 @@ SETTINGS = (
     Setting("nperseg", STFT.nperseg, "STFT window length in samples at 100 Hz", int, run=True),
     Setting("noverlap", STFT.noverlap, "STFT window overlap in samples", int, run=True),
     Setting("nfft", STFT.nfft, "STFT FFT length (nfft // 2 + 1 frequency bins)", int, run=True),
+    Setting("normalisation", STFT.normalisation, "how log10 |STFT| is brought to [0, 1]: min-max per component, or "
+            "background-db (each frequency row over its median in time, dB)", choices=tuple(NORMALISATIONS), run=True),
     Setting("checkpoint_dir", "checkpoints", "parent directory of the run's checkpoint folder"),
     Setting("log_dir", "logs", "parent directory of the run's TensorBoard folder", run=True),
     Setting("save_every", 5, "write checkpoint_epoch_N.pt every this many epochs", int, check=at_least(1)),
@@ -166,7 +168,7 @@ def argument_problems(args):
 
 
 def stft_config(args):
-    return STFTConfig(nperseg=args.nperseg, noverlap=args.noverlap, nfft=args.nfft)
+    return STFTConfig(nperseg=args.nperseg, noverlap=args.noverlap, nfft=args.nfft, normalisation=args.normalisation)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def pooled_features(model, dataset, positions, batch_size, device, pooling, crop
         n_time = int(mask.sum(dim=1).min())  # one length: the batch sampler groups by it
         length, stride = crop_bins or (n_time + 1, 1)
         for start in range(0, n_time - length + 1, stride):
-            window = rescale(x[..., start : start + length])
+            window = rescale(x[..., start : start + length], None, dataset.stft.normalisation)
             full = torch.ones(len(window), length, dtype=torch.bool, device=window.device)
             found.append(pooled_batch(model, window, full, pooling, rows))
     return np.concatenate(found)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from reading.transform import DEAD_RELATIVE_LEVEL, NORMALISATION
+from reading.transform import DEAD_RELATIVE_LEVEL, NORMALISATIONS
 from reading.waveforms import MAX_GAP_SECONDS
 from running.storage import atomic_write, write_json_atomic
 
@@ -50,11 +50,12 @@ def cache_key(dataset):
         "cache_version": CACHE_VERSION,
         "data_dir": os.path.abspath(dataset.data_dir),
         "families": sorted(dataset.families),
-        "stft": asdict(dataset.stft),
+        # the normalisation has its own entry: caches made before STFTConfig had the field keep their key
+        "stft": {k: v for k, v in asdict(dataset.stft).items() if k != "normalisation"},
         "window_seconds": dataset.window_seconds,
         "max_gap_seconds": MAX_GAP_SECONDS,
         "dead_relative_level": DEAD_RELATIVE_LEVEL,
-        "normalisation": NORMALISATION,
+        "normalisation": NORMALISATIONS[dataset.stft.normalisation],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 

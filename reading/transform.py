@@ -11,7 +11,12 @@ import scipy.signal
 
 # Below one count in an int32 full scale (1 / 2**31 > 1e-10), so any real variation of integer data counts as alive.
 DEAD_RELATIVE_LEVEL = 1e-10
-NORMALISATION = "log10 |STFT|, min-max per component"
+# STFTConfig.normalisation -> what it is (written in every spectrogram cache's settings.json)
+NORMALISATIONS = {
+    "min-max": "log10 |STFT|, min-max per component",
+    "background-db": "log10 |STFT| over each frequency row's median in time, -10 to +50 dB, per component",
+}
+BACKGROUND_DB = (-10.0, 50.0)  # background-db: decibels over a row's time median mapped to 0 and 1 (clipped)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class STFTConfig:
     noverlap: int = 192  # samples shared by neighbouring windows (hop 64 samples = 0.64 s)
     nfft: int = 256  # FFT length: nfft // 2 + 1 frequency bins, 0 to sampling_rate / 2
     eps: float = 1e-10  # added to |STFT| before log10 so that silent bins stay finite
+    normalisation: str = "min-max"  # NORMALISATIONS key: how log10 |STFT| is brought to [0, 1]
 
     def __post_init__(self):
         if not 0 <= self.noverlap < self.nperseg:
@@ -31,6 +37,8 @@ class STFTConfig:
             raise ValueError(f"need nfft >= nperseg, got nfft={self.nfft}, nperseg={self.nperseg}")
         if self.sampling_rate <= 0 or self.eps <= 0:
             raise ValueError("sampling_rate and eps must be positive")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {self.normalisation!r}")
 
     @property
     def hop(self):
@@ -61,10 +69,22 @@ class STFTConfig:
         return freqs, times
 
 
+def background_level(log_magnitude):
+    """background-db: log10 |STFT| (..., F, T) -> (..., F, 1), each frequency row's median over time: the level of
+    what the station records most of the time at that frequency (its noise, its instrument's response). The lower
+    median (of an even count, the smaller middle value), as torch.nanmedian takes it when augment.rescale sets a
+    window over its median again."""
+    middle = (log_magnitude.shape[-1] - 1) // 2
+    return np.partition(log_magnitude, middle, axis=-1)[..., middle : middle + 1]
+
+
 def spectrogram(waveform, stft, native_rate=None):
     """(3, n_samples) waveform -> (3, n_freq, n_time) float32 in [0, 1].
 
-    Demean, |scipy.signal.stft|, log10(. + eps), then min-max per component. A constant
+    Demean, |scipy.signal.stft|, log10(. + eps), then per component either min-max ("min-max") or, for
+    "background-db", each frequency row over its own median in time (SpecUFEx divides by the median), in decibels
+    from BACKGROUND_DB[0] (0) to BACKGROUND_DB[1] (1), clipped: a station's noise floor and its instrument's response,
+    constant in time, no longer tell recordings apart, what rises above them does. A constant
     (dead) component, also one constant only up to float rounding, becomes all zeros, never NaN.
     native_rate: the recording's own sampling rate (Hz) before resampling; bins at and above its Nyquist frequency
     (20 Hz for a 40 Hz BH trace) hold no data: they take no part in the min-max and repeat the last bin below it.
@@ -79,8 +99,12 @@ def spectrogram(waveform, stft, native_rate=None):
     log_magnitude = np.log10(np.abs(coefficients) + stft.eps)  # (3, freq, time)
     n_valid = stft.bins_below_nyquist(native_rate)
     log_magnitude[:, n_valid:] = log_magnitude[:, n_valid - 1 : n_valid]  # no data: the edge of the data repeated
-    low = log_magnitude.min(axis=(1, 2), keepdims=True)
-    span = log_magnitude.max(axis=(1, 2), keepdims=True) - low
-    scaled = (log_magnitude - low) / np.where(span > 0, span, 1.0)
+    if stft.normalisation == "background-db":
+        low, high = (db / 20.0 for db in BACKGROUND_DB)  # decibels of amplitude -> log10 units
+        scaled = np.clip((log_magnitude - background_level(log_magnitude) - low) / (high - low), 0.0, 1.0)
+    else:
+        low = log_magnitude.min(axis=(1, 2), keepdims=True)
+        span = log_magnitude.max(axis=(1, 2), keepdims=True) - low
+        scaled = (log_magnitude - low) / np.where(span > 0, span, 1.0)
     scaled[dead] = 0.0
     return scaled.astype(np.float32)

@@ -8,6 +8,7 @@ that the mean over processes and batches of different lengths is exact (see dist
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from embedding.representation import fit_sample
 from model import masked_mse
 from reading.augment import rows_below, within_band
 from reading.batching import reconstruct
+from reading.transform import STFTConfig
 from reading.waveforms import COMPONENTS
 from running.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from running.device import model_input
@@ -127,7 +129,7 @@ def training_batch(batch, augment, step, band=None):
     x, mask = augment(x, mask, step) if augment else (x, mask)
     if band is None:
         return x, mask, None
-    x, rows = within_band(x, mask, torch.tensor(band(batch["meta"])))
+    x, rows = within_band(x, mask, torch.tensor(band(batch["meta"])), band.stft.normalisation)
     return x, mask, rows
 
 
@@ -195,9 +197,17 @@ def evaluate(model, loader, autocast, device, skips, band=None):
 
 def nyquist_band(args, stft):
     """--nyquist_band: the samples' meta -> the rows below each one's own Nyquist frequency; None when off."""
-    if not args.nyquist_band:
-        return None
-    return lambda metas: [stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
+    return NyquistBand(stft) if args.nyquist_band else None
+
+
+@dataclass(frozen=True)
+class NyquistBand:
+    """--nyquist_band of the transform `stft`: the samples' meta -> the rows below each one's own Nyquist frequency."""
+
+    stft: STFTConfig
+
+    def __call__(self, metas):
+        return [self.stft.bins_below_nyquist(meta["native_rate"]) for meta in metas]
 
 
 def positives(args, stft, config):
