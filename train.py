@@ -127,8 +127,8 @@ SETTINGS = (
     Setting("nperseg", STFT.nperseg, "STFT window length in samples at 100 Hz", int, run=True),
     Setting("noverlap", STFT.noverlap, "STFT window overlap in samples", int, run=True),
     Setting("nfft", STFT.nfft, "STFT FFT length (nfft // 2 + 1 frequency bins)", int, run=True),
-    Setting("normalisation", STFT.normalisation, "how log10 |STFT| is brought to [0, 1]: min-max per component, or "
-            "background-db (each frequency row over its median in time, dB)", choices=tuple(NORMALISATIONS), run=True),
+    Setting("normalisation", STFT.normalisation, "log10 |STFT| to [0, 1]: min-max, or each row over its median in dB",
+            choices=tuple(NORMALISATIONS), run=True),
     Setting("checkpoint_dir", "checkpoints", "parent directory of the run's checkpoint folder"),
     Setting("log_dir", "logs", "parent directory of the run's TensorBoard folder", run=True),
     Setting("save_every", 5, "write checkpoint_epoch_N.pt every this many epochs", int, check=at_least(1)),

@@ -37,6 +37,7 @@ def test_the_settings_that_define_a_run_are_those_a_resume_keeps():
         *("channels", "extensions", "val_split", "seed", "nperseg", "noverlap", "nfft", "batch_size", "lr", "log_dir"),
         *("lr_schedule", "crop_bins", "offset_bins", "weight_decay", "spectral_tilt", "noise_floor", "size_fit"),
         *("horizontal_swap", "arch", "window_seconds", "window_stride", "split_by", "nyquist_band", "positive_weight"),
+        "normalisation",
     }
 
 
@@ -44,6 +45,7 @@ def test_stft_defaults_come_from_stft_config(capsys):
     _, args = train.parse_args([])
     stft = STFTConfig()
     assert (args.nperseg, args.noverlap, args.nfft) == (stft.nperseg, stft.noverlap, stft.nfft)
+    assert args.normalisation == stft.normalisation == "min-max"
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     assert "(default: 256)" in " ".join(capsys.readouterr().out.split())
