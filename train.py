@@ -56,7 +56,7 @@ from running.distributed import (
 )
 from running.positives import PairSampler
 from running.preemption import Preempted, StepCheck, StopSignals
-from running.run_data import build_loaders, load_dataset, plan_run
+from running.run_data import build_loaders, load_dataset, plan_run, record_split
 from running.run_records import log_hparams, log_images, report, write_epoch_scalars, write_run_record
 from running.settings import POSITIVE, RunError, Setting, at_least, device_setting, parse, run_keys
 from running.storage import probe_writable
@@ -207,6 +207,7 @@ def prepare(args, checkpoint, device):
     dataset = load_dataset(args, stft, skips)
     run_name, run_dir, train_indices, val_indices, val_files, val_groups = plan_run(args, checkpoint, dataset)
     train_loader, val_loader, sampler = build_loaders(dataset, train_indices, val_indices, val_files, args, device)
+    record_split(run_dir, val_files)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = ConvAutoencoder(ModelConfig(features=ARCHS[args.arch], size_fit=args.size_fit)).to(

@@ -79,7 +79,8 @@ def load_dataset(args, stft, skips):
 
 
 def plan_run(args, checkpoint, dataset):
-    """Run name, run folder and split: new, or the checkpoint's (groups added since then go to training).
+    """Run name, run folder and split: new, or the checkpoint's (groups added since then go to training); nothing is
+    written (record_split writes the folder).
 
     Returns run name, run folder, train and validation sample indices, validation files, validation groups.
     """
@@ -92,12 +93,16 @@ def plan_run(args, checkpoint, dataset):
     val_files = set(dataset.files[dataset.sample_recording[val_indices]].tolist())
     if checkpoint:
         val_files |= set(checkpoint["val_files"])  # files gone since stay on record
-    val_files = sorted(val_files)
+    return run_name, run_dir, train_indices, val_indices, sorted(val_files), val_groups
+
+
+def record_split(run_dir, val_files):
+    """The run folder and its val_files.txt (rank 0): written once the run is known to start, so that a run refused
+    while it is prepared leaves no folder behind."""
     if is_rank_zero():
         os.makedirs(run_dir, exist_ok=True)
         text = "".join(name + "\n" for name in val_files)
         atomic_write(os.path.join(run_dir, "val_files.txt"), lambda f: f.write(text.encode()))
-    return run_name, run_dir, train_indices, val_indices, val_files, val_groups
 
 
 def build_loaders(dataset, train_indices, val_indices, val_files, args, device):

@@ -91,8 +91,9 @@ def test_a_run_with_positives_trains_on_real_events_at_two_stations(tmp_path, mo
     assert np.isfinite(checkpoint["history"][0]["train_loss"])
 
 
-def test_a_flat_folder_is_refused_rather_than_collapsed(train_dir, tmp_path, capsys):
+def test_a_flat_folder_is_refused_rather_than_collapsed_and_leaves_no_run_folder(train_dir, tmp_path, capsys):
     run = flags(data_dir=train_dir, num_epochs=1, batch_size=2, num_workers=0, positive_weight=0.1)
     with pytest.raises(SystemExit):
         train.main(run + flags(checkpoint_dir=tmp_path / "c", log_dir=tmp_path / "l"))
     assert "are in one folder" in capsys.readouterr().err
+    assert not any((tmp_path / "c").glob("*")), "a refused run leaves no run folder behind"
