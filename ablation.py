@@ -78,8 +78,8 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "arch wide": ["--arch", "wide"],
     "windows 10 s (every 5 s, 30 epochs)": WINDOWS_10S,  # train on the length embedded (issue 21)
     "windows 10 s, seed 1 (every 5 s, 30 epochs)": [*WINDOWS_10S, "--seed", "1"],
-    "background-db": ["--normalisation", "background-db"],  # each row over its median in time (issue 37)
-    "background-db, seed 1": ["--normalisation", "background-db", "--seed", "1"],
+    "min-max (the default before 2026-12-08)": ["--normalisation", "min-max"],  # issue 37: background-db since
+    "min-max, seed 1": ["--normalisation", "min-max", "--seed", "1"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
 GROUPS = ("all", *CUTS)  # every held-out file, and every one cut shorter

@@ -23,9 +23,10 @@ before they existed.
 import numpy as np
 import torch
 
-from reading.transform import BACKGROUND_DB
+from reading.transform import BACKGROUND_DB, STFTConfig
 
 NOMINAL_DECADES = 6.5  # log10 range of a component's |STFT| taken for the noise floor: the shipped files' median
+DEFAULT = STFTConfig.normalisation  # the normalisation of a spectrogram when none is named
 BACKGROUND_LEVEL = -BACKGROUND_DB[0] / (BACKGROUND_DB[1] - BACKGROUND_DB[0])  # background-db: where a row's median is
 
 
@@ -34,7 +35,7 @@ def decades(normalisation):
     return NOMINAL_DECADES if normalisation == "min-max" else (BACKGROUND_DB[1] - BACKGROUND_DB[0]) / 20.0
 
 
-def random_time_crop(spectrogram, mask, rng, min_bins, max_bins, normalisation="min-max"):
+def random_time_crop(spectrogram, mask, rng, min_bins, max_bins, normalisation=DEFAULT):
     """(B, 3, F, T) padded batch, (B, T) mask -> (B, 3, F, L) batch and its all-True (B, L) mask.
 
     L is drawn uniformly in [min_bins, max_bins], at most the shortest sample's valid length; each
@@ -48,13 +49,13 @@ def random_time_crop(spectrogram, mask, rng, min_bins, max_bins, normalisation="
     return rescale(windows, None, normalisation), torch.ones(len(starts), n_bins, dtype=torch.bool)
 
 
-def random_time_offset(spectrogram, mask, rng, max_offset, normalisation="min-max"):
+def random_time_offset(spectrogram, mask, rng, max_offset, normalisation=DEFAULT):
     """random_time_crop to L - k bins, k drawn uniformly in [0, max_offset], L the batch's shortest valid length."""
     shortest = int(mask.sum(dim=1).min())
     return random_time_crop(spectrogram, mask, rng, max(1, shortest - max_offset), shortest, normalisation)
 
 
-def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs, normalisation="min-max"):
+def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs, normalisation=DEFAULT):
     """(B, 3, F, T) padded batch -> the batch with each sample's log-magnitude tilted by t * log10(f), normalised
     again; mask unchanged.
 
@@ -70,7 +71,7 @@ def random_spectral_tilt(spectrogram, mask, rng, max_tilt, freqs, normalisation=
     return normalised_again(x, changed, mask, normalisation), mask
 
 
-def random_noise_floor(spectrogram, mask, rng, max_floor, normalisation="min-max"):
+def random_noise_floor(spectrogram, mask, rng, max_floor, normalisation=DEFAULT):
     """(B, 3, F, T) padded batch -> the batch with noise power at a level f added to every bin, normalised again;
     mask unchanged.
 
@@ -92,7 +93,7 @@ def random_horizontal_swap(spectrogram, mask, rng, probability):
     return torch.where(swapped, spectrogram[:, [1, 0, 2]], spectrogram), mask
 
 
-def normalised_again(x, changed, mask, normalisation="min-max"):
+def normalised_again(x, changed, mask, normalisation=DEFAULT):
     """`changed` (a bin-wise change of the padded batch x) normalised again per sample and component over the
     valid bins of mask (B, T); components dead in x and padding stay zeros."""
     valid = mask[:, None, None, :]  # (B, 1, 1, T)
@@ -100,7 +101,7 @@ def normalised_again(x, changed, mask, normalisation="min-max"):
     return torch.where(alive & valid, rescale(changed, valid, normalisation), 0.0)
 
 
-def rescale(windows, valid=None, normalisation="min-max"):
+def rescale(windows, valid=None, normalisation=DEFAULT):
     """To [0, 1] per sample and component over the valid bins (a (B, 1, 1, T) mask; default all), as the transform
     (transform.NORMALISATIONS): min-max over (freq, time), or, for background-db, each row set over its median in
     time again (units stay decibels / the range); a constant component becomes zeros."""
@@ -123,7 +124,7 @@ def rows_below(n_freq, n_valid):
     return torch.arange(n_freq)[None, :] < n_valid[:, None]
 
 
-def within_band(x, mask, n_valid, normalisation="min-max"):
+def within_band(x, mask, n_valid, normalisation=DEFAULT):
     """train.py --nyquist_band: each sample's rows at and above its own Nyquist frequency (n_valid (B,) rows below it)
     filled with its last row below, then normalised again over its valid bins, as transform.spectrogram makes them:
     what an augmentation put there (a tilt, a noise floor) is gone. (B, 3, F, T) -> (B, 3, F, T) and (B, F) rows."""

@@ -28,7 +28,7 @@ class STFTConfig:
     noverlap: int = 192  # samples shared by neighbouring windows (hop 64 samples = 0.64 s)
     nfft: int = 256  # FFT length: nfft // 2 + 1 frequency bins, 0 to sampling_rate / 2
     eps: float = 1e-10  # added to |STFT| before log10 so that silent bins stay finite
-    normalisation: str = "min-max"  # NORMALISATIONS key: how log10 |STFT| is brought to [0, 1]
+    normalisation: str = "background-db"  # NORMALISATIONS key: how log10 |STFT| is brought to [0, 1]
 
     def __post_init__(self):
         if not 0 <= self.noverlap < self.nperseg:

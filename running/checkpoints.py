@@ -46,6 +46,7 @@ BEFORE_FLAG = {
     "arch": "seed",
     "window_seconds": None,  # one sample per file
     "window_stride": None,
+    "normalisation": "min-max",  # also in stft_config: log10 |STFT| min-max per component
 }
 
 
@@ -100,6 +101,7 @@ def filled_in(checkpoint):
         **checkpoint,
         "args": {**BEFORE_FLAG, **checkpoint.get("args", {})},
         "model_config": {"size_fit": BEFORE_FLAG["size_fit"], **checkpoint["model_config"]},
+        "stft_config": {"normalisation": BEFORE_FLAG["normalisation"], **checkpoint.get("stft_config", {})},
         "val_files": val_files,
         "val_groups": checkpoint.get("val_groups", val_files),
     }

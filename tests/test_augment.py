@@ -43,7 +43,9 @@ def normalised(window):
 
 def test_crop_is_a_window_of_each_sample_normalised_again(real_dir):
     batch = real_batch(real_dir, [142, 120, 90])
-    x, mask = random_time_crop(batch["spectrogram"], batch["mask"], np.random.default_rng(3), 40, 142)
+    x, mask = random_time_crop(
+        batch["spectrogram"], batch["mask"], np.random.default_rng(3), 40, 142, normalisation="min-max"
+    )
     n_bins = x.shape[-1]
     assert 40 <= n_bins <= 90 and mask.shape == (3, n_bins) and mask.all()  # no longer than the shortest sample
     for k, n_valid in enumerate(batch["mask"].sum(dim=1).tolist()):
@@ -82,7 +84,9 @@ def test_offset_drops_up_to_max_bins_of_the_shortest_sample_as_a_crop(real_dir):
 
 def test_tilt_adds_a_response_in_log_frequency_then_normalises_again(real_dir):
     batch = real_batch(real_dir, [142, 120, 90])
-    x, mask = random_spectral_tilt(batch["spectrogram"], batch["mask"], np.random.default_rng(5), 0.3, FREQS)
+    x, mask = random_spectral_tilt(
+        batch["spectrogram"], batch["mask"], np.random.default_rng(5), 0.3, FREQS, normalisation="min-max"
+    )
     tilts = np.random.default_rng(5).uniform(-0.3, 0.3, size=3)
     response = np.log10(np.r_[FREQS[1], FREQS[1:]])[None, :, None]  # (1, F, 1): 0 Hz takes the 0.39 Hz gain
     assert torch.equal(mask, batch["mask"])
@@ -100,16 +104,18 @@ def test_tilt_draws_repeat_for_a_seed_and_keep_dead_components_zero():
     x = torch.rand(4, 3, 129, 60)
     x[2, 0] = 0.0
     mask = torch.ones(4, 60, dtype=torch.bool)
-    first, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS)
-    again, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS)
-    other, _ = random_spectral_tilt(x, mask, batch_rng(42, 2, 0, 3), 0.15, FREQS)
+    first, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS, normalisation="min-max")
+    again, _ = random_spectral_tilt(x, mask, batch_rng(42, 1, 0, 3), 0.15, FREQS, normalisation="min-max")
+    other, _ = random_spectral_tilt(x, mask, batch_rng(42, 2, 0, 3), 0.15, FREQS, normalisation="min-max")
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert (first[2, 0] == 0).all() and torch.isfinite(first).all() and first[2, 1].max() == 1.0
 
 
 def test_noise_floor_adds_power_at_a_random_level_then_normalises_again(real_dir):
     batch = real_batch(real_dir, [142, 120, 90])
-    x, mask = random_noise_floor(batch["spectrogram"], batch["mask"], np.random.default_rng(7), 0.5)
+    x, mask = random_noise_floor(
+        batch["spectrogram"], batch["mask"], np.random.default_rng(7), 0.5, normalisation="min-max"
+    )
     floors = np.random.default_rng(7).uniform(0.0, 0.5, size=3)
     assert torch.equal(mask, batch["mask"])
     decades, lifted = 2 * NOMINAL_DECADES, []  # decades of power
@@ -127,9 +133,9 @@ def test_noise_floor_draws_repeat_for_a_seed_and_keep_dead_components_zero():
     x = torch.rand(4, 3, 129, 60)
     x[1, 2] = 0.0
     mask = torch.ones(4, 60, dtype=torch.bool)
-    first, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5)
-    again, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5)
-    other, _ = random_noise_floor(x, mask, batch_rng(42, 2, 0, 3), 0.5)
+    first, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5, normalisation="min-max")
+    again, _ = random_noise_floor(x, mask, batch_rng(42, 1, 0, 3), 0.5, normalisation="min-max")
+    other, _ = random_noise_floor(x, mask, batch_rng(42, 2, 0, 3), 0.5, normalisation="min-max")
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert (first[1, 2] == 0).all() and torch.isfinite(first).all() and first[1, 1].max() == 1.0
 

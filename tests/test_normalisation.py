@@ -1,8 +1,10 @@
-"""train.py --normalisation background-db: each frequency row over its own median in time, in decibels
+"""The default input, --normalisation background-db: each frequency row over its own median in time, in decibels
 (transform.spectrogram), and the augmentations that normalise again doing the same (augment.rescale).
 
 Real recordings: the shipped KNW file and its copy as an accelerometer would record it (differentiated).
 """
+
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ from reading import augment
 from reading.augment import BACKGROUND_LEVEL, random_noise_floor, random_spectral_tilt, rescale
 from reading.spectrogram_cache import cache_key
 from reading.transform import STFTConfig, spectrogram
+from running.checkpoints import filled_in
 from stft_dataset import SeismicSTFTDataset
 
-BACKGROUND = STFTConfig(normalisation="background-db")
+BACKGROUND = STFTConfig()  # the default
+MIN_MAX = STFTConfig(normalisation="min-max")
 
 
 def real_waveform():
@@ -37,7 +41,7 @@ def test_an_instruments_response_changes_min_max_and_hardly_background_db():
     velocity = real_waveform()
     acceleration = np.gradient(velocity, axis=-1) * 100.0
     change = {}
-    for stft in (STFTConfig(), BACKGROUND):
+    for stft in (MIN_MAX, BACKGROUND):
         change[stft.normalisation] = np.abs(spectrogram(velocity, stft) - spectrogram(acceleration, stft)).mean()
     assert change["background-db"] < 0.25 * change["min-max"], change
 
@@ -75,12 +79,20 @@ def test_an_unknown_normalisation_is_refused():
 
 
 def test_the_cache_keeps_its_key_for_min_max_and_makes_another_for_background_db(real_dir, tmp_path):
-    minmax = SeismicSTFTDataset(real_dir, index_path=tmp_path / "index.json")
-    background = SeismicSTFTDataset(real_dir, stft=BACKGROUND, index_path=tmp_path / "index.json")
+    minmax = SeismicSTFTDataset(real_dir, stft=MIN_MAX, index_path=tmp_path / "index.json")
+    background = SeismicSTFTDataset(real_dir, index_path=tmp_path / "index.json")
     (key, settings), (other, other_settings) = cache_key(minmax), cache_key(background)
     assert "normalisation" not in settings["stft"]  # caches made before the setting keep their key
     assert settings["normalisation"] == "log10 |STFT|, min-max per component"
     assert key != other and other_settings["normalisation"].startswith("log10 |STFT| over each frequency row")
+
+
+def test_a_checkpoint_written_before_the_setting_reads_and_resumes_as_min_max():
+    old = {"model_state": {}, "model_config": {}, "stft_config": asdict(MIN_MAX), "args": {"seed": 42}}
+    del old["stft_config"]["normalisation"]
+    checkpoint = filled_in(old)
+    assert checkpoint["stft_config"]["normalisation"] == checkpoint["args"]["normalisation"] == "min-max"
+    assert STFTConfig(**checkpoint["stft_config"]) == MIN_MAX
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_stft_defaults_come_from_stft_config(capsys):
     _, args = train.parse_args([])
     stft = STFTConfig()
     assert (args.nperseg, args.noverlap, args.nfft) == (stft.nperseg, stft.noverlap, stft.nfft)
-    assert args.normalisation == stft.normalisation == "min-max"
+    assert args.normalisation == stft.normalisation == "background-db"
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     assert "(default: 256)" in " ".join(capsys.readouterr().out.split())

@@ -11,9 +11,11 @@ from waveform_files import real_stream, reference_spectrogram, scipy_n_time, spe
 from reading.transform import STFTConfig, spectrogram
 
 
-def test_spectrogram_equals_direct_scipy_stft_on_real_waveform():
+@pytest.mark.parametrize("normalisation", ["background-db", "min-max"])
+def test_spectrogram_equals_direct_scipy_stft_on_real_waveform(normalisation):
     waveform = np.stack([trace.data for trace in real_stream()]).astype(np.float64)  # E, N, Z
-    np.testing.assert_allclose(spectrogram(waveform, STFTConfig()), reference_spectrogram(waveform), atol=1e-6)
+    result = spectrogram(waveform, STFTConfig(normalisation=normalisation))
+    np.testing.assert_allclose(result, reference_spectrogram(waveform, normalisation=normalisation), atol=1e-6)
 
 
 def test_spectrogram_equals_scipy_with_other_settings():

@@ -44,16 +44,24 @@ def scipy_n_time(n_samples, nperseg=256, noverlap=192, nfft=256):
     return scipy.signal.stft(np.zeros(n_samples), nperseg=nperseg, noverlap=noverlap, nfft=nfft)[2].shape[-1]
 
 
-def reference_spectrogram(waveform, fs=100.0, nperseg=256, noverlap=192, nfft=256, eps=1e-10):
-    """The documented transform written out independently, one component at a time."""
+def reference_spectrogram(
+    waveform, fs=100.0, nperseg=256, noverlap=192, nfft=256, eps=1e-10, normalisation=STFTConfig.normalisation
+):
+    """The documented transform written out independently, one component at a time: min-max over the component, or
+    (background-db) decibels of amplitude over each row's lower median in time, -10 dB -> 0 and +50 dB -> 1, clipped."""
     components = []
     for component in waveform:
         _, _, coefficients = scipy.signal.stft(
             component - component.mean(), fs=fs, nperseg=nperseg, noverlap=noverlap, nfft=nfft
         )
         log_magnitude = np.log10(np.abs(coefficients) + eps)
-        low, high = log_magnitude.min(), log_magnitude.max()
-        components.append((log_magnitude - low) / (high - low))
+        if normalisation == "min-max":
+            low, high = log_magnitude.min(), log_magnitude.max()
+            components.append((log_magnitude - low) / (high - low))
+        else:
+            decibels = 20 * log_magnitude
+            median = np.sort(decibels, axis=-1)[:, (decibels.shape[-1] - 1) // 2, None]
+            components.append(np.clip((decibels - median + 10) / 60, 0, 1))
     return np.stack(components)
 
 
