@@ -180,7 +180,8 @@ def test_a_few_epochs_make_the_loss_fall_and_beat_the_baseline(train_dir, tmp_pa
     """The model learns: with a learning rate of 0 every other test passes. 9 training files, 3 to validate.
 
     A coarse STFT (65 frequency x 71 time bins, a quarter of the default's) and batches of 1 make 108 steps cheap.
-    On the development machine the best validation MSE (epoch 11) is 0.0075 against 0.0092 for the baseline.
+    On the development machine the best validation MSE falls from 0.050 after epoch 1 to 0.0157 (background-db;
+    min-max went from 0.23 to 0.0075), and the model beats the time-mean baseline on the validation files.
     """
     stft = flags(nperseg=128, noverlap=0, nfft=128)
     argv = flags(num_epochs=12, batch_size=1, lr=0.003, save_every=2, keep_checkpoints=0, cache_dir=tmp_path / "cache")
@@ -188,7 +189,7 @@ def test_a_few_epochs_make_the_loss_fall_and_beat_the_baseline(train_dir, tmp_pa
     summary = run(train_dir, tmp_path, *argv, *stft, *plain, "--device", "cpu")
     train_losses = [h["train_loss"] for h in summary["history"]]
     assert train_losses[-1] < 0.1 * train_losses[0]
-    assert summary["best_val_loss"] < 0.1 * summary["history"][0]["val_loss"]  # 0.23 -> 0.0075
+    assert summary["best_val_loss"] < 0.5 * summary["history"][0]["val_loss"]  # 0.050 -> 0.0157
     run_dir = summary["run_dir"]
     last = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
     assert last["optimizer_state"]["param_groups"][0]["lr"] == 0.003  # --lr reaches Adam
