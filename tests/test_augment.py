@@ -29,9 +29,9 @@ FREQS = STFTConfig().axes(0)[0]
 TINY = flags(batch_size=4, num_workers=0, val_split=0.25, device="cpu", split_by="file")  # counts training files
 
 
-def real_batch(directory, lengths):
+def real_batch(directory, lengths, normalisation=STFTConfig.normalisation):
     """A padded batch of real spectrograms cut to the given numbers of time bins."""
-    dataset = SeismicSTFTDataset(directory)
+    dataset = SeismicSTFTDataset(directory, stft=STFTConfig(normalisation=normalisation))
     return pad_collate([(dataset[i][0][:, :, :n], dataset[i][1]) for i, n in enumerate(lengths)])
 
 
@@ -42,7 +42,7 @@ def normalised(window):
 
 
 def test_crop_is_a_window_of_each_sample_normalised_again(real_dir):
-    batch = real_batch(real_dir, [142, 120, 90])
+    batch = real_batch(real_dir, [142, 120, 90], "min-max")
     x, mask = random_time_crop(
         batch["spectrogram"], batch["mask"], np.random.default_rng(3), 40, 142, normalisation="min-max"
     )
@@ -83,7 +83,7 @@ def test_offset_drops_up_to_max_bins_of_the_shortest_sample_as_a_crop(real_dir):
 
 
 def test_tilt_adds_a_response_in_log_frequency_then_normalises_again(real_dir):
-    batch = real_batch(real_dir, [142, 120, 90])
+    batch = real_batch(real_dir, [142, 120, 90], "min-max")
     x, mask = random_spectral_tilt(
         batch["spectrogram"], batch["mask"], np.random.default_rng(5), 0.3, FREQS, normalisation="min-max"
     )
@@ -112,7 +112,7 @@ def test_tilt_draws_repeat_for_a_seed_and_keep_dead_components_zero():
 
 
 def test_noise_floor_adds_power_at_a_random_level_then_normalises_again(real_dir):
-    batch = real_batch(real_dir, [142, 120, 90])
+    batch = real_batch(real_dir, [142, 120, 90], "min-max")
     x, mask = random_noise_floor(
         batch["spectrogram"], batch["mask"], np.random.default_rng(7), 0.5, normalisation="min-max"
     )
