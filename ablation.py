@@ -78,7 +78,7 @@ LEVERS = {  # train.py flags on top of its defaults; "default" is python train.p
     "arch wide": ["--arch", "wide"],
     "windows 10 s (every 5 s, 30 epochs)": WINDOWS_10S,  # train on the length embedded (issue 21)
     "windows 10 s, seed 1 (every 5 s, 30 epochs)": [*WINDOWS_10S, "--seed", "1"],
-    "min-max (the default before 2026-12-08)": ["--normalisation", "min-max"],  # issue 37: background-db since
+    "min-max (the default before 2026-12-08)": ["--normalisation", "min-max"],  # the input before background-db
     "min-max, seed 1": ["--normalisation", "min-max", "--seed", "1"],
 }
 CUTS = {"cut": (45.0, 90.0), "30 s": (30.0, 30.0)}  # groups of held-out copies: their first 45-90 s (drawn per file)
